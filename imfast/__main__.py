@@ -1,0 +1,3 @@
+from imfast.cli import main
+
+raise SystemExit(main())

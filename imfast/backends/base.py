@@ -1,0 +1,182 @@
+"""Backend interfaces: what each storage role promises, not how.
+
+Every implementation (memory, SQLite, and the distributed ones) passes the
+same contract suite in ``tests/contract/``.  All methods are coroutines so a
+networked backend fits the same shape; embedded ones simply do not await.
+
+Vocabulary: a *conversation* (``conv``) is a private chat ``p:<a>:<b>`` or a
+group ``g:<id>``; every entry in it - chat message, recall, membership event
+- has a *sequence number* (``seq``) that starts at 1 and grows by exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "StoredMessage",
+    "Reservation",
+    "MessageLog",
+    "SequenceStore",
+    "CursorStore",
+    "GroupStore",
+    "ReceiptStore",
+    "Registry",
+    "Store",
+    "KIND_MESSAGE",
+    "KIND_EVENT",
+    "KIND_RECALL",
+]
+
+KIND_MESSAGE = "msg"  # a chat message written by a user
+KIND_EVENT = "event"  # a system event (group membership); body is JSON
+KIND_RECALL = "recall"  # the sender recalled an earlier seq; body is that seq
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One entry of a conversation log, immutable once stored."""
+
+    conv: str
+    seq: int
+    msg_id: str
+    sender: str
+    sender_device: str
+    cmid: str
+    body: str
+    ts: int  # milliseconds since the epoch, server clock
+    kind: str = KIND_MESSAGE
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Result of :meth:`SequenceStore.reserve`."""
+
+    seq: int
+    msg_id: str
+    duplicate: bool  # True: the dedup key was seen before; seq/msg_id are the original's
+
+
+@runtime_checkable
+class SequenceStore(Protocol):
+    """Assigns per-conversation sequence numbers together with deduplication.
+
+    ``reserve`` is one atomic step: if ``dedup_key`` was reserved before (within
+    the dedup TTL) it returns that reservation with ``duplicate=True`` and does
+    not advance the counter; otherwise it returns the next seq of ``conv`` -
+    strictly greater than every seq ever returned for ``conv``, also after a
+    restart (``floor`` is the highest seq known durable, which the store must
+    never go below).
+    """
+
+    async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation: ...
+
+    async def release(self, conv: str, dedup_key: str) -> None:
+        """Undo a reservation whose message could not be stored.
+
+        The dedup key is forgotten so a retry can succeed; stores that can
+        (embedded ones) also hand the seq out again so the log has no gap.
+        """
+        ...
+
+
+@runtime_checkable
+class MessageLog(Protocol):
+    """The durable conversation log.  ``append`` returning means durable."""
+
+    async def append(self, messages: list[StoredMessage]) -> None:
+        """Store a batch atomically; a (conv, seq) already present raises ``ValueError``."""
+        ...
+
+    async def fetch(self, conv: str, after: int, limit: int) -> list[StoredMessage]:
+        """Entries with seq > ``after``, ascending, at most ``limit``."""
+        ...
+
+    async def fetch_before(self, conv: str, before: int, limit: int) -> list[StoredMessage]:
+        """Entries with seq < ``before``, the newest ``limit`` of them, ascending."""
+        ...
+
+    async def get(self, conv: str, seq: int) -> StoredMessage | None: ...
+
+    async def latest_seq(self, conv: str) -> int:
+        """Highest stored seq of ``conv`` (0 when empty)."""
+        ...
+
+    async def find_by_cmid(self, sender: str, cmid: str) -> StoredMessage | None:
+        """The message ``sender`` sent with client message id ``cmid``, if stored."""
+        ...
+
+    async def private_conversations(self, user: str) -> dict[str, int]:
+        """Private conversations ``user`` is in -> their latest seq."""
+        ...
+
+
+@runtime_checkable
+class CursorStore(Protocol):
+    """Per-device delivery cursors: the highest seq a device acknowledged."""
+
+    async def cursors(self, user: str, device: str) -> dict[str, int]: ...
+
+    async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+        """Move the cursor forward to ``seq`` (never back); returns the cursor now."""
+        ...
+
+
+@runtime_checkable
+class GroupStore(Protocol):
+    """Groups and their members with roles ``owner``, ``admin``, ``member``."""
+
+    async def create(self, group: str, owner: str, name: str) -> bool:
+        """Create a group owned by ``owner``; False if the id is taken."""
+        ...
+
+    async def info(self, group: str) -> tuple[str, str] | None:
+        """(name, owner) or None if there is no such group."""
+        ...
+
+    async def members(self, group: str) -> dict[str, str]:
+        """user -> role."""
+        ...
+
+    async def set_member(self, group: str, user: str, role: str) -> None: ...
+
+    async def remove_member(self, group: str, user: str) -> bool:
+        """False if ``user`` was not a member."""
+        ...
+
+    async def groups_of(self, user: str) -> list[str]: ...
+
+
+@runtime_checkable
+class ReceiptStore(Protocol):
+    """Read receipts: per (conv, user) the highest seq read; only moves forward."""
+
+    async def mark_read(self, conv: str, user: str, seq: int) -> bool:
+        """True if the receipt moved forward."""
+        ...
+
+    async def read_up_to(self, conv: str) -> dict[str, int]:
+        """user -> highest seq read in ``conv``."""
+        ...
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Where each online device is connected: (user, device) -> gateway address."""
+
+    async def register(self, user: str, device: str, gateway: str) -> None: ...
+
+    async def unregister(self, user: str, device: str, gateway: str) -> None:
+        """Remove the entry only if it still points at ``gateway``."""
+        ...
+
+    async def lookup(self, user: str) -> dict[str, str]:
+        """device -> gateway for every online device of ``user``."""
+        ...
+
+
+class Store(MessageLog, SequenceStore, CursorStore, GroupStore, ReceiptStore, Protocol):
+    """Everything the embedded node keeps, in one object."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,166 @@
+"""In-memory backends: fast, complete, and gone when the process exits.
+
+Used by tests and by ``imfast serve --data-dir :memory:``.  Same contract as
+every other backend (``tests/contract/``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+from imfast.backends.base import Reservation, StoredMessage
+from imfast.protocol.ids import conv_members_private
+
+__all__ = ["MemoryStore", "MemoryRegistry"]
+
+
+class MemoryStore:
+    """All of :class:`~imfast.backends.base.Store` in dictionaries."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, list[StoredMessage]] = defaultdict(list)
+        self._counters: dict[str, int] = {}
+        self._dedup: dict[str, Reservation] = {}
+        self._by_dedup: dict[str, StoredMessage] = {}
+        self._private: dict[str, set[str]] = defaultdict(set)
+        self._cursors: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        self._groups: dict[str, tuple[str, str]] = {}
+        self._members: dict[str, dict[str, str]] = defaultdict(dict)
+        self._groups_of: dict[str, set[str]] = defaultdict(set)
+        self._receipts: dict[str, dict[str, int]] = defaultdict(dict)
+
+    # SequenceStore
+    async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        seen = self._dedup.get(dedup_key)
+        if seen is not None:
+            return Reservation(seen.seq, seen.msg_id, True)
+        seq = max(self._counters.get(conv, 0), floor) + 1
+        self._counters[conv] = seq
+        reservation = Reservation(seq, msg_id, False)
+        self._dedup[dedup_key] = reservation
+        return reservation
+
+    async def release(self, conv: str, dedup_key: str) -> None:
+        self._dedup.pop(dedup_key, None)
+        log = self._logs.get(conv)
+        self._counters[conv] = log[-1].seq if log else 0
+
+    # MessageLog
+    async def append(self, messages: list[StoredMessage]) -> None:
+        for m in messages:
+            log = self._logs[m.conv]
+            if log and log[-1].seq >= m.seq and any(x.seq == m.seq for x in log):
+                raise ValueError(f"sequence number already exists: {m.conv} seq {m.seq}")
+        for m in messages:
+            log = self._logs[m.conv]
+            if not log or log[-1].seq < m.seq:
+                log.append(m)
+            else:
+                bisect.insort(log, m, key=lambda x: x.seq)
+            if m.cmid:
+                self._by_dedup[f"{m.sender}:{m.cmid}"] = m
+            pair = conv_members_private(m.conv)
+            if pair is not None:
+                self._private[pair[0]].add(m.conv)
+                self._private[pair[1]].add(m.conv)
+
+    async def fetch(self, conv: str, after: int, limit: int) -> list[StoredMessage]:
+        log = self._logs.get(conv, [])
+        start = bisect.bisect_right(log, after, key=lambda x: x.seq)
+        return log[start : start + limit]
+
+    async def fetch_before(self, conv: str, before: int, limit: int) -> list[StoredMessage]:
+        log = self._logs.get(conv, [])
+        end = bisect.bisect_left(log, before, key=lambda x: x.seq)
+        return log[max(0, end - limit) : end]
+
+    async def get(self, conv: str, seq: int) -> StoredMessage | None:
+        log = self._logs.get(conv, [])
+        i = bisect.bisect_left(log, seq, key=lambda x: x.seq)
+        if i < len(log) and log[i].seq == seq:
+            return log[i]
+        return None
+
+    async def latest_seq(self, conv: str) -> int:
+        log = self._logs.get(conv)
+        return log[-1].seq if log else 0
+
+    async def find_by_cmid(self, sender: str, cmid: str) -> StoredMessage | None:
+        return self._by_dedup.get(f"{sender}:{cmid}")
+
+    async def private_conversations(self, user: str) -> dict[str, int]:
+        return {c: self._logs[c][-1].seq for c in self._private.get(user, ()) if self._logs[c]}
+
+    # CursorStore
+    async def cursors(self, user: str, device: str) -> dict[str, int]:
+        return dict(self._cursors.get((user, device), {}))
+
+    async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+        cur = self._cursors[(user, device)]
+        if seq > cur.get(conv, 0):
+            cur[conv] = seq
+        return cur.get(conv, 0)
+
+    # GroupStore
+    async def create(self, group: str, owner: str, name: str) -> bool:
+        if group in self._groups:
+            return False
+        self._groups[group] = (name, owner)
+        await self.set_member(group, owner, "owner")
+        return True
+
+    async def info(self, group: str) -> tuple[str, str] | None:
+        return self._groups.get(group)
+
+    async def members(self, group: str) -> dict[str, str]:
+        return dict(self._members.get(group, {}))
+
+    async def set_member(self, group: str, user: str, role: str) -> None:
+        self._members[group][user] = role
+        self._groups_of[user].add(group)
+
+    async def remove_member(self, group: str, user: str) -> bool:
+        members = self._members.get(group, {})
+        if user not in members:
+            return False
+        del members[user]
+        self._groups_of[user].discard(group)
+        return True
+
+    async def groups_of(self, user: str) -> list[str]:
+        return sorted(self._groups_of.get(user, ()))
+
+    # ReceiptStore
+    async def mark_read(self, conv: str, user: str, seq: int) -> bool:
+        receipts = self._receipts[conv]
+        if seq <= receipts.get(user, 0):
+            return False
+        receipts[user] = seq
+        return True
+
+    async def read_up_to(self, conv: str) -> dict[str, int]:
+        return dict(self._receipts.get(conv, {}))
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryRegistry:
+    """(user, device) -> gateway in a dictionary."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, str]] = defaultdict(dict)
+
+    async def register(self, user: str, device: str, gateway: str) -> None:
+        self._entries[user][device] = gateway
+
+    async def unregister(self, user: str, device: str, gateway: str) -> None:
+        devices = self._entries.get(user)
+        if devices is not None and devices.get(device) == gateway:
+            del devices[device]
+            if not devices:
+                del self._entries[user]
+
+    async def lookup(self, user: str) -> dict[str, str]:
+        return dict(self._entries.get(user, {}))

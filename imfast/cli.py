@@ -1,0 +1,162 @@
+"""The ``imfast`` command line: ``serve``, ``token``, ``config``.
+
+Every sub-command reads settings from the environment (and ``--config``),
+then applies its flags on top; a bad setting ends it with exit code 2 and a
+message naming the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from imfast import __version__
+from imfast.config import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+_EPILOG = """\
+Quick start:
+  imfast serve                          # embedded node on :8080 (data in ./data)
+  imfast token alice                    # a token for user alice
+  wscat -c "ws://localhost:8080/ws?token=$(imfast token alice)"
+
+Every setting is an environment variable; `imfast config` lists them.
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imfast",
+        description="imfast: an instant-messaging WebSocket gateway.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"imfast {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file of settings (env vars still win); also IMFAST_CONFIG")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run an embedded node: gateway + routing + storage in one process",
+        description="Run an embedded node (no external service needed): WebSocket /ws and "
+                    "HTTP /health /stats /metrics on one port, messages in a SQLite file "
+                    "under --data-dir.")
+    serve.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="WebSocket + HTTP port (HTTP_PORT, default 8080)")
+    serve.add_argument("--data-dir", help="where the SQLite file lives (DATA_DIR, default ./data;"
+                                          " ':memory:' keeps nothing)")
+    serve.add_argument("--insecure-dev-auth", action="store_true",
+                       help="DEMO ONLY: also accept ws://HOST/ws?user=NAME without a token")
+    serve.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
+
+    token = sub.add_parser(
+        "token", help="mint a client token (HS256, signed with JWT_SECRET or the dev secret)",
+        description="Print a JWT for USER. Without JWT_SECRET it uses the embedded node's "
+                    "dev secret in --data-dir, so it works against `imfast serve` as is.")
+    token.add_argument("user", help="user id (1-64 of A-Z a-z 0-9 _ . @ -)")
+    token.add_argument("--device", default="default", help="device id (default: default)")
+    token.add_argument("--ttl", type=float, default=24 * 3600, help="seconds (default 86400)")
+    token.add_argument("--data-dir", help="data dir of the node (DATA_DIR, default ./data)")
+    token.add_argument("--url", action="store_true",
+                       help="print a ready ws:// URL with the token instead of the bare token")
+
+    sub.add_parser("config", help="list every setting: env var, default, meaning")
+    return parser
+
+
+def _apply(settings: Settings, **flags: object) -> Settings:
+    changes = {k: v for k, v in flags.items() if v is not None and v is not False}
+    return settings.replace(**changes) if changes else settings
+
+
+def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    settings = _apply(settings, host=args.host, http_port=args.port, data_dir=args.data_dir,
+                      insecure_dev_auth=args.insecure_dev_auth, log_format=args.log_format)
+    from imfast.logs import setup_logging
+
+    setup_logging(settings.log_format, settings.log_level, "embedded")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        uvloop = None
+
+    async def run() -> None:
+        from imfast._core import USING_EXTENSIONS
+        from imfast.node import EmbeddedNode, run_until_signalled
+
+        node = EmbeddedNode(settings)
+        port = await node.start()
+        host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        data = settings.data_dir
+        lines = [
+            f"imfast {__version__} embedded node (Cython core: "
+            f"{'yes' if USING_EXTENSIONS else 'no, pure Python'})",
+            f"  WebSocket   ws://{host}:{port}/ws?token=TOKEN   (or send {{\"type\":\"auth\","
+            f"\"token\":TOKEN}} first)",
+            f"  Health      http://{host}:{port}/health   /stats   /metrics",
+            f"  Data        {data if data == ':memory:' else data + '/imfast.db'}",
+            f"  Get a token imfast token alice --data-dir {data}",
+            f"  Try it      wscat -c \"ws://{host}:{port}/ws?token=$(imfast token alice "
+            f"--data-dir {data})\"",
+        ]
+        if settings.insecure_dev_auth:
+            lines.append("  WARNING     --insecure-dev-auth: anyone can connect as anyone with "
+                         f"ws://{host}:{port}/ws?user=NAME  (demo only!)")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        await run_until_signalled(node)
+
+    if uvloop is not None:
+        uvloop.run(run())
+    else:  # pragma: no cover
+        asyncio.run(run())
+    return 0
+
+
+def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from imfast.auth import mint_token
+
+    settings = _apply(settings, data_dir=args.data_dir)
+    try:
+        token = mint_token(settings, args.user, args.device, args.ttl)
+    except ValueError as exc:
+        print(f"imfast token: {exc}", file=sys.stderr)
+        return 2
+    if args.url:
+        print(f"ws://localhost:{settings.http_port}/ws?token={token}")
+    else:
+        print(token)
+    return 0
+
+
+def _cmd_config() -> int:
+    rows = Settings.describe()
+    width = max(len(r[0]) for r in rows)
+    for env, default, doc in rows:
+        print(f"{env:<{width}}  {doc}  [default: {default or '-'}]")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imfast`` command; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "config":
+        return _cmd_config()
+    try:
+        settings = load_settings(config_file=args.config)
+        if args.command == "serve":
+            return _cmd_serve(settings, args)
+        return _cmd_token(settings, args)
+    except ConfigError as exc:
+        print(f"imfast {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The gateway: one picows listener serving ``/ws`` and the HTTP endpoints.
+
+Guarantees:
+
+* ``/ws`` upgrades are refused with an HTTP status, never half-accepted: 503
+  (with ``Retry-After``) while draining or at ``MAX_CONNECTIONS``, 403 for an
+  Origin outside ``ALLOWED_ORIGINS``; nothing is allocated for them;
+* ``GET /health`` answers 200 ``{"status":"ok","hostname":...}`` only while
+  the gateway takes connections (readiness); ``/health/live`` answers 200
+  while the process runs; ``/stats`` and ``/metrics`` always answer;
+* :meth:`Gateway.deliver` pushes an entry to every local session of the
+  given users, framing it once; it never blocks and never raises for a slow
+  or closed session;
+* :meth:`Gateway.drain` stops new connections, asks every client to
+  reconnect elsewhere (a ``reconnect`` frame, then close 4001) in stages, and
+  returns when no session is left or the deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from picows import (
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from imfast._core import USING_EXTENSIONS, ConnectionTable, TimerWheel, WriteCoalescer
+from imfast.auth import TokenVerifier
+from imfast.backends.base import KIND_EVENT, KIND_RECALL, StoredMessage
+from imfast.config import Settings
+from imfast.gateway.metrics import GatewayCollector, GatewayStats
+from imfast.gateway.session import EchoSession, Session
+from imfast.protocol.codes import CloseCode
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("imfast.gateway")
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _json_response(status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> Any:
+    headers = dict(_JSON)
+    if extra:
+        headers.update(extra)
+    data = orjson.dumps(body)
+    if status == 200:
+        return _http(WSUpgradeResponse.create_ok_response(data, headers))
+    return _http(WSUpgradeResponse.create_error_response(status, data, headers))
+
+
+def _http(response: Any) -> Any:
+    """A plain HTTP answer (no upgrade): picows sends it and closes the connection."""
+    return WSUpgradeResponseWithListener(response, None)
+
+
+class Gateway:
+    """Holds the client connections of one process; see the module docstring."""
+
+    def __init__(self, settings: Settings, verifier: TokenVerifier, router: Any = None,
+                 *, role: str = "embedded") -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.router = router
+        self.role = role
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.table = ConnectionTable()
+        self.wheel = TimerWheel(1.0, self.now)
+        self.coalescer = WriteCoalescer(self.loop)
+        self.stats = GatewayStats()
+        self.draining = False
+        self.drain_reason = ""
+        self.started_at = time.time()
+        self.last_seen: dict[str, float] = {}  # user -> epoch seconds of last disconnect
+        self.server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self.extra_stats: Any = None  # callable returning extra /stats fields (service side)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(self.stats, self._gauges))
+
+    # --------------------------------------------------------------- serving
+    async def start(self, port: int | None = None, host: str | None = None) -> int:
+        """Listen (SO_REUSEPORT, so worker processes can share the port); returns the port."""
+        self.server = await ws_create_server(
+            self._listener_factory,
+            host or self.settings.host,
+            self.settings.http_port if port is None else port,
+            websocket_handshake_timeout=self.settings.auth_timeout,
+            enable_auto_pong=False,  # the frame layer answers pings, with a flood limit
+            max_frame_size=self.settings.max_frame_bytes,
+            # A small initial read buffer: chat frames are small, and picows grows it on demand.
+            read_buffer_init_size=1024,
+            reuse_port=True,
+            backlog=4096,
+        )
+        self._ticker = self.loop.create_task(self._tick())
+        sock = self.server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection (GOING_AWAY)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.server is not None:
+            self.server.close()
+        for s in list(self.table.iter_sessions()):
+            s.close(CloseCode.GOING_AWAY, "server shutting down")
+        self.coalescer.flush()
+        await asyncio.sleep(0.05)
+
+    async def _tick(self) -> None:
+        """Once a second: the coarse clock, timeouts, the drain annotation."""
+        annotations_file = self.settings.drain_annotations_file
+        while True:
+            await asyncio.sleep(1.0)
+            self.now = now = self.loop.time()
+            for session in self.wheel.expired(now):
+                try:
+                    session.check_timers(now)
+                except Exception:  # noqa: BLE001 - one bad session must not stop the clock
+                    log.exception("timer check failed")
+            if annotations_file and not self.draining and _drain_requested(annotations_file):
+                log.warning("drain requested by pod annotation drain=true")
+                self.start_drain("annotation")
+
+    # ---------------------------------------------------------------- routing
+    def _listener_factory(self, request: WSUpgradeRequest) -> Any:
+        try:
+            url = urlsplit(request.path.decode("latin-1"))
+        except Exception:  # noqa: BLE001
+            return _json_response(400, {"error": "bad request path"})
+        path = url.path
+        if path == "/ws":
+            return self._accept_ws(request, url.query)
+        if path == "/health":
+            return self._health()
+        if path == "/health/live":
+            return _json_response(200, {"status": "ok", "hostname": self.settings.display_hostname})
+        if path == "/stats":
+            return _json_response(200, self.stats_snapshot())
+        if path == "/metrics":
+            return _http(WSUpgradeResponse.create_ok_response(
+                generate_latest(self.registry), {"Content-Type": CONTENT_TYPE_LATEST}))
+        if path == "/_echo" and self.settings.conformance_echo:
+            # Conformance suites send 16 MiB messages; the limit stays bounded.
+            return EchoSession(max(self.settings.max_frame_bytes, 16 * 1024 * 1024))
+        return _json_response(404, {"error": "not found", "path": path})
+
+    def _accept_ws(self, request: WSUpgradeRequest, query: str) -> Any:
+        settings = self.settings
+        if self.draining:
+            self.stats.refused["draining"] = self.stats.refused.get("draining", 0) + 1
+            return _json_response(503, {"error": "draining", "retry": "connect to another gateway"},
+                                  {"Retry-After": "1"})
+        if len(self.table) >= settings.max_connections:
+            self.stats.refused["capacity"] = self.stats.refused.get("capacity", 0) + 1
+            return _json_response(503, {"error": "over capacity", "retry": "later or elsewhere"},
+                                  {"Retry-After": "5"})
+        if settings.allowed_origins:
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in settings.allowed_origins:
+                self.stats.refused["origin"] = self.stats.refused.get("origin", 0) + 1
+                return _json_response(403, {"error": "origin not allowed"})
+        params = parse_qs(query, max_num_fields=8) if query else {}
+        token = params.get("token", [None])[0]
+        if token is not None:
+            return Session(self, query_token=token)
+        if settings.insecure_dev_auth and "user" in params:
+            return Session(self, dev_user=params["user"][0],
+                           dev_device=params.get("device", [None])[0])
+        return Session(self)
+
+    def _health(self) -> Any:
+        host = self.settings.display_hostname
+        if self.draining:
+            return _json_response(503, {"status": "draining", "hostname": host,
+                                        "reason": self.drain_reason})
+        if len(self.table) >= self.settings.max_connections:
+            return _json_response(503, {"status": "over_capacity", "hostname": host,
+                                        "reason": "MAX_CONNECTIONS reached"})
+        return _json_response(200, {"status": "ok", "hostname": host})
+
+    # ------------------------------------------------------------------ stats
+    def _gauges(self) -> dict[str, Any]:
+        write_buffer = 0
+        for n, s in enumerate(self.table.iter_sessions()):
+            if n >= 1000:
+                break
+            if s.raw is not None:
+                write_buffer += s.raw.get_write_buffer_size()
+        return {
+            "active_connections": len(self.table),
+            "authenticated": self.table.authenticated,
+            "capacity": self.settings.max_connections,
+            "draining": 1 if self.draining else 0,
+            "write_buffer": write_buffer,
+            "writes": self.coalescer.writes,
+        }
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """What ``GET /stats`` returns."""
+        s = self.stats
+        p99 = s.latency_quantile(0.99)
+        snap: dict[str, Any] = {
+            "active_connections": len(self.table),
+            "authenticated_connections": self.table.authenticated,
+            "online_users": self.table.users,
+            "capacity": self.settings.max_connections,
+            "draining": self.draining,
+            "hostname": self.settings.display_hostname,
+            "role": self.role,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "cython_core": USING_EXTENSIONS,
+            "frames_received": s.frames_in,
+            "messages_delivered": s.delivered,
+            "events_dropped": s.dropped,
+            "socket_writes": self.coalescer.writes,
+            "delivery_p99_seconds_upper_bound": p99,
+            "errors": dict(s.errors),
+            "closes": {str(k): v for k, v in s.closes.items()},
+            "refused": dict(s.refused),
+        }
+        if self.extra_stats is not None:
+            snap.update(self.extra_stats())
+        return snap
+
+    # --------------------------------------------------------------- delivery
+    @staticmethod
+    def entry_dict(m: StoredMessage) -> dict[str, Any]:
+        """The client-facing form of a stored entry (frame type ``msg``)."""
+        d: dict[str, Any] = {"type": "msg", "conv": m.conv, "seq": m.seq, "msg_id": m.msg_id,
+                             "from": m.sender, "from_device": m.sender_device, "ts": m.ts,
+                             "kind": m.kind}
+        if m.kind == KIND_EVENT:
+            d["event"] = orjson.loads(m.body)
+        elif m.kind == KIND_RECALL:
+            d["recalled_seq"] = int(m.body)
+        else:
+            d["body"] = m.body
+            d["cmid"] = m.cmid
+        return d
+
+    def encode_entry(self, m: StoredMessage) -> bytes:
+        self.stats.delivered += 1
+        return orjson.dumps(self.entry_dict(m))
+
+    def deliver(self, users: Iterable[str], message: StoredMessage,
+                skip: tuple[str, str] | None) -> None:
+        """Offer ``message`` to every local session of ``users`` (see module docstring)."""
+        payload: bytes | None = None
+        table = self.table
+        pushed = 0
+        for user in users:
+            for session in table.sessions_of(user):
+                silent = skip is not None and session.user == skip[0] \
+                    and session.device == skip[1]
+                if payload is None:
+                    payload = orjson.dumps(self.entry_dict(message))
+                if session.offer(message.conv, message.seq, payload, silent):
+                    pushed += 1
+        if pushed:
+            self.stats.delivered += pushed
+            self.stats.observe_latency(max(0.0, time.time() - message.ts / 1000.0), pushed)
+
+    def event(self, users: Iterable[str], payload: dict[str, Any],
+              skip: tuple[str, str] | None) -> None:
+        """Send a droppable event to every local session of ``users``."""
+        data = orjson.dumps(payload)
+        for user in users:
+            for session in self.table.sessions_of(user):
+                if skip is not None and session.user == skip[0] and session.device == skip[1]:
+                    continue
+                if session.offer_event(data):
+                    self.stats.delivered += 1
+                else:
+                    self.stats.dropped += 1
+
+    # --------------------------------------------------------------- presence
+    def on_session_bound(self, session: Session) -> None:
+        """A session authenticated (the distributed gateway also registers it)."""
+        if self.settings.feature_enabled("presence") and len(self.table.sessions_of(
+                session.user)) == 1:
+            self._presence_changed(session.user, True)
+
+    def on_session_closed(self, session: Session) -> None:
+        """A bound session went away."""
+        remaining = [s for s in self.table.sessions_of(session.user) if s is not session]
+        if not remaining:
+            self.last_seen[session.user] = time.time()
+            if self.settings.feature_enabled("presence"):
+                self._presence_changed(session.user, False)
+
+    def _presence_changed(self, user: str, online: bool) -> None:
+        hook = getattr(self.router, "presence_changed", None)
+        if hook is not None:
+            hook(user, online)
+
+    def presence_of(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """user -> {"online": bool, "last_seen": epoch seconds or None}."""
+        result = {}
+        for u in users:
+            online = bool(self.table.sessions_of(u))
+            result[u] = {"online": online, "last_seen": None if online else self.last_seen.get(u)}
+        return result
+
+    # ------------------------------------------------------------------ drain
+    def start_drain(self, reason: str, deadline: float = 30.0) -> asyncio.Task[None]:
+        """Begin draining (idempotent); returns the task that finishes it."""
+        if self._drain_task is None:
+            self.draining = True
+            self.drain_reason = reason
+            self._drain_task = self.loop.create_task(self._drain(deadline))
+        return self._drain_task
+
+    async def _drain(self, deadline: float) -> None:
+        """Move clients off in stages so they do not all reconnect at once."""
+        end = self.loop.time() + deadline
+        sessions = list(self.table.iter_sessions())
+        total = len(sessions)
+        log.warning("draining gateway: %d sessions to move (%s)", total, self.drain_reason)
+        stages = 10
+        per_stage = max(1, -(-total // stages))
+        pause = max(0.05, deadline / (stages * 2))
+        for i in range(0, total, per_stage):
+            for s in sessions[i:i + per_stage]:
+                s.send_frame({"type": "reconnect", "reason": "draining",
+                              "retry_after_ms": 100})
+                s.close(CloseCode.DRAINING, "gateway draining: reconnect")
+            self.coalescer.flush()
+            if self.loop.time() + pause >= end:
+                continue
+            await asyncio.sleep(pause)
+        for s in list(self.table.iter_sessions()):
+            s.close(CloseCode.DRAINING, "gateway draining: reconnect")
+        while len(self.table) and self.loop.time() < end:
+            await asyncio.sleep(0.05)
+        log.warning("drain finished: %d connections left", len(self.table))
+
+
+def _drain_requested(path: str) -> bool:
+    """True if a downward-API annotations file says ``drain="true"``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.strip().partition("=")
+                if key.strip() == "drain" and value.strip().strip('"').lower() == "true":
+                    return True
+    except OSError:
+        return False
+    return False

@@ -1,0 +1,628 @@
+"""One client connection speaking protocol v1 (see docs/protocol.md).
+
+A :class:`Session` is created per accepted ``/ws`` upgrade and lives in the
+gateway's :class:`~imfast._core.ConnectionTable`.  Its guarantees:
+
+* it acts only as the identity of its verified token: a ``from`` field sent
+  by the client is never read;
+* frames are handled in arrival order; a send is reserved before the next
+  frame is looked at, so one client's messages keep their order;
+* deliveries reach the client in seq order per conversation with no gaps
+  and no repeats within the session (:meth:`Session.offer` plus catch-up
+  from the store); across reconnects the client may see an entry again only
+  if it had not acknowledged it, and it carries the same ``seq``;
+* when the client reads too slowly, droppable events are dropped first and
+  chat entries wait in the store (caught up when the socket drains); past
+  ``WRITE_BUFFER_LIMIT`` it is closed with 4002 (reconnect).
+
+It keeps no timers or tasks while idle: timeouts live in the gateway's
+timing wheel, and a task exists only while frames or catch-up are pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from imfast._core import decode_client_frame
+from imfast.auth import AuthError, Identity
+from imfast.gateway.frames import FramedListener
+from imfast.protocol.codes import CloseCode, ImfastError, ProtocolError
+
+if TYPE_CHECKING:
+    from imfast.gateway.server import Gateway
+
+__all__ = ["Session", "EchoSession"]
+
+log = logging.getLogger("imfast.gateway")
+
+PROTOCOL_VERSION = 1
+
+
+class Session(FramedListener):
+    """A chat client connection; see the module docstring."""
+
+    __slots__ = (
+        "gw", "user", "device", "bound", "out", "identity", "expires_at", "last_seen",
+        "pushed", "behind", "resuming", "inbox", "worker", "catchup", "errors",
+        "tokens", "tokens_ts", "writable", "pinged", "query_token", "dev_user", "dev_device",
+    )
+
+    def __init__(self, gw: Gateway, query_token: str | None = None,
+                 dev_user: str | None = None, dev_device: str | None = None) -> None:
+        super().__init__(gw.settings.max_frame_bytes)
+        self.gw = gw
+        self.user = ""
+        self.device = ""
+        self.bound = False
+        self.out: list[bytes] | None = None
+        self.identity: Identity | None = None
+        self.expires_at = 0.0
+        self.last_seen = gw.now
+        self.pushed: dict[str, int] | None = None  # conv -> last seq sent (active convs only)
+        self.behind: set[str] | None = None  # convs to catch up from the store
+        self.resuming: set[str] | None = None  # convs offered while resuming
+        self.inbox: list[dict[str, Any]] | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.catchup: asyncio.Task[None] | None = None
+        self.errors = 0
+        self.tokens = float(gw.settings.rate_burst)
+        self.tokens_ts = gw.now
+        self.writable: asyncio.Event | None = None  # set while paused by the transport
+        self.pinged = False
+        self.query_token = query_token
+        self.dev_user = dev_user
+        self.dev_device = dev_device
+
+    # ------------------------------------------------------------ lifecycle
+    def on_ws_connected(self, transport: Any) -> None:
+        super().on_ws_connected(transport)
+        gw = self.gw
+        gw.table.add(self)
+        gw.stats.connections_opened += 1
+        if self.query_token is not None:
+            self._authenticate(self.query_token, None)
+        elif self.dev_user is not None:
+            try:
+                self._bind(gw.verifier.dev_identity(self.dev_user, self.dev_device), None)
+            except AuthError as exc:
+                self._auth_failed(str(exc), None)
+        else:
+            gw.wheel.schedule(self, gw.now + gw.settings.auth_timeout)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.closed = True
+        gw = self.gw
+        if self.bound:
+            gw.on_session_closed(self)
+        gw.table.remove(self)
+        for task in (self.worker, self.catchup):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.writable is not None:
+            self.writable.set()
+
+    def on_activity(self) -> None:
+        self.last_seen = self.gw.now
+        self.pinged = False
+
+    def now(self) -> float:
+        return self.gw.now
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        else:
+            self.writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None:
+            self.writable.set()
+        if self.behind and (self.catchup is None or self.catchup.done()):
+            self._start_catchup()
+
+    def check_timers(self, now: float) -> None:
+        """Called by the gateway's wheel when a deadline of this session passed."""
+        if self.closed:
+            return
+        settings = self.gw.settings
+        if self.identity is None:
+            self.close(CloseCode.AUTH_TIMEOUT, "not authenticated within AUTH_TIMEOUT")
+            return
+        if self.expires_at and now >= self.expires_at:
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired; reconnect with a fresh token")
+            return
+        idle = now - self.last_seen
+        if idle >= settings.heartbeat_timeout:
+            self.close(CloseCode.HEARTBEAT_TIMEOUT, "no traffic within HEARTBEAT_TIMEOUT")
+            return
+        if idle >= settings.heartbeat_timeout / 2 and not self.pinged:
+            # A WebSocket ping: browsers and wscat answer it by themselves.
+            self.pinged = True
+            self.transport.send_ping(b"hb")
+        self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
+        settings = self.gw.settings
+        half = settings.heartbeat_timeout / 2
+        deadline = self.last_seen + (settings.heartbeat_timeout if self.pinged else half)
+        if self.expires_at:
+            deadline = min(deadline, self.expires_at)
+        self.gw.wheel.schedule(self, max(deadline, self.gw.now + 1.0))
+
+    # -------------------------------------------------------------- output
+    def send_frame(self, obj: dict[str, Any]) -> None:
+        """Queue one server frame (coalesced with others in this loop iteration)."""
+        if not self.closed:
+            self.gw.coalescer.push(self, orjson.dumps(obj))
+
+    def send_error(self, code: str, message: str, field: str | None = None,
+                   rid: Any = None, cmid: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if field is not None:
+            frame["field"] = field
+        if rid is not None:
+            frame["id"] = rid
+        if cmid is not None:
+            frame["cmid"] = cmid
+        self.gw.stats.errors[code] = self.gw.stats.errors.get(code, 0) + 1
+        self.send_frame(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        """Flush queued frames, then close with ``code``."""
+        if self.closed:
+            return
+        out = self.out
+        if out is not None and self.raw is not None:
+            # The coalescer will skip us once closed: write what is queued first.
+            self.out = []
+            self.raw.write(b"".join(out))
+        self.gw.stats.closes[int(code)] = self.gw.stats.closes.get(int(code), 0) + 1
+        if self.user:
+            log.info("closing connection user_id=%s device=%s code=%s reason=%s",
+                     self.user, self.device, int(code), reason)
+        self.fail(code, reason)
+
+    def fail(self, code: int, reason: str) -> None:
+        if not self.closed and self.out:
+            self.raw.write(b"".join(self.out))
+            self.out = []
+        super().fail(code, reason)
+
+    # ------------------------------------------------------------- delivery
+    def offer(self, conv: str, seq: int, payload: bytes, silent: bool = False) -> bool:
+        """A stored entry for this device; True if it was pushed now.
+
+        Pushed only if it is the next in order; otherwise the conversation is
+        caught up from the store (which then pushes it).
+        """
+        if self.closed:
+            return False
+        if self.resuming is not None:
+            self.resuming.add(conv)
+            return False
+        pushed = self.pushed
+        if pushed is None:
+            pushed = self.pushed = {}
+        last = pushed.get(conv)
+        if last is None:
+            last = seq - 1
+        if seq <= last:
+            return False
+        behind = self.behind
+        if seq > last + 1 or (behind and conv in behind) or (
+            not silent and self.raw.get_write_buffer_size() > self.gw.settings.write_buffer_high
+        ):
+            pushed[conv] = last
+            self._fall_behind(conv)
+            return False
+        pushed[conv] = seq
+        if silent:
+            return False
+        self.gw.coalescer.push(self, payload)
+        return True
+
+    def offer_event(self, payload: bytes) -> bool:
+        """A droppable event: sent unless the client is behind on reading."""
+        if self.closed or self.identity is None:
+            return False
+        if self.raw.get_write_buffer_size() > self.gw.settings.write_buffer_high:
+            return False
+        self.gw.coalescer.push(self, payload)
+        return True
+
+    def _fall_behind(self, conv: str) -> None:
+        if self.behind is None:
+            self.behind = set()
+        self.behind.add(conv)
+        if self.raw.get_write_buffer_size() > self.gw.settings.write_buffer_limit:
+            self.gw.stats.slow_consumers += 1
+            self.close(CloseCode.SLOW_CONSUMER, "client reads too slowly; reconnect to resume")
+            return
+        if self.catchup is None or self.catchup.done():
+            self._start_catchup()
+
+    def _start_catchup(self) -> None:
+        self.catchup = self.gw.loop.create_task(self._catch_up())
+
+    async def _wait_writable(self) -> None:
+        limit = self.gw.settings.write_buffer_high
+        while not self.closed and self.raw.get_write_buffer_size() > limit:
+            if self.writable is None:
+                self.writable = asyncio.Event()
+            self.writable.clear()
+            try:
+                await asyncio.wait_for(self.writable.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def _catch_up(self) -> None:
+        """Push stored entries of every conversation in ``behind`` until none is left."""
+        router = self.gw.router
+        page_max = self.gw.settings.sync_page_max
+        try:
+            while self.behind and not self.closed:
+                conv = self.behind.pop()
+                pushed = self.pushed if self.pushed is not None else {}
+                self.pushed = pushed
+                after = pushed.get(conv)
+                if after is None:
+                    after = await router.cursor(self.user, self.device, conv)
+                while not self.closed:
+                    await self._wait_writable()
+                    try:
+                        page = await router.fetch(self.user, conv, after, page_max)
+                    except ImfastError:
+                        break  # no longer a member: nothing to deliver
+                    for m in page:
+                        if m.seq > after:
+                            self.gw.coalescer.push(self, self.gw.encode_entry(m))
+                            after = m.seq
+                    pushed[conv] = after
+                    if len(page) < page_max:
+                        break
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("catch-up failed user_id=%s device=%s", self.user, self.device)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error while syncing; reconnect")
+
+    async def _resume(self) -> None:
+        """After auth: push everything this device has not acknowledged."""
+        router = self.gw.router
+        self.resuming = set()
+        try:
+            plan = await router.resume_plan(self.user, self.device)
+        except Exception:
+            log.exception("resume failed user_id=%s", self.user)
+            self.resuming = None
+            self.close(CloseCode.INTERNAL_ERROR, "internal error while resuming; reconnect")
+            return
+        pushed = self.pushed if self.pushed is not None else {}
+        self.pushed = pushed
+        behind = self.behind if self.behind is not None else set()
+        self.behind = behind
+        for conv, cursor, _latest in plan:
+            pushed[conv] = cursor
+            behind.add(conv)
+        await self._catch_up()
+        # Entries offered while we were reading the store: catch them up too.
+        while self.resuming and not self.closed:
+            behind.update(self.resuming)
+            self.resuming = set()
+            await self._catch_up()
+        self.resuming = None
+        if not self.closed:
+            self.send_frame({"type": "resumed", "conversations": len(plan)})
+
+    # --------------------------------------------------------------- input
+    def on_message(self, payload: bytes, is_text: bool, validated: bool) -> None:
+        gw = self.gw
+        gw.stats.frames_in += 1
+        if not self._rate_ok():
+            return
+        if not is_text:
+            # Reserved for a compact encoding negotiated by Sec-WebSocket-Protocol.
+            self._protocol_error(ProtocolError(
+                "binary frames are not enabled on this connection; send JSON text",
+                code="bad_json"), None)
+            return
+        try:
+            frame = decode_client_frame(payload, gw.settings.max_body_bytes)
+        except ProtocolError as exc:
+            if is_text and not validated and exc.code == "bad_json":
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.close(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
+                    return
+            self._protocol_error(exc, None)
+            return
+        if self.inbox is None:
+            self.inbox = [frame]
+            self.worker = gw.loop.create_task(self._drain_inbox())
+        else:
+            self.inbox.append(frame)
+
+    def _rate_ok(self) -> bool:
+        settings = self.gw.settings
+        now = self.gw.now
+        tokens = min(float(settings.rate_burst),
+                     self.tokens + (now - self.tokens_ts) * settings.rate_msgs_per_sec)
+        self.tokens_ts = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens - 1.0
+        if self.tokens < -float(settings.rate_burst):
+            self.close(CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
+        else:
+            self.send_error("rate_limited", "too many frames; slow down")
+        return False
+
+    def _protocol_error(self, exc: ImfastError, frame: dict[str, Any] | None) -> None:
+        self.errors += 1
+        rid = frame.get("id") if frame is not None else None
+        cmid = frame.get("cmid") if frame is not None and frame.get("type") == "send" else None
+        self.send_error(exc.code, exc.message, exc.field, rid, cmid)
+        if self.errors >= self.gw.settings.max_errors:
+            self.close(CloseCode.TOO_MANY_ERRORS, "too many bad frames")
+
+    async def _drain_inbox(self) -> None:
+        try:
+            while self.inbox and not self.closed:
+                frame = self.inbox.pop(0)
+                try:
+                    await self._handle(frame)
+                except ImfastError as exc:
+                    self._protocol_error(exc, frame)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("error handling %s user_id=%s", frame.get("type"), self.user)
+                    self.gw.stats.internal_errors += 1
+                    self.send_error("internal", "internal error", rid=frame.get("id"))
+        finally:
+            self.inbox = None
+            self.worker = None
+
+    async def _handle(self, frame: dict[str, Any]) -> None:
+        ftype = frame["type"]
+        rid = frame.get("id")
+        if ftype == "ping":
+            reply: dict[str, Any] = {"type": "pong"}
+            if rid is not None:
+                reply["id"] = rid
+            self.send_frame(reply)
+            return
+        if self.identity is None:
+            if ftype == "auth":
+                self._authenticate(frame["token"], rid)
+                return
+            raise ImfastError("authenticate first", code="not_authenticated")
+        handler = _HANDLERS.get(ftype)
+        if handler is None:
+            if ftype == "auth":
+                raise ImfastError("already authenticated", code="already_authenticated")
+            raise ImfastError(f"{ftype} is not available", code="unknown_type")
+        await handler(self, frame, rid)
+
+    # ----------------------------------------------------------------- auth
+    def _authenticate(self, token: str, rid: Any) -> None:
+        try:
+            identity = self.gw.verifier.verify(token)
+        except AuthError as exc:
+            self._auth_failed(str(exc), rid)
+            return
+        self._bind(identity, rid)
+
+    def _auth_failed(self, reason: str, rid: Any) -> None:
+        self.gw.stats.auth_failures += 1
+        log.info("authentication failed: %s", reason)
+        self.send_error("auth_failed", reason, rid=rid)
+        code = CloseCode.TOKEN_EXPIRED if reason == "token expired" else CloseCode.AUTH_FAILED
+        self.close(code, reason)
+
+    def _bind(self, identity: Identity, rid: Any) -> None:
+        gw = self.gw
+        self.identity = identity
+        self.expires_at = identity.expires_at
+        replaced = gw.table.bind(self, identity.user, identity.device)
+        if replaced is not None:
+            replaced.close(CloseCode.REPLACED, "this device connected again")
+        gw.on_session_bound(self)
+        log.info("user connected user_id=%s device=%s", self.user, self.device)
+        welcome: dict[str, Any] = {
+            "type": "welcome", "protocol": PROTOCOL_VERSION, "user": self.user,
+            "device": self.device, "server": gw.settings.display_hostname,
+            "heartbeat": gw.settings.heartbeat_timeout,
+            "limits": {"max_body_bytes": gw.settings.max_body_bytes,
+                       "sync_page_max": gw.settings.sync_page_max},
+        }
+        if rid is not None:
+            welcome["id"] = rid
+        self.send_frame(welcome)
+        self._schedule_timer()
+        self.catchup = gw.loop.create_task(self._resume())
+
+    # ------------------------------------------------------------- handlers
+    async def _on_send(self, frame: dict[str, Any], rid: Any) -> None:
+        cmid = frame["cmid"]
+        result, durable = await self.gw.router.submit_send(
+            self.user, self.device, cmid, frame.get("to"), frame.get("group"), frame["body"])
+        ack: dict[str, Any] = {"type": "sent", "cmid": cmid, "msg_id": result.msg_id,
+                               "conv": result.conv, "seq": result.seq, "ts": result.ts}
+        if rid is not None:
+            ack["id"] = rid
+        if result.duplicate:
+            ack["duplicate"] = True
+        if durable is None:
+            self.send_frame(ack)
+            return
+
+        def acknowledge(f: asyncio.Future[None]) -> None:
+            exc = f.exception()
+            if exc is None:
+                self.send_frame(ack)
+            elif isinstance(exc, ImfastError):
+                self.send_error(exc.code, exc.message, exc.field, rid, cmid)
+            else:  # pragma: no cover - the router wraps every failure
+                self.send_error("internal", "internal error", rid=rid, cmid=cmid)
+
+        durable.add_done_callback(acknowledge)
+
+    async def _on_ack(self, frame: dict[str, Any], rid: Any) -> None:
+        cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])
+        if rid is not None:
+            self.send_frame({"type": "acked", "id": rid, "conv": frame["conv"], "seq": cursor})
+
+    async def _on_sync(self, frame: dict[str, Any], rid: Any) -> None:
+        router = self.gw.router
+        limit = min(frame.get("limit") or self.gw.settings.sync_page_max,
+                    self.gw.settings.sync_page_max)
+        conv = frame.get("conv")
+        if conv is None:
+            convs = await router.conversations(self.user)
+            reply: dict[str, Any] = {"type": "conversations", "conversations": convs,
+                                     "cursors": await router.cursors(self.user, self.device)}
+            if rid is not None:
+                reply["id"] = rid
+            self.send_frame(reply)
+            return
+        after = frame.get("after")
+        if after is None:
+            after = await router.cursor(self.user, self.device, conv)
+        page = await router.fetch(self.user, conv, after, limit)
+        for m in page:
+            self.gw.coalescer.push(self, self.gw.encode_entry(m))
+        last = page[-1].seq if page else after
+        reply = {"type": "synced", "conv": conv, "after": after, "last": last,
+                 "count": len(page), "more": len(page) == limit}
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+    async def _on_history(self, frame: dict[str, Any], rid: Any) -> None:
+        limit = frame.get("limit") or 50
+        page = await self.gw.router.history(self.user, frame["conv"], frame.get("before"),
+                                            frame.get("after"), limit)
+        reply: dict[str, Any] = {
+            "type": "history", "conv": frame["conv"],
+            "messages": [self.gw.entry_dict(m) for m in page],
+        }
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+    async def _on_read(self, frame: dict[str, Any], rid: Any) -> None:
+        await self.gw.router.read(self.user, self.device, frame["conv"], frame["seq"])
+        if rid is not None:
+            self.send_frame({"type": "read_ok", "id": rid, "conv": frame["conv"],
+                             "seq": frame["seq"]})
+
+    async def _on_typing(self, frame: dict[str, Any], rid: Any) -> None:
+        await self.gw.router.typing(self.user, self.device, frame["conv"])
+
+    async def _on_recall(self, frame: dict[str, Any], rid: Any) -> None:
+        result = await self.gw.router.recall(self.user, self.device, frame["conv"], frame["seq"])
+        reply: dict[str, Any] = {"type": "recalled", "conv": frame["conv"],
+                                 "recalled_seq": frame["seq"], "seq": result.seq}
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+    async def _on_refresh(self, frame: dict[str, Any], rid: Any) -> None:
+        try:
+            identity = self.gw.verifier.verify(frame["token"])
+        except AuthError as exc:
+            raise ImfastError(str(exc), code="auth_failed") from None
+        if (identity.user, identity.device) != (self.user, self.device):
+            raise ImfastError("token is for another user or device", code="auth_failed")
+        self.identity = identity
+        self.expires_at = identity.expires_at
+        reply: dict[str, Any] = {"type": "refreshed", "expires_at": identity.expires_at}
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+    async def _on_presence(self, frame: dict[str, Any], rid: Any) -> None:
+        if not self.gw.settings.feature_enabled("presence"):
+            raise ImfastError("presence is switched off", code="feature_disabled")
+        reply: dict[str, Any] = {"type": "presence",
+                                 "users": self.gw.presence_of(frame["users"])}
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+    async def _on_group(self, frame: dict[str, Any], rid: Any) -> None:
+        router = self.gw.router
+        ftype = frame["type"]
+        group = frame.get("group", "")
+        if ftype == "group_create":
+            members = await router.group_create(self.user, self.device, group,
+                                                frame.get("name") or "", frame.get("members") or [])
+        elif ftype == "group_join":
+            members = await router.group_join(self.user, self.device, group)
+        elif ftype == "group_leave":
+            members = await router.group_leave(self.user, self.device, group)
+        elif ftype == "group_invite":
+            members = await router.group_invite(self.user, self.device, group, frame["users"])
+        elif ftype == "group_remove":
+            members = await router.group_remove(self.user, self.device, group, frame["users"])
+        elif ftype == "group_role":
+            members = await router.group_role(self.user, self.device, group, frame["user"],
+                                              frame["role"])
+        elif ftype == "group_members":
+            members = await router.group_list_members(self.user, group)
+        else:  # "groups"
+            reply: dict[str, Any] = {"type": "groups",
+                                     "groups": await router.groups_of(self.user)}
+            if rid is not None:
+                reply["id"] = rid
+            self.send_frame(reply)
+            return
+        reply = {"type": "group", "group": group, "members": members}
+        if rid is not None:
+            reply["id"] = rid
+        self.send_frame(reply)
+
+
+_HANDLERS = {
+    "send": Session._on_send,
+    "ack": Session._on_ack,
+    "sync": Session._on_sync,
+    "history": Session._on_history,
+    "read": Session._on_read,
+    "typing": Session._on_typing,
+    "recall": Session._on_recall,
+    "refresh": Session._on_refresh,
+    "presence": Session._on_presence,
+    "group_create": Session._on_group,
+    "group_join": Session._on_group,
+    "group_leave": Session._on_group,
+    "group_invite": Session._on_group,
+    "group_remove": Session._on_group,
+    "group_role": Session._on_group,
+    "group_members": Session._on_group,
+    "groups": Session._on_group,
+}
+
+
+class EchoSession(FramedListener):
+    """``/_echo`` (IMFAST_CONFORMANCE_ECHO=1): the same frame layer, echoing messages."""
+
+    __slots__ = ()
+
+    def on_message(self, payload: bytes, is_text: bool, validated: bool) -> None:
+        if is_text and not validated:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                self.fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
+                return
+        from picows import WSMsgType
+
+        self.transport.send(WSMsgType.TEXT if is_text else WSMsgType.BINARY, payload)

@@ -1,0 +1,512 @@
+"""Message routing: dedup, sequencing, durability, then delivery.
+
+:class:`Router` is the im-service's brain; the embedded node calls it in
+process, the distributed gateway over the internal link.  Guarantees:
+
+* **Durable before acknowledged**: :meth:`Router.send` returns (and the
+  gateway acknowledges the sender) only after the store's ``append``
+  returned.  A failed append answers ``unavailable`` and undoes the
+  reservation, so the client may retry the same ``cmid``.
+* **Once**: the same (sender, cmid) always yields the same ``msg_id`` and
+  ``seq``; a retry never creates a second message, also while the first is
+  still being written.
+* **Order**: appends run one batch at a time in reservation order, and
+  deliveries are handed to the :class:`Pusher` after each batch commits, so
+  every conversation's pushes leave in seq order.
+* **Membership**: sends to a group, reads and acks are checked against the
+  current membership; a removed member neither sends nor receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from imfast.backends.base import (
+    KIND_EVENT,
+    KIND_MESSAGE,
+    KIND_RECALL,
+    Store,
+    StoredMessage,
+)
+from imfast.config import Settings
+from imfast.protocol.codes import ImfastError
+from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
+
+__all__ = ["Router", "Pusher", "SendResult", "MsgIdGenerator", "GroupCommitter"]
+
+log = logging.getLogger("imfast.service")
+
+_ROLE_RANK = {"owner": 3, "admin": 2, "member": 1}
+
+
+class Pusher(Protocol):
+    """Where the router hands deliveries (the gateways)."""
+
+    def deliver(self, users: Iterable[str], message: StoredMessage,
+                skip: tuple[str, str] | None) -> None:
+        """Push a stored message to every online device of ``users`` except ``skip``."""
+
+    def event(self, users: Iterable[str], payload: dict[str, Any],
+              skip: tuple[str, str] | None) -> None:
+        """Push a droppable event (typing, receipt, presence) to online devices."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What the sender is acknowledged with."""
+
+    msg_id: str
+    conv: str
+    seq: int
+    ts: int
+    duplicate: bool
+
+
+class MsgIdGenerator:
+    """Unique, roughly time-ordered message ids: ms time, process tag, counter."""
+
+    __slots__ = ("_tag", "_counter")
+
+    def __init__(self) -> None:
+        self._tag = os.urandom(3).hex()
+        self._counter = itertools.count()
+
+    def __call__(self, ts_ms: int) -> str:
+        return f"{ts_ms:011x}{self._tag}{next(self._counter) & 0xFFFFFF:06x}"
+
+
+class GroupCommitter:
+    """Appends submitted messages in batches, one batch in flight at a time.
+
+    ``submit`` returns a future that resolves once the message is durable (or
+    fails with the store's error).  ``on_commit`` runs for every committed
+    batch, in order, before the futures resolve.
+    """
+
+    def __init__(self, store: Store, on_commit: Any, max_batch: int = 512) -> None:
+        self._store = store
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._pending: list[tuple[StoredMessage, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    def submit(self, message: StoredMessage) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((message, fut))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return fut
+
+    async def _run(self) -> None:
+        try:
+            # Yield once so every send arriving in this loop iteration joins the batch.
+            await asyncio.sleep(0)
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                messages = [m for m, _ in batch]
+                try:
+                    await self._store.append(messages)
+                except Exception as exc:  # noqa: BLE001 - every future learns the failure
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                self.batches += 1
+                try:
+                    self._on_commit(messages)
+                finally:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            self._task = None
+            if self._pending:  # raced in after the loop ended
+                self._task = asyncio.get_running_loop().create_task(self._run())
+
+
+class Router:
+    """Implements every client operation that touches shared state."""
+
+    def __init__(self, settings: Settings, store: Store, pusher: Pusher) -> None:
+        self.settings = settings
+        self.store = store
+        self.pusher = pusher
+        self._ids = MsgIdGenerator()
+        self._committer = GroupCommitter(store, self._route_committed)
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._members_cache: dict[str, dict[str, str]] = {}
+        self.sent_total = 0
+        self.duplicates_total = 0
+
+    # ---------------------------------------------------------------- helpers
+    async def group_members(self, group: str) -> dict[str, str]:
+        """user -> role, cached until membership changes."""
+        members = self._members_cache.get(group)
+        if members is None:
+            members = await self.store.members(group)
+            self._members_cache[group] = members
+        return members
+
+    async def conversation_users(self, user: str, conv: str) -> list[str]:
+        """Members of ``conv`` if ``user`` is one of them, else ``forbidden``."""
+        parsed = parse_conv(conv)
+        if parsed is None:
+            raise ImfastError("bad conversation id", field="conv", code="bad_request")
+        kind, ids = parsed
+        if kind == "p":
+            if user not in ids:
+                raise ImfastError("no such conversation", field="conv", code="not_found")
+            return list(dict.fromkeys(ids))
+        if not self.settings.feature_enabled("groups"):
+            raise ImfastError("groups are switched off", code="feature_disabled")
+        members = await self.group_members(ids[0])
+        if user not in members:
+            raise ImfastError("not a member of this group", field="conv", code="forbidden")
+        return list(members)
+
+    def _route_committed(self, messages: list[StoredMessage]) -> None:
+        """Runs right after a batch is durable, in commit order."""
+        if self.settings.route_all_offline:
+            return  # emergency switch: clients get everything by sync instead
+        for m in messages:
+            pair = conv_members_private(m.conv)
+            if pair is not None:
+                users: Iterable[str] = dict.fromkeys(pair)
+            else:
+                members = self._members_cache.get(m.conv[2:])
+                if members is None:
+                    # Membership changed while this entry was being stored: look it
+                    # up, then push (gateways reorder by seq, so lateness is safe).
+                    asyncio.get_running_loop().create_task(self._route_late(m))
+                    continue
+                users = list(members)
+                if m.kind == KIND_EVENT:
+                    # Removed members learn of their removal too.
+                    extra = orjson.loads(m.body).get("users", [])
+                    users = list(dict.fromkeys([*users, *extra]))
+            try:
+                self.pusher.deliver(users, m, (m.sender, m.sender_device))
+            except Exception:  # noqa: BLE001 - delivery is retried by sync
+                log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
+
+    async def _route_late(self, m: StoredMessage) -> None:
+        users = list(await self.group_members(m.conv[2:]))
+        if m.kind == KIND_EVENT:
+            users = list(dict.fromkeys([*users, *orjson.loads(m.body).get("users", [])]))
+        try:
+            self.pusher.deliver(users, m, (m.sender, m.sender_device))
+        except Exception:  # noqa: BLE001
+            log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
+
+    async def submit_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
+                           kind: str) -> tuple[SendResult, asyncio.Future[None] | None]:
+        """Reserve a seq for one entry and queue it for storage.
+
+        Returns the result the sender will be acknowledged with and a future
+        that completes once the entry is durable and routed (``None`` when the
+        entry is a duplicate of one already stored).  The future fails with
+        ``unavailable`` if the store refused it; the reservation is then undone.
+        Callers may submit the next entry before this one is durable:
+        reservations keep their order, and commits follow it.
+        """
+        dedup_key = f"{sender}:{cmid}" if cmid else ""
+        if dedup_key:
+            pending = self._inflight.get(dedup_key)
+            if pending is not None:
+                try:
+                    await asyncio.shield(pending)
+                except ImfastError:
+                    pass  # the first attempt failed and was undone: this one may proceed
+        ts = int(time.time() * 1000)
+        msg_id = self._ids(ts)
+        res = await self.store.reserve(conv, dedup_key or msg_id, msg_id, 0)
+        if res.duplicate:
+            self.duplicates_total += 1
+            log.info("duplicate message detected dedup_key=%s user_id=%s msg_id=%s seq=%s",
+                     dedup_key, sender, res.msg_id, res.seq)
+            original = await self.store.get(conv, res.seq)
+            if original is None or original.msg_id != res.msg_id:
+                # Reserved elsewhere but not (yet) stored: the client retries later.
+                raise ImfastError("message is still being stored; retry", code="unavailable")
+            return SendResult(original.msg_id, conv, original.seq, original.ts, True), None
+        message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind)
+        stored = self._committer.submit(message)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[None] = loop.create_future()
+        if dedup_key:
+            self._inflight[dedup_key] = outcome
+
+        def finished(f: asyncio.Future[None]) -> None:
+            if dedup_key and self._inflight.get(dedup_key) is outcome:
+                del self._inflight[dedup_key]
+            exc = f.exception()
+            if exc is None:
+                self.sent_total += 1
+                outcome.set_result(None)
+                return
+            log.error("route failed: could not store message user_id=%s conv=%s: %s",
+                      sender, conv, exc)
+            loop.create_task(self.store.release(conv, dedup_key or msg_id))
+            outcome.set_exception(
+                ImfastError("message store unavailable; retry the same cmid", code="unavailable"))
+
+        stored.add_done_callback(finished)
+        return SendResult(msg_id, conv, res.seq, ts, False), outcome
+
+    async def _append_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
+                            kind: str) -> SendResult:
+        """Submit one entry and wait until it is durable."""
+        result, outcome = await self.submit_entry(conv, sender, device, cmid, body, kind)
+        if outcome is not None:
+            await outcome
+        return result
+
+    # ------------------------------------------------------------- operations
+    async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
+                          group: str | None, body: str
+                          ) -> tuple[SendResult, asyncio.Future[None] | None]:
+        """Check and reserve a chat message; see :meth:`submit_entry`."""
+        if to is not None:
+            conv = private_conv(user, to)
+        else:
+            assert group is not None
+            if not self.settings.feature_enabled("groups"):
+                raise ImfastError("groups are switched off", code="feature_disabled")
+            members = await self.group_members(group)
+            if user not in members:
+                raise ImfastError("not a member of this group", field="group", code="forbidden")
+            conv = group_conv(group)
+        return await self.submit_entry(conv, user, device, cmid, body, KIND_MESSAGE)
+
+    async def send(self, user: str, device: str, cmid: str, to: str | None,
+                   group: str | None, body: str) -> SendResult:
+        """Store a chat message and route it; returns once durable."""
+        result, outcome = await self.submit_send(user, device, cmid, to, group, body)
+        if outcome is not None:
+            await outcome
+        return result
+
+    async def ack(self, user: str, device: str, conv: str, seq: int) -> int:
+        """Advance the device's delivery cursor; returns the cursor now."""
+        await self.conversation_users(user, conv)
+        latest = await self.store.latest_seq(conv)
+        if seq > latest:
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq")
+        return await self.store.advance(user, device, conv, seq)
+
+    async def conversations(self, user: str) -> dict[str, int]:
+        """Every conversation of ``user`` -> latest seq (for resume)."""
+        convs = await self.store.private_conversations(user)
+        if self.settings.feature_enabled("groups"):
+            for g in await self.store.groups_of(user):
+                conv = group_conv(g)
+                convs[conv] = await self.store.latest_seq(conv)
+        return convs
+
+    async def resume_plan(self, user: str, device: str) -> list[tuple[str, int, int]]:
+        """(conv, cursor, latest) for every conversation with unacknowledged entries."""
+        cursors = await self.store.cursors(user, device)
+        plan = []
+        for conv, latest in (await self.conversations(user)).items():
+            cursor = cursors.get(conv, 0)
+            if latest > cursor:
+                plan.append((conv, cursor, latest))
+        plan.sort()
+        return plan
+
+    async def cursors(self, user: str, device: str) -> dict[str, int]:
+        """conv -> the device's acknowledged seq."""
+        return await self.store.cursors(user, device)
+
+    async def cursor(self, user: str, device: str, conv: str) -> int:
+        return (await self.store.cursors(user, device)).get(conv, 0)
+
+    async def fetch(self, user: str, conv: str, after: int, limit: int) -> list[StoredMessage]:
+        """Entries after ``after`` (for sync), membership checked, page capped."""
+        await self.conversation_users(user, conv)
+        return await self.store.fetch(conv, after, min(limit, self.settings.sync_page_max))
+
+    async def history(self, user: str, conv: str, before: int | None, after: int | None,
+                      limit: int) -> list[StoredMessage]:
+        """A page of a conversation before or after a seq (newest page by default)."""
+        if not self.settings.feature_enabled("history"):
+            raise ImfastError("history is switched off", code="feature_disabled")
+        await self.conversation_users(user, conv)
+        limit = min(limit, self.settings.sync_page_max)
+        if after is not None:
+            return await self.store.fetch(conv, after, limit)
+        return await self.store.fetch_before(conv, before if before is not None else 2**62, limit)
+
+    async def read(self, user: str, device: str, conv: str, seq: int) -> bool:
+        """Record a read receipt (forward only) and tell the other members."""
+        if not self.settings.feature_enabled("receipts"):
+            raise ImfastError("read receipts are switched off", code="feature_disabled")
+        users = await self.conversation_users(user, conv)
+        latest = await self.store.latest_seq(conv)
+        if seq > latest:
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq")
+        moved = await self.store.mark_read(conv, user, seq)
+        if moved:
+            self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
+                              (user, device))
+        return moved
+
+    async def receipts(self, user: str, conv: str) -> dict[str, int]:
+        await self.conversation_users(user, conv)
+        return await self.store.read_up_to(conv)
+
+    async def typing(self, user: str, device: str, conv: str) -> None:
+        """Tell the other members (droppable; never stored)."""
+        if not self.settings.feature_enabled("typing"):
+            raise ImfastError("typing indicators are switched off", code="feature_disabled")
+        users = await self.conversation_users(user, conv)
+        self.pusher.event([u for u in users if u != user],
+                          {"type": "typing", "conv": conv, "user": user}, None)
+
+    async def recall(self, user: str, device: str, conv: str, seq: int) -> SendResult:
+        """Recall one's own message within the window: a ``recall`` entry follows it."""
+        if not self.settings.feature_enabled("recall"):
+            raise ImfastError("recall is switched off", code="feature_disabled")
+        await self.conversation_users(user, conv)
+        original = await self.store.get(conv, seq)
+        if original is None or original.kind != KIND_MESSAGE or original.sender != user:
+            raise ImfastError("no such message of yours", field="seq", code="not_found")
+        if time.time() * 1000 - original.ts > self.settings.recall_window * 1000:
+            raise ImfastError("too late to recall", code="recall_window_passed")
+        return await self._append_entry(conv, user, device, f"recall:{original.msg_id}",
+                                        str(seq), KIND_RECALL)
+
+    # ------------------------------------------------------------------ groups
+    async def _group_event(self, group: str, actor: str, device: str, event: str,
+                           users: list[str], cmid: str = "") -> SendResult:
+        body = orjson.dumps({"event": event, "group": group, "by": actor, "users": users}).decode()
+        await self.group_members(group)  # warm the cache the commit-time routing reads
+        return await self._append_entry(group_conv(group), actor, device, cmid, body, KIND_EVENT)
+
+    def _check_groups_enabled(self) -> None:
+        if not self.settings.feature_enabled("groups"):
+            raise ImfastError("groups are switched off", code="feature_disabled")
+
+    async def _role(self, group: str, user: str) -> str:
+        role = (await self.group_members(group)).get(user)
+        if role is None:
+            raise ImfastError("not a member of this group", field="group", code="forbidden")
+        return role
+
+    async def group_create(self, user: str, device: str, group: str, name: str,
+                           members: list[str]) -> dict[str, str]:
+        """Create a group owned by ``user`` with initial ``members``."""
+        self._check_groups_enabled()
+        members = [m for m in dict.fromkeys(members) if m != user]
+        if len(members) + 1 > self.settings.max_group_members:
+            raise ImfastError(f"a group has at most {self.settings.max_group_members} members",
+                              field="members")
+        if not await self.store.create(group, user, name or group):
+            raise ImfastError("group id already taken", field="group", code="forbidden")
+        for m in members:
+            await self.store.set_member(group, m, "member")
+        self._members_cache.pop(group, None)
+        await self._group_event(group, user, device, "created", [user, *members])
+        return await self.group_members(group)
+
+    async def group_join(self, user: str, device: str, group: str) -> dict[str, str]:
+        """Join an existing group (open groups: anyone who knows the id may join)."""
+        self._check_groups_enabled()
+        if await self.store.info(group) is None:
+            raise ImfastError("no such group", field="group", code="not_found")
+        members = await self.group_members(group)
+        if user not in members:
+            if len(members) >= self.settings.max_group_members:
+                raise ImfastError("group is full", field="group", code="forbidden")
+            await self.store.set_member(group, user, "member")
+            self._members_cache.pop(group, None)
+            await self._group_event(group, user, device, "joined", [user])
+        return await self.group_members(group)
+
+    async def group_invite(self, user: str, device: str, group: str,
+                           users: list[str]) -> dict[str, str]:
+        """Add users (owner/admin only)."""
+        self._check_groups_enabled()
+        if _ROLE_RANK[await self._role(group, user)] < _ROLE_RANK["admin"]:
+            raise ImfastError("only owners and admins may invite", code="forbidden")
+        members = await self.group_members(group)
+        new = [u for u in dict.fromkeys(users) if u not in members]
+        if len(members) + len(new) > self.settings.max_group_members:
+            raise ImfastError("group would be too large", field="users")
+        for u in new:
+            await self.store.set_member(group, u, "member")
+        if new:
+            self._members_cache.pop(group, None)
+            await self._group_event(group, user, device, "invited", new)
+        return await self.group_members(group)
+
+    async def group_remove(self, user: str, device: str, group: str,
+                           users: list[str]) -> dict[str, str]:
+        """Remove members (owner/admin; nobody removes someone of equal or higher rank)."""
+        self._check_groups_enabled()
+        rank = _ROLE_RANK[await self._role(group, user)]
+        if rank < _ROLE_RANK["admin"]:
+            raise ImfastError("only owners and admins may remove members", code="forbidden")
+        members = await self.group_members(group)
+        gone = []
+        for u in dict.fromkeys(users):
+            role = members.get(u)
+            if role is None:
+                continue
+            if _ROLE_RANK[role] >= rank:
+                raise ImfastError(f"cannot remove {u} ({role})", field="users", code="forbidden")
+            gone.append(u)
+        return await self._remove(user, device, group, gone, "removed")
+
+    async def group_leave(self, user: str, device: str, group: str) -> dict[str, str]:
+        self._check_groups_enabled()
+        role = await self._role(group, user)
+        if role == "owner" and len(await self.group_members(group)) > 1:
+            raise ImfastError("the owner must hand over ownership before leaving",
+                              code="forbidden")
+        return await self._remove(user, device, group, [user], "left")
+
+    async def _remove(self, actor: str, device: str, group: str, users: list[str],
+                      event: str) -> dict[str, str]:
+        if users:
+            # The event is stored while the leavers are still members, so they see it.
+            await self._group_event(group, actor, device, event, users)
+            for u in users:
+                await self.store.remove_member(group, u)
+            self._members_cache.pop(group, None)
+        return await self.group_members(group)
+
+    async def group_role(self, user: str, device: str, group: str, target: str,
+                         role: str) -> dict[str, str]:
+        """The owner sets a member's role (admin/member)."""
+        self._check_groups_enabled()
+        if await self._role(group, user) != "owner":
+            raise ImfastError("only the owner may change roles", code="forbidden")
+        members = await self.group_members(group)
+        if target not in members or target == user:
+            raise ImfastError("not a member", field="user", code="not_found")
+        await self.store.set_member(group, target, role)
+        self._members_cache.pop(group, None)
+        await self._group_event(group, user, device, f"role:{role}", [target])
+        return await self.group_members(group)
+
+    async def group_list_members(self, user: str, group: str) -> dict[str, str]:
+        self._check_groups_enabled()
+        await self._role(group, user)
+        return await self.group_members(group)
+
+    async def groups_of(self, user: str) -> list[str]:
+        self._check_groups_enabled()
+        return await self.store.groups_of(user)
