@@ -59,8 +59,8 @@ missing_debs() {
 
 install_debs() {
     local missing
-    missing=$(missing_debs | sort -u | tr '\n' ' ')
-    [[ -z "${missing// /}" ]] && return 0
+    missing=$(missing_debs | sort -u | xargs)
+    [[ -z "$missing" ]] && return 0
     need_root "Debian packages: $missing"
     export DEBIAN_FRONTEND=noninteractive
     quietly apt-get update -qq || die "apt-get update failed"

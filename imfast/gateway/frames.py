@@ -21,13 +21,17 @@ Subclasses implement :meth:`FramedListener.on_message`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from imfast.protocol.codes import CloseCode
 
-__all__ = ["FramedListener", "valid_close_code"]
+__all__ = ["FramedListener", "valid_close_code", "CLOSE_GRACE_SECONDS"]
+
+#: How long we wait for the peer's CLOSE reply before dropping the TCP connection.
+CLOSE_GRACE_SECONDS = 2.0
 
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
@@ -80,6 +84,11 @@ class FramedListener(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if self.closed:
+            # We sent CLOSE and wait for the peer's CLOSE (RFC 6455 7.1.1); the rest is
+            # discarded.  Closing TCP earlier would make the kernel answer the peer's
+            # in-flight data with RST, which can destroy our close frame on its side.
+            if frame.msg_type is _CLOSE:
+                transport.disconnect()
             return
         self.on_activity()
         msg_type = frame.msg_type
@@ -178,4 +187,5 @@ class FramedListener(WSListener):  # type: ignore[misc]
         transport = self.transport
         if transport is not None:
             transport.send_close(WSCloseCode(int(code)), reason.encode()[:120])
-            transport.disconnect()
+            # Disconnect when the peer's CLOSE arrives (on_ws_frame), or after a grace period.
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.disconnect)

@@ -1,0 +1,174 @@
+"""Private chat end to end over real WebSocket connections (websocket-client)."""
+
+from __future__ import annotations
+
+from tests.helpers.node import Client, NodeThread, wait_for
+
+
+def connect(node: NodeThread, user: str, device: str = "default") -> Client:
+    c = Client(node.url, node.token(user, device))
+    assert c.welcome()["user"] == user
+    return c
+
+
+def test_message_reaches_online_recipient_with_ack_and_seq(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="c1", to="bob", body="hello bob", id=1)
+    ack = alice.recv_until("sent")[-1]
+    assert ack["cmid"] == "c1" and ack["conv"] == "p:alice:bob" and ack["seq"] == 1
+    assert ack["id"] == 1 and ack["msg_id"]
+    msg = bob.recv()
+    assert msg["type"] == "msg"
+    assert (msg["from"], msg["body"], msg["seq"], msg["msg_id"]) == \
+        ("alice", "hello bob", 1, ack["msg_id"])
+    bob.send(type="send", cmid="r1", to="alice", body="hi alice")
+    assert bob.recv_until("sent")[-1]["seq"] == 2  # same conversation, next seq
+    assert alice.recv()["body"] == "hi alice"
+
+
+def test_recipient_who_connects_later_receives_what_was_sent(node: NodeThread) -> None:
+    alice = connect(node, "alice")
+    for i in range(5):
+        alice.send(type="send", cmid=f"c{i}", to="carol", body=f"m{i}")
+    acks = [f for f in alice.recv_until("sent", cmid="c4") if f["type"] == "sent"]
+    assert [a["seq"] for a in acks] == [1, 2, 3, 4, 5]
+    carol = Client(node.url, node.token("carol"))
+    frames = carol.recv_until("resumed")
+    bodies = [f["body"] for f in frames if f["type"] == "msg"]
+    assert bodies == ["m0", "m1", "m2", "m3", "m4"]
+
+
+def test_auth_by_first_frame_instead_of_query(node: NodeThread) -> None:
+    c = Client(node.url)
+    c.send(type="send", cmid="x", to="bob", body="too early")
+    err = c.recv()
+    assert err["type"] == "error" and err["code"] == "not_authenticated"
+    c.send(type="auth", token=node.token("dave"), id="a1")
+    welcome = c.recv()
+    assert welcome["type"] == "welcome" and welcome["user"] == "dave" and welcome["id"] == "a1"
+
+
+def test_retried_cmid_gets_original_ack_and_one_delivery(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="same", to="bob", body="once")
+    first = alice.recv_until("sent")[-1]
+    alice.close()  # connection dropped; the client retries on a new one
+    alice2 = connect(node, "alice")
+    alice2.send(type="send", cmid="same", to="bob", body="once")
+    second = alice2.recv_until("sent")[-1]
+    assert second["duplicate"] is True
+    assert (second["msg_id"], second["seq"]) == (first["msg_id"], first["seq"])
+    bob.send(type="ping", id="p")
+    frames = bob.recv_until("pong")
+    assert [f["body"] for f in frames if f["type"] == "msg"] == ["once"]
+
+
+def test_acknowledged_entries_are_not_resent_on_reconnect(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    for i in range(3):
+        alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}")
+    alice.recv_until("sent", cmid="a2")
+    got = [bob.recv() for _ in range(3)]
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    bob.send(type="ack", conv="p:alice:bob", seq=2, id="k")
+    assert bob.recv_until("acked")[-1]["seq"] == 2
+    bob.close()
+    bob2 = Client(node.url, node.token("bob"))
+    frames = bob2.recv_until("resumed")
+    assert [f["seq"] for f in frames if f["type"] == "msg"] == [3]
+
+
+def test_offline_recipient_gets_1000_messages_in_order_exactly_once(make_node) -> None:
+    node = make_node(rate_msgs_per_sec=100000.0, rate_burst=5000)
+    alice = connect(node, "alice")
+    n = 1000
+    for i in range(n):
+        alice.send(type="send", cmid=f"bulk{i}", to="erin", body=str(i))
+    acks = [f for f in alice.recv_until("sent", cmid=f"bulk{n - 1}") if f["type"] == "sent"]
+    assert len(acks) == n
+    erin = Client(node.url, node.token("erin"), timeout=20)
+    frames = erin.recv_until("resumed", limit=n + 10)
+    msgs = [f for f in frames if f["type"] == "msg"]
+    assert [m["seq"] for m in msgs] == list(range(1, n + 1))
+    assert [m["body"] for m in msgs] == [str(i) for i in range(n)]
+
+
+def test_every_device_of_the_recipient_and_the_senders_other_devices(node: NodeThread) -> None:
+    phone, laptop = connect(node, "bob", "phone"), connect(node, "bob", "laptop")
+    alice_phone, alice_web = connect(node, "alice", "phone"), connect(node, "alice", "web")
+    alice_phone.send(type="send", cmid="m1", to="bob", body="to all devices")
+    alice_phone.recv_until("sent")
+    for c in (phone, laptop, alice_web):
+        m = c.recv()
+        assert (m["type"], m["body"], m["from_device"]) == ("msg", "to all devices", "phone")
+    # The sending device gets the ack, not a copy of its own message.
+    alice_phone.send(type="ping", id=1)
+    assert [f["type"] for f in alice_phone.recv_until("pong")] == ["pong"]
+
+
+def test_sync_pages_are_capped_and_resume_from_after(make_node) -> None:
+    node = make_node(rate_msgs_per_sec=100000.0, rate_burst=5000)
+    alice = connect(node, "alice")
+    for i in range(250):
+        alice.send(type="send", cmid=f"s{i}", to="bob", body=str(i))
+    alice.recv_until("sent", cmid="s249")
+    alice.send(type="sync", conv="p:alice:bob", after=0, limit=100000, id="q")
+    frames = alice.recv_until("synced")
+    page = [f for f in frames if f["type"] == "msg"]
+    synced = frames[-1]
+    assert len(page) == 200 and synced["more"] is True and synced["last"] == 200
+    alice.send(type="sync", conv="p:alice:bob", after=200)
+    frames = alice.recv_until("synced")
+    assert [f["seq"] for f in frames if f["type"] == "msg"] == list(range(201, 251))
+    assert frames[-1]["more"] is False
+
+
+def test_history_before_and_after(node: NodeThread) -> None:
+    alice = connect(node, "alice")
+    for i in range(10):
+        alice.send(type="send", cmid=f"h{i}", to="bob", body=str(i))
+    alice.recv_until("sent", cmid="h9")
+    alice.send(type="history", conv="p:alice:bob", before=6, limit=3, id=1)
+    h = alice.recv_until("history")[-1]
+    assert [m["seq"] for m in h["messages"]] == [3, 4, 5]
+    alice.send(type="history", conv="p:alice:bob", after=8, id=2)
+    assert [m["seq"] for m in alice.recv_until("history")[-1]["messages"]] == [9, 10]
+
+
+def test_a_users_private_conversations_of_others_are_not_found(node: NodeThread) -> None:
+    alice = connect(node, "alice")
+    alice.send(type="send", cmid="x", to="bob", body="secret")
+    alice.recv_until("sent")
+    mallory = connect(node, "mallory")
+    mallory.send(type="sync", conv="p:alice:bob", after=0, id=1)
+    err = mallory.recv()
+    assert (err["type"], err["code"], err["id"]) == ("error", "not_found", 1)
+    mallory.send(type="history", conv="p:alice:bob", id=2)
+    assert mallory.recv()["code"] == "not_found"
+
+
+def test_messages_survive_a_node_restart(node: NodeThread) -> None:
+    alice = connect(node, "alice")
+    alice.send(type="send", cmid="durable", to="frank", body="kept")
+    ack = alice.recv_until("sent")[-1]
+    alice.close()
+    node.restart()
+    frank = Client(node.url, node.token("frank"))
+    msgs = [f for f in frank.recv_until("resumed") if f["type"] == "msg"]
+    assert [(m["msg_id"], m["body"]) for m in msgs] == [(ack["msg_id"], "kept")]
+    # Sequence numbers continue after the restart, never reused.
+    alice2 = connect(node, "alice")
+    alice2.send(type="send", cmid="after", to="frank", body="next")
+    assert alice2.recv_until("sent")[-1]["seq"] == 2
+    # And the dedup memory survives too.
+    alice2.send(type="send", cmid="durable", to="frank", body="kept")
+    again = alice2.recv_until("sent")[-1]
+    assert again["duplicate"] is True and again["seq"] == 1
+
+
+def test_stats_count_connections(node: NodeThread) -> None:
+    clients = [connect(node, f"u{i}") for i in range(3)]
+    status, stats = node.http("/stats")
+    assert status == 200 and stats["active_connections"] == 3
+    clients[0].close()
+    wait_for(lambda: node.http("/stats")[1]["active_connections"] == 2)
