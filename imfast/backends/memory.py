@@ -35,7 +35,8 @@ class MemoryStore:
         seen = self._dedup.get(dedup_key)
         if seen is not None:
             return Reservation(seen.seq, seen.msg_id, True)
-        seq = max(self._counters.get(conv, 0), floor) + 1
+        log = self._logs.get(conv)
+        seq = max(self._counters.get(conv, 0), log[-1].seq if log else 0, floor) + 1
         self._counters[conv] = seq
         reservation = Reservation(seq, msg_id, False)
         self._dedup[dedup_key] = reservation

@@ -303,7 +303,7 @@ class Router:
         await self.conversation_users(user, conv)
         latest = await self.store.latest_seq(conv)
         if seq > latest:
-            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq")
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq", code="bad_request")
         return await self.store.advance(user, device, conv, seq)
 
     async def conversations(self, user: str) -> dict[str, int]:
@@ -356,7 +356,7 @@ class Router:
         users = await self.conversation_users(user, conv)
         latest = await self.store.latest_seq(conv)
         if seq > latest:
-            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq")
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq", code="bad_request")
         moved = await self.store.mark_read(conv, user, seq)
         if moved:
             self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
@@ -412,7 +412,7 @@ class Router:
         members = [m for m in dict.fromkeys(members) if m != user]
         if len(members) + 1 > self.settings.max_group_members:
             raise ImfastError(f"a group has at most {self.settings.max_group_members} members",
-                              field="members")
+                              field="members", code="bad_request")
         if not await self.store.create(group, user, name or group):
             raise ImfastError("group id already taken", field="group", code="forbidden")
         for m in members:
@@ -444,7 +444,7 @@ class Router:
         members = await self.group_members(group)
         new = [u for u in dict.fromkeys(users) if u not in members]
         if len(members) + len(new) > self.settings.max_group_members:
-            raise ImfastError("group would be too large", field="users")
+            raise ImfastError("group would be too large", field="users", code="bad_request")
         for u in new:
             await self.store.set_member(group, u, "member")
         if new:

@@ -1,0 +1,101 @@
+"""The Store contract (imfast/backends/base.py), run on every implementation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from imfast.backends.base import StoredMessage
+
+
+def msg(conv: str, seq: int, cmid: str = "", sender: str = "alice", body: str = "b") -> StoredMessage:
+    return StoredMessage(conv, seq, f"id{conv}{seq}", sender, "d1", cmid, body, 1000 + seq)
+
+
+async def test_reserve_is_sequential_and_deduplicated(store: Any) -> None:
+    r1 = await store.reserve("p:a:b", "a:c1", "m1", 0)
+    r2 = await store.reserve("p:a:b", "a:c2", "m2", 0)
+    other = await store.reserve("g:team", "a:c3", "m3", 0)
+    assert (r1.seq, r2.seq, other.seq) == (1, 2, 1)
+    again = await store.reserve("p:a:b", "a:c1", "m-retry", 0)
+    assert again.duplicate and (again.seq, again.msg_id) == (1, "m1")
+    assert (await store.reserve("p:a:b", "a:c4", "m4", 0)).seq == 3
+
+
+async def test_reserve_respects_the_floor(store: Any) -> None:
+    r = await store.reserve("p:a:b", "k1", "m1", 41)
+    assert r.seq == 42
+
+
+async def test_release_allows_retry_and_reuses_the_unstored_seq(store: Any) -> None:
+    await store.append([msg("p:a:b", 1)])
+    r = await store.reserve("p:a:b", "a:lost", "m", 0)
+    assert r.seq == 2
+    await store.release("p:a:b", "a:lost")
+    retry = await store.reserve("p:a:b", "a:lost", "m2", 0)
+    assert not retry.duplicate
+
+
+async def test_append_fetch_and_pages(store: Any) -> None:
+    await store.append([msg("p:a:b", i) for i in range(1, 11)])
+    assert [m.seq for m in await store.fetch("p:a:b", 0, 3)] == [1, 2, 3]
+    assert [m.seq for m in await store.fetch("p:a:b", 8, 100)] == [9, 10]
+    assert [m.seq for m in await store.fetch_before("p:a:b", 5, 2)] == [3, 4]
+    assert await store.latest_seq("p:a:b") == 10 and await store.latest_seq("p:x:y") == 0
+    got = await store.get("p:a:b", 7)
+    assert got == msg("p:a:b", 7) and await store.get("p:a:b", 11) is None
+
+
+async def test_append_refuses_an_existing_seq_atomically(store: Any) -> None:
+    await store.append([msg("p:a:b", 1)])
+    with pytest.raises(ValueError, match="sequence number already exists"):
+        await store.append([msg("p:a:b", 2), msg("p:a:b", 1)])
+    assert await store.latest_seq("p:a:b") == 1
+
+
+async def test_durable_dedup_and_private_index(store: Any) -> None:
+    await store.append([msg("p:a:b", 1, cmid="c1", sender="a")])
+    found = await store.find_by_cmid("a", "c1")
+    assert found is not None and found.seq == 1
+    assert await store.find_by_cmid("b", "c1") is None
+    assert await store.private_conversations("a") == {"p:a:b": 1}
+    assert await store.private_conversations("b") == {"p:a:b": 1}
+    assert await store.private_conversations("c") == {}
+
+
+async def test_cursors_only_move_forward(store: Any) -> None:
+    assert await store.advance("u", "d", "p:a:b", 5) == 5
+    assert await store.advance("u", "d", "p:a:b", 3) == 5
+    assert await store.cursors("u", "d") == {"p:a:b": 5}
+    assert await store.cursors("u", "other") == {}
+
+
+async def test_groups(store: Any) -> None:
+    assert await store.create("g1", "owner", "Group One")
+    assert not await store.create("g1", "x", "again")
+    assert await store.info("g1") == ("Group One", "owner")
+    await store.set_member("g1", "bob", "member")
+    await store.set_member("g1", "bob", "admin")
+    assert await store.members("g1") == {"owner": "owner", "bob": "admin"}
+    assert await store.groups_of("bob") == ["g1"]
+    assert await store.remove_member("g1", "bob")
+    assert not await store.remove_member("g1", "bob")
+    assert await store.groups_of("bob") == []
+
+
+async def test_receipts_only_move_forward(store: Any) -> None:
+    assert await store.mark_read("p:a:b", "a", 3)
+    assert not await store.mark_read("p:a:b", "a", 2)
+    assert not await store.mark_read("p:a:b", "a", 3)
+    assert await store.read_up_to("p:a:b") == {"a": 3}
+
+
+async def test_registry(registry: Any) -> None:
+    await registry.register("u", "phone", "gw1")
+    await registry.register("u", "web", "gw2")
+    assert await registry.lookup("u") == {"phone": "gw1", "web": "gw2"}
+    await registry.unregister("u", "phone", "gw-other")  # stale owner: ignored
+    assert await registry.lookup("u") == {"phone": "gw1", "web": "gw2"}
+    await registry.unregister("u", "phone", "gw1")
+    assert await registry.lookup("u") == {"web": "gw2"}

@@ -1,0 +1,144 @@
+"""Groups, read receipts, typing, presence and recall over real connections."""
+
+from __future__ import annotations
+
+from tests.helpers.node import Client, NodeThread
+
+
+def connect(node: NodeThread, user: str, device: str = "default") -> Client:
+    c = Client(node.url, node.token(user, device))
+    c.welcome()
+    return c
+
+
+def frames_until_pong(c: Client) -> list[dict]:
+    c.send(type="ping", id="sync-point")
+    return [f for f in c.recv_until("pong", id="sync-point") if f["type"] != "pong"]
+
+
+def test_group_lifecycle_membership_checked_on_send_and_fanout(node: NodeThread) -> None:
+    owner, bob, carol = connect(node, "owner"), connect(node, "bob"), connect(node, "carol")
+    owner.send(type="group_create", group="team", name="Team", members=["bob"], id=1)
+    created = owner.recv_until("group", id=1)[-1]
+    assert created["members"] == {"owner": "owner", "bob": "member"}
+    event = bob.recv()
+    assert event["kind"] == "event" and event["event"]["event"] == "created"
+    # An outsider can neither send nor read.
+    carol.send(type="send", cmid="c1", group="team", body="let me in")
+    assert carol.recv()["code"] == "forbidden"
+    carol.send(type="sync", conv="g:team", after=0)
+    assert carol.recv()["code"] == "forbidden"
+    # Invite carol: everyone sees the membership event, then messages fan out.
+    owner.send(type="group_invite", group="team", users=["carol"], id=2)
+    owner.recv_until("group", id=2)
+    assert carol.recv()["event"]["event"] == "invited"
+    bob.send(type="send", cmid="b1", group="team", body="hello team")
+    ack = bob.recv_until("sent")[-1]
+    assert ack["conv"] == "g:team"
+    for c in (owner, carol):
+        got = [f for f in frames_until_pong(c) if f.get("kind") == "msg"]
+        assert [(m["from"], m["body"]) for m in got] == [("bob", "hello team")]
+    # Remove carol: she learns of it, then neither sends nor receives.
+    owner.send(type="group_remove", group="team", users=["carol"], id=3)
+    owner.recv_until("group", id=3)
+    removed = [f for f in frames_until_pong(carol) if f.get("kind") == "event"]
+    assert removed[-1]["event"] == {"event": "removed", "group": "team", "by": "owner",
+                                    "users": ["carol"]}
+    bob.send(type="send", cmid="b2", group="team", body="carol is gone")
+    bob.recv_until("sent")
+    assert [f for f in frames_until_pong(carol) if f.get("kind") == "msg"] == []
+    carol.send(type="send", cmid="c2", group="team", body="still here?")
+    assert carol.recv()["code"] == "forbidden"
+
+
+def test_group_roles(node: NodeThread) -> None:
+    owner, admin, member = connect(node, "o"), connect(node, "a"), connect(node, "m")
+    owner.send(type="group_create", group="g1", members=["a", "m"], id=1)
+    owner.recv_until("group", id=1)
+    member.send(type="group_invite", group="g1", users=["x"], id=2)
+    assert member.recv_until("error")[-1]["code"] == "forbidden"
+    owner.send(type="group_role", group="g1", user="a", role="admin", id=3)
+    assert owner.recv_until("group", id=3)[-1]["members"]["a"] == "admin"
+    admin.send(type="group_invite", group="g1", users=["x"], id=4)
+    assert "x" in admin.recv_until("group", id=4)[-1]["members"]
+    admin.send(type="group_remove", group="g1", users=["o"], id=5)
+    assert admin.recv_until("error")[-1]["code"] == "forbidden"
+    member.send(type="group_leave", group="g1", id=6)
+    assert "m" not in member.recv_until("group", id=6)[-1]["members"]
+    member.send(type="groups", id=7)
+    assert member.recv_until("groups", id=7)[-1]["groups"] == []
+
+
+def test_group_size_limit(make_node) -> None:
+    node = make_node(max_group_members=3)
+    owner = connect(node, "o")
+    owner.send(type="group_create", group="small", members=["a", "b", "c"], id=1)
+    err = owner.recv_until("error")[-1]
+    assert err["code"] == "bad_request" and err["field"] == "members"
+
+
+def test_read_receipts_move_forward_only_and_reach_the_other_side(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    for i in range(3):
+        alice.send(type="send", cmid=f"r{i}", to="bob", body=str(i))
+    alice.recv_until("sent", cmid="r2")
+    bob.send(type="read", conv="p:alice:bob", seq=2, id=1)
+    assert bob.recv_until("read_ok", id=1)
+    receipt = [f for f in frames_until_pong(alice) if f["type"] == "receipt"]
+    assert receipt == [{"type": "receipt", "conv": "p:alice:bob", "user": "bob", "seq": 2}]
+    bob.send(type="read", conv="p:alice:bob", seq=1, id=2)  # backwards: accepted, no event
+    bob.recv_until("read_ok", id=2)
+    assert [f for f in frames_until_pong(alice) if f["type"] == "receipt"] == []
+    bob.send(type="read", conv="p:alice:bob", seq=99, id=3)
+    assert bob.recv_until("error")[-1]["field"] == "seq"
+    mallory = connect(node, "mallory")
+    mallory.send(type="read", conv="p:alice:bob", seq=1)
+    assert mallory.recv()["code"] == "not_found"
+
+
+def test_typing_and_presence(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="typing", conv="p:alice:bob")
+    assert bob.recv() == {"type": "typing", "conv": "p:alice:bob", "user": "alice"}
+    alice.send(type="presence", users=["bob", "nobody"], id=1)
+    p = alice.recv_until("presence")[-1]["users"]
+    assert p["bob"]["online"] is True and p["nobody"] == {"online": False, "last_seen": None}
+    bob.close()
+    for _ in range(50):
+        alice.send(type="presence", users=["bob"], id=2)
+        p = alice.recv_until("presence")[-1]["users"]
+        if not p["bob"]["online"]:
+            break
+    assert p["bob"]["online"] is False and p["bob"]["last_seen"] > 0
+
+
+def test_recall_own_message_within_window(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="oops", to="bob", body="wrong chat")
+    seq = alice.recv_until("sent")[-1]["seq"]
+    assert bob.recv()["body"] == "wrong chat"
+    bob.send(type="recall", conv="p:alice:bob", seq=seq, id=1)
+    assert bob.recv_until("error")[-1]["code"] == "not_found"  # not bob's message
+    alice.send(type="recall", conv="p:alice:bob", seq=seq, id=2)
+    assert alice.recv_until("recalled", id=2)[-1]["recalled_seq"] == seq
+    recall = bob.recv()
+    assert recall["kind"] == "recall" and recall["recalled_seq"] == seq
+
+
+def test_features_can_be_switched_off(make_node) -> None:
+    node = make_node(features_disabled=("typing", "groups"))
+    alice = connect(node, "alice")
+    alice.send(type="typing", conv="p:alice:bob")
+    assert alice.recv()["code"] == "feature_disabled"
+    alice.send(type="group_create", group="g")
+    assert alice.recv()["code"] == "feature_disabled"
+
+
+def test_route_all_offline_stores_but_does_not_push(make_node) -> None:
+    node = make_node(route_all_offline=True)
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="q", to="bob", body="queued")
+    assert alice.recv_until("sent")[-1]["seq"] == 1
+    assert frames_until_pong(bob) == []
+    bob.send(type="sync", conv="p:alice:bob")
+    assert [f["body"] for f in bob.recv_until("synced") if f["type"] == "msg"] == ["queued"]
