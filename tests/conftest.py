@@ -1,4 +1,12 @@
-"""Shared fixtures: an embedded node on a free port with a temporary data dir."""
+"""Shared fixtures: embedded nodes on free ports, and real backing servers.
+
+The real servers (tests/harness/services.py) start lazily on first use and stop
+at the end of the session, so a run that needs only Redis never pays for
+MariaDB. They are shared: a test that kills or restarts a server must start its
+own instance (``with RedisServer() as server: ...``) instead of using these.
+Missing binaries fail with a hint to run scripts/install-test-services.sh;
+they are never skipped.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from imfast.config import Settings
+from tests.harness.services import EtcdServer, KafkaBroker, MariaDBServer, RedisServer
 from tests.helpers.node import NodeThread
 
 
@@ -38,3 +47,37 @@ def make_node(tmp_path: Path) -> Iterator[object]:
     yield make
     for n in started:
         n.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A running Redis; ``redis_server.url`` is ``redis://127.0.0.1:PORT/0``."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    """A running MariaDB; ``.url`` is the root DSN, ``.create_app_database()`` the app's."""
+    with MariaDBServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mariadb_app_dsn(mariadb_server: MariaDBServer) -> str:
+    """``mysql://im_service:PASSWORD@127.0.0.1:PORT/im_chat``, database and user created."""
+    return mariadb_server.create_app_database()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """A running single-member etcd; ``.url`` is ``http://127.0.0.1:PORT``."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """A running tansu broker (in-memory); ``.bootstrap_servers`` is ``127.0.0.1:PORT``."""
+    with KafkaBroker() as broker:
+        yield broker

@@ -80,6 +80,14 @@ class SequenceStore(Protocol):
         """
         ...
 
+    async def repair(self, conv: str, floor: int) -> None:
+        """Make sure the next seq of ``conv`` is above ``floor`` (the highest seq stored).
+
+        Called after the log refused an append with "sequence number already
+        exists" - the counter fell behind the log (e.g. Redis lost data).
+        """
+        ...
+
 
 @runtime_checkable
 class MessageLog(Protocol):

@@ -47,6 +47,9 @@ class MemoryStore:
         log = self._logs.get(conv)
         self._counters[conv] = log[-1].seq if log else 0
 
+    async def repair(self, conv: str, floor: int) -> None:
+        self._counters[conv] = max(self._counters.get(conv, 0), floor)
+
     # MessageLog
     async def append(self, messages: list[StoredMessage]) -> None:
         for m in messages:

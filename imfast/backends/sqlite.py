@@ -117,6 +117,9 @@ class SQLiteStore:
         # to anyone, so it can be handed out again and the log has no gap.
         self._counters.pop(conv, None)
 
+    async def repair(self, conv: str, floor: int) -> None:
+        self._counters[conv] = max(self._counters.get(conv, 0), floor, self._latest(conv))
+
     # MessageLog
     async def append(self, messages: list[StoredMessage]) -> None:
         rows = [

@@ -99,3 +99,9 @@ async def test_registry(registry: Any) -> None:
     assert await registry.lookup("u") == {"phone": "gw1", "web": "gw2"}
     await registry.unregister("u", "phone", "gw1")
     assert await registry.lookup("u") == {"web": "gw2"}
+
+
+async def test_repair_moves_the_counter_past_the_floor(store: Any) -> None:
+    await store.reserve("p:a:b", "k1", "m1", 0)
+    await store.repair("p:a:b", 10)
+    assert (await store.reserve("p:a:b", "k2", "m2", 0)).seq == 11
