@@ -1,4 +1,5 @@
-"""The ``imfast`` command line: ``serve``, ``token``, ``config``.
+"""The ``imfast`` command line: ``serve``, ``gateway``, ``service``, ``offline-worker``,
+``token``, ``config``.
 
 Every sub-command reads settings from the environment (and ``--config``),
 then applies its flags on top; a bad setting ends it with exit code 2 and a
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from imfast import __version__
 from imfast.config import ConfigError, Settings, load_settings
@@ -62,6 +64,20 @@ def _build_parser() -> argparse.ArgumentParser:
     token.add_argument("--data-dir", help="data dir of the node (DATA_DIR, default ./data)")
     token.add_argument("--url", action="store_true",
                        help="print a ready ws:// URL with the token instead of the bare token")
+
+    for name, helptext in (
+        ("gateway", "im-gateway-service: client sockets on HTTP_PORT, pushes on PUSH_PORT; "
+                    "needs SERVICE_ADDR, ETCD_ENDPOINTS, KAFKA_BROKERS, JWT_SECRET"),
+        ("service", "im-service: routing on SERVICE_PORT; needs REDIS_URL, MYSQL_DSN, "
+                    "ETCD_ENDPOINTS, KAFKA_BROKERS"),
+        ("offline-worker", "consumes offline_msg into MySQL offline_messages, 7-day TTL; "
+                           "needs KAFKA_BROKERS, MYSQL_DSN"),
+    ):
+        role = sub.add_parser(name, help=helptext, description=helptext + ". Every setting is "
+                              "an environment variable (`imfast config` lists them).")
+        role.add_argument("--host", help="listen address (HOST)")
+        role.add_argument("--port", type=int, help="HTTP port (HTTP_PORT, default 8080)")
+        role.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
 
     sub.add_parser("config", help="list every setting: env var, default, meaning")
     return parser
@@ -115,6 +131,40 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_role(settings: Settings, args: argparse.Namespace) -> int:
+    """Run one distributed role until SIGTERM (which drains first)."""
+    settings = _apply(settings, host=args.host, http_port=args.port, log_format=args.log_format)
+    from imfast.logs import setup_logging
+
+    setup_logging(settings.log_format, settings.log_level, args.command)
+
+    async def run() -> None:
+        from imfast.node import run_until_signalled
+
+        node: Any
+        if args.command == "gateway":
+            from imfast.gateway.cluster import GatewayNode
+
+            node = GatewayNode(settings)
+        elif args.command == "service":
+            from imfast.service.node import ServiceNode
+
+            node = ServiceNode(settings)
+        else:
+            from imfast.offline.worker import OfflineWorker
+
+            node = OfflineWorker(settings)
+        await node.start()
+        print(f"imfast {args.command} running (HTTP {settings.http_port})", file=sys.stderr,
+              flush=True)
+        await run_until_signalled(node)
+
+    import uvloop
+
+    uvloop.run(run())
+    return 0
+
+
 def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from imfast.auth import mint_token
 
@@ -152,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(config_file=args.config)
         if args.command == "serve":
             return _cmd_serve(settings, args)
+        if args.command in ("gateway", "service", "offline-worker"):
+            return _cmd_role(settings, args)
         return _cmd_token(settings, args)
     except ConfigError as exc:
         print(f"imfast {args.command}: configuration error: {exc}", file=sys.stderr)

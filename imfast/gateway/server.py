@@ -295,6 +295,9 @@ class Gateway:
                 session.user)) == 1:
             self._presence_changed(session.user, True)
 
+    async def before_resume(self, session: Session) -> None:
+        """Runs before a session's resume (the cluster gateway waits for registration)."""
+
     def on_session_closed(self, session: Session) -> None:
         """A bound session went away."""
         remaining = [s for s in self.table.sessions_of(session.user) if s is not session]

@@ -290,11 +290,32 @@ class Session(FramedListener):
             log.exception("catch-up failed user_id=%s device=%s", self.user, self.device)
             self.close(CloseCode.INTERNAL_ERROR, "internal error while syncing; reconnect")
 
+    def recheck(self) -> None:
+        """Look for entries committed but not pushed (e.g. routed before we were visible)."""
+        if not self.closed and self.identity is not None:
+            self.gw.loop.create_task(self._recheck())
+
+    async def _recheck(self) -> None:
+        try:
+            plan = await self.gw.router.resume_plan(self.user, self.device)
+        except Exception:  # noqa: BLE001 - best effort; the next entry heals too
+            return
+        pushed = self.pushed if self.pushed is not None else {}
+        self.pushed = pushed
+        behind = self.behind if self.behind is not None else set()
+        self.behind = behind
+        for conv, cursor, latest in plan:
+            if latest > pushed.setdefault(conv, cursor):
+                behind.add(conv)
+        if behind and (self.catchup is None or self.catchup.done()):
+            self._start_catchup()
+
     async def _resume(self) -> None:
         """After auth: push everything this device has not acknowledged."""
         router = self.gw.router
         self.resuming = set()
         try:
+            await self.gw.before_resume(self)
             plan = await router.resume_plan(self.user, self.device)
         except Exception:
             log.exception("resume failed user_id=%s", self.user)
@@ -451,28 +472,34 @@ class Session(FramedListener):
     # ------------------------------------------------------------- handlers
     async def _on_send(self, frame: dict[str, Any], rid: Any) -> None:
         cmid = frame["cmid"]
-        result, durable = await self.gw.router.submit_send(
+        pending = await self.gw.router.submit_send(
             self.user, self.device, cmid, frame.get("to"), frame.get("group"), frame["body"])
-        ack: dict[str, Any] = {"type": "sent", "cmid": cmid, "msg_id": result.msg_id,
-                               "conv": result.conv, "seq": result.seq, "ts": result.ts}
-        if rid is not None:
-            ack["id"] = rid
-        if result.duplicate:
-            ack["duplicate"] = True
-        if durable is None:
+
+        def acknowledge(result: Any) -> None:
+            ack: dict[str, Any] = {"type": "sent", "cmid": cmid, "msg_id": result.msg_id,
+                                   "conv": result.conv, "seq": result.seq, "ts": result.ts}
+            if rid is not None:
+                ack["id"] = rid
+            if result.duplicate:
+                ack["duplicate"] = True
             self.send_frame(ack)
+
+        if not isinstance(pending, asyncio.Future):
+            acknowledge(pending)
             return
 
-        def acknowledge(f: asyncio.Future[None]) -> None:
+        def done(f: asyncio.Future[Any]) -> None:
             exc = f.exception()
             if exc is None:
-                self.send_frame(ack)
+                acknowledge(f.result())
             elif isinstance(exc, ImfastError):
                 self.send_error(exc.code, exc.message, exc.field, rid, cmid)
             else:  # pragma: no cover - the router wraps every failure
                 self.send_error("internal", "internal error", rid=rid, cmid=cmid)
 
-        durable.add_done_callback(acknowledge)
+        # The next frame is handled while this one is being stored (pipelining);
+        # reservations, and therefore seqs, keep the client's order.
+        pending.add_done_callback(done)
 
     async def _on_ack(self, frame: dict[str, Any], rid: Any) -> None:
         cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])

@@ -119,6 +119,8 @@ class GroupCommitter:
                 try:
                     await self._store.append(messages)
                 except Exception as exc:  # noqa: BLE001 - every future learns the failure
+                    if isinstance(exc, ValueError) and "already exists" in str(exc):
+                        await self._repair({m.conv for m in messages})
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
@@ -134,6 +136,18 @@ class GroupCommitter:
             self._task = None
             if self._pending:  # raced in after the loop ended
                 self._task = asyncio.get_running_loop().create_task(self._run())
+
+
+    async def _repair(self, convs: set[str]) -> None:
+        """The counter fell behind the log (e.g. Redis lost data): move it past the log."""
+        for conv in sorted(convs):
+            try:
+                floor = await self._store.latest_seq(conv)
+                await self._store.repair(conv, floor)
+                log.error("sequence number already exists conv=%s: counter repaired to %s",
+                          conv, floor)
+            except Exception:  # noqa: BLE001
+                log.exception("sequence repair failed conv=%s", conv)
 
 
 class Router:
@@ -211,13 +225,13 @@ class Router:
             log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
 
     async def submit_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
-                           kind: str) -> tuple[SendResult, asyncio.Future[None] | None]:
+                           kind: str) -> SendResult | asyncio.Future[SendResult]:
         """Reserve a seq for one entry and queue it for storage.
 
-        Returns the result the sender will be acknowledged with and a future
-        that completes once the entry is durable and routed (``None`` when the
-        entry is a duplicate of one already stored).  The future fails with
-        ``unavailable`` if the store refused it; the reservation is then undone.
+        Returns the :class:`SendResult` at once for a duplicate of an entry
+        already stored; otherwise a future that resolves to it once the entry
+        is durable and routed, or fails with ``unavailable`` if the store
+        refused it (the reservation is then undone).
         Callers may submit the next entry before this one is durable:
         reservations keep their order, and commits follow it.
         """
@@ -240,11 +254,12 @@ class Router:
             if original is None or original.msg_id != res.msg_id:
                 # Reserved elsewhere but not (yet) stored: the client retries later.
                 raise ImfastError("message is still being stored; retry", code="unavailable")
-            return SendResult(original.msg_id, conv, original.seq, original.ts, True), None
+            return SendResult(original.msg_id, conv, original.seq, original.ts, True)
         message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind)
+        result = SendResult(msg_id, conv, res.seq, ts, False)
         stored = self._committer.submit(message)
         loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[None] = loop.create_future()
+        outcome: asyncio.Future[SendResult] = loop.create_future()
         if dedup_key:
             self._inflight[dedup_key] = outcome
 
@@ -254,7 +269,7 @@ class Router:
             exc = f.exception()
             if exc is None:
                 self.sent_total += 1
-                outcome.set_result(None)
+                outcome.set_result(result)
                 return
             log.error("route failed: could not store message user_id=%s conv=%s: %s",
                       sender, conv, exc)
@@ -263,20 +278,20 @@ class Router:
                 ImfastError("message store unavailable; retry the same cmid", code="unavailable"))
 
         stored.add_done_callback(finished)
-        return SendResult(msg_id, conv, res.seq, ts, False), outcome
+        return outcome
 
     async def _append_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
                             kind: str) -> SendResult:
         """Submit one entry and wait until it is durable."""
-        result, outcome = await self.submit_entry(conv, sender, device, cmid, body, kind)
-        if outcome is not None:
-            await outcome
-        return result
+        pending = await self.submit_entry(conv, sender, device, cmid, body, kind)
+        if isinstance(pending, SendResult):
+            return pending
+        return await pending
 
     # ------------------------------------------------------------- operations
     async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
                           group: str | None, body: str
-                          ) -> tuple[SendResult, asyncio.Future[None] | None]:
+                          ) -> SendResult | asyncio.Future[SendResult]:
         """Check and reserve a chat message; see :meth:`submit_entry`."""
         if to is not None:
             conv = private_conv(user, to)
@@ -293,18 +308,23 @@ class Router:
     async def send(self, user: str, device: str, cmid: str, to: str | None,
                    group: str | None, body: str) -> SendResult:
         """Store a chat message and route it; returns once durable."""
-        result, outcome = await self.submit_send(user, device, cmid, to, group, body)
-        if outcome is not None:
-            await outcome
-        return result
+        pending = await self.submit_send(user, device, cmid, to, group, body)
+        if isinstance(pending, SendResult):
+            return pending
+        return await pending
 
     async def ack(self, user: str, device: str, conv: str, seq: int) -> int:
         """Advance the device's delivery cursor; returns the cursor now."""
         await self.conversation_users(user, conv)
         latest = await self.store.latest_seq(conv)
         if seq > latest:
-            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq", code="bad_request")
-        return await self.store.advance(user, device, conv, seq)
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq",
+                              code="bad_request")
+        cursor = await self.store.advance(user, device, conv, seq)
+        clear_offline = getattr(self.store, "clear_offline", None)
+        if clear_offline is not None:
+            await clear_offline(user, conv, cursor)
+        return cursor
 
     async def conversations(self, user: str) -> dict[str, int]:
         """Every conversation of ``user`` -> latest seq (for resume)."""

@@ -1,0 +1,201 @@
+"""``imfast gateway``: a gateway process of a distributed deployment.
+
+It holds client sockets like the embedded node but asks im-service (9094)
+for every state change, registers each connected device in etcd
+(``/registry/users/<user>/<device>`` -> this gateway's push address, under
+this process's lease), receives pushes on 9093, and consumes ``group_msg``
+in consumer group ``gateway-group`` to fan group entries out.
+
+Guarantees on top of :class:`~imfast.gateway.server.Gateway`'s:
+
+* a session's resume starts only after its registration is written, so any
+  entry committed later is routed to this gateway (or found by the resume);
+  a second check a little later closes the window of the service's registry
+  cache lagging etcd;
+* a ``group_msg`` offset is committed only after its fan-out was handed on:
+  local sessions offered, other gateways pushed, and members with no
+  device sent to ``offline_msg``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+import orjson
+
+from imfast.auth import TokenVerifier
+from imfast.config import Settings
+from imfast.gateway.server import Gateway
+from imfast.gateway.session import Session
+from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
+from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
+from imfast.service.remote import RemoteRouter, entry_from_wire
+
+__all__ = ["ClusterGateway", "GatewayNode", "GROUP_GATEWAYS"]
+
+log = logging.getLogger("imfast.gateway")
+
+GROUP_GATEWAYS = "gateway-group"
+RECHECK_DELAY = 2.0
+
+
+class ClusterGateway(Gateway):
+    """A Gateway whose sessions are registered in etcd and routed by im-service."""
+
+    def __init__(self, settings: Settings, verifier: TokenVerifier, router: Any,
+                 registry: Any, advertise: str) -> None:
+        super().__init__(settings, verifier, router, role="gateway")
+        self.registry = registry
+        self.advertise = advertise
+        self._registrations: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    def on_session_bound(self, session: Session) -> None:
+        key = (session.user, session.device)
+        task = self.loop.create_task(self.registry.register(session.user, session.device,
+                                                            self.advertise))
+        self._registrations[key] = task
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def on_session_closed(self, session: Session) -> None:
+        super().on_session_closed(session)
+        current = self.table.session_of(session.user, session.device)
+        if current is not None and current is not session:
+            return  # the device reconnected here: its registration stands
+        self._registrations.pop((session.user, session.device), None)
+        task = self.loop.create_task(self.registry.unregister(session.user, session.device,
+                                                              self.advertise))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def before_resume(self, session: Session) -> None:
+        pending = self._registrations.get((session.user, session.device))
+        if pending is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), 5.0)
+            except Exception:  # noqa: BLE001 - etcd down: resume anyway, sync heals
+                log.warning("registration not confirmed user_id=%s device=%s",
+                            session.user, session.device)
+        self.loop.call_later(RECHECK_DELAY, session.recheck)
+
+    def presence_of(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        result = super().presence_of(users)
+        for user, state in result.items():
+            if not state["online"] and self.registry.cached_lookup(user):
+                state["online"] = True
+                state["last_seen"] = None
+        return result
+
+    def on_push(self, method: str, items: Any) -> None:
+        """Pushes from im-service or other gateways (port 9093)."""
+        if method != "batch":
+            log.warning("unknown push %s", method)
+            return
+        for kind, data in items:
+            skip = tuple(data["s"]) if data.get("s") else None
+            if kind == "deliver":
+                self.deliver(data["u"], entry_from_wire(data["e"]), skip)  # type: ignore[arg-type]
+            elif kind == "event":
+                self.event(data["u"], data["p"], skip)  # type: ignore[arg-type]
+
+
+class GatewayNode:
+    """Wires a ClusterGateway to im-service, etcd and Kafka."""
+
+    def __init__(self, settings: Settings) -> None:
+        from imfast.service.node import require
+
+        require(settings, "KAFKA_BROKERS", "ETCD_ENDPOINTS")
+        self.settings = settings
+        self.gateway: ClusterGateway | None = None
+        self.port = 0
+        self.push_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Any] = []
+
+    async def start(self) -> int:
+        from imfast.backends.etcd import EtcdRegistry
+        from imfast.backends.kafka import KafkaBus
+
+        s = self.settings
+        verifier = TokenVerifier(s, embedded=False)
+        self.links = LinkPool()
+        self._closers.append(self.links)
+        service = LinkClient(s.service_addr)
+        self._closers.append(service)
+        registry = EtcdRegistry(list(s.etcd_endpoints), owner=s.display_hostname)
+        await registry.start()
+        self._closers.append(registry)
+        self.bus = KafkaBus(list(s.kafka_brokers), client_id=f"gateway-{s.display_hostname}")
+        await self.bus.start()
+        self._closers.append(self.bus)
+        push_server = LinkServer(None, None)
+        self.push_port = await push_server.start(s.host, s.push_port)
+        self._closers.append(push_server)
+        advertise = s.advertise_addr or f"127.0.0.1:{self.push_port}"
+        self.gateway = ClusterGateway(s, verifier, RemoteRouter(service), registry, advertise)
+        push_server._on_push = self.gateway.on_push
+        self.gateway.extra_stats = lambda: {
+            "service_link_connected": service.connected,
+            "advertise_addr": advertise,
+            "kafka_consumer_lag": sum(self.bus.consumer_lag().values()),
+        }
+        self.port = await self.gateway.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self.bus.consume(TOPIC_GROUP, GROUP_GATEWAYS, self._fan_out_groups)))
+        log.info("gateway started port=%s push=%s service=%s", self.port, advertise,
+                 s.service_addr)
+        return self.port
+
+    async def _fan_out_groups(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Handle a batch of group_msg records (offsets are committed after this returns)."""
+        gw = self.gateway
+        assert gw is not None
+        remote: dict[str, list[Any]] = defaultdict(list)
+        offline: list[tuple[bytes, bytes]] = []
+        for _key, value in batch:
+            record = orjson.loads(value)
+            entry = entry_from_wire(record["e"])
+            skip = tuple(record["s"]) if record.get("s") else None
+            local: list[str] = []
+            by_gateway: dict[str, list[str]] = defaultdict(list)
+            for user in record["u"]:
+                devices = gw.registry.cached_lookup(user)
+                if not devices:
+                    offline.append((user.encode(), orjson.dumps(
+                        [user, entry.conv, entry.seq, entry.msg_id])))
+                    continue
+                for address in set(devices.values()):
+                    if address == gw.advertise:
+                        local.append(user)
+                    else:
+                        by_gateway[address].append(user)
+            if gw.table.users:
+                # Also anyone connected here whose registration is still in flight.
+                local = list(dict.fromkeys(local + [u for u in record["u"]
+                                                    if gw.table.sessions_of(u)]))
+            gw.deliver(local, entry, skip)  # type: ignore[arg-type]
+            for address, users in by_gateway.items():
+                remote[address].append(["deliver", {"e": record["e"], "u": users,
+                                                    "s": record.get("s")}])
+        for address, items in remote.items():
+            if not await self.links.push(address, "batch", items):
+                log.warning("route failed: gateway %s unreachable for group fan-out", address)
+        if offline:
+            await self.bus.publish_many(TOPIC_OFFLINE, offline)
+
+    async def drain(self, deadline: float = 30.0) -> None:
+        if self.gateway is not None:
+            await self.gateway.start_drain("shutdown", deadline)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.gateway is not None:
+            await self.gateway.stop()
+        for c in reversed(self._closers):
+            try:
+                await c.close()
+            except Exception:  # noqa: BLE001
+                log.exception("close failed")

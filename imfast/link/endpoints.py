@@ -1,0 +1,167 @@
+"""Link servers and reconnecting clients.
+
+* :class:`LinkServer` listens (im-service on 9094, gateways on 9093) and
+  serves calls and pushes from any number of peers.
+* :class:`LinkClient` keeps one connection to one peer, reconnecting with
+  backoff; :meth:`LinkClient.call` waits (up to its timeout) for a
+  connection instead of failing at once, so a restarting im-service costs
+  latency, not errors.
+* :class:`LinkPool` holds one client per peer address (gateway-to-gateway
+  pushes), created on first use and dropped when idle connects keep failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from imfast.link.wire import Handler, LinkProtocol, PushHandler
+from imfast.protocol.codes import ImfastError
+
+__all__ = ["LinkServer", "LinkClient", "LinkPool", "split_addr"]
+
+log = logging.getLogger("imfast.link")
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port)."""
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad address {addr!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+class LinkServer:
+    """Accepts links; every connection shares ``handler`` and ``on_push``."""
+
+    def __init__(self, handler: Handler | None, on_push: PushHandler | None = None) -> None:
+        self._handler = handler
+        self._on_push = on_push
+        self._server: asyncio.Server | None = None
+        self.connections: set[LinkProtocol] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> LinkProtocol:
+            proto = LinkProtocol(self._handler, self._on_push, self.connections.discard)
+            self.connections.add(proto)
+            return proto
+
+        self._server = await loop.create_server(factory, host, port, reuse_port=True)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.connections):
+            c.close()
+
+
+class LinkClient:
+    """One reconnecting link to ``addr``; see module docstring."""
+
+    def __init__(self, addr: str, *, handler: Handler | None = None,
+                 on_push: PushHandler | None = None, timeout: float = 10.0) -> None:
+        self.addr = addr
+        self._handler = handler
+        self._on_push = on_push
+        self.timeout = timeout
+        self._proto: LinkProtocol | None = None
+        self._connecting: asyncio.Task[LinkProtocol] | None = None
+        self._closed = False
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and not self._proto.closed
+
+    async def _connect_loop(self) -> LinkProtocol:
+        host, port = split_addr(self.addr)
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while not self._closed:
+            try:
+                _, proto = await loop.create_connection(
+                    lambda: LinkProtocol(self._handler, self._on_push), host, port)
+                self.connects += 1
+                self._proto = proto
+                return proto
+            except OSError as exc:
+                log.warning("link to %s failed (%s); retrying in %.2fs", self.addr, exc, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise ImfastError("link closed", code="unavailable")
+
+    async def connection(self) -> LinkProtocol:
+        """The live connection, connecting (with retries, up to ``timeout``) if needed."""
+        proto = self._proto
+        if proto is not None and not proto.closed:
+            return proto
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._connect_loop())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), self.timeout)
+        except TimeoutError:
+            raise ImfastError(f"{self.addr} unreachable; retry", code="unavailable") from None
+
+    async def call(self, method: str, args: Any) -> Any:
+        """A request/response round trip (see :meth:`LinkProtocol.call`)."""
+        proto = await self.connection()
+        return await asyncio.wait_for(proto.call(method, args), self.timeout)
+
+    def call_nowait(self, method: str, args: Any) -> asyncio.Future[Any]:
+        """Queue a call now if connected (keeps call order); else connect first."""
+        proto = self._proto
+        if proto is not None and not proto.closed:
+            return proto.call(method, args)
+        return asyncio.ensure_future(self.call(method, args))
+
+    def push(self, method: str, args: Any) -> bool:
+        """Send a one-way message if connected; False (and a reconnect) if not."""
+        proto = self._proto
+        if proto is not None and not proto.closed:
+            proto.push(method, args)
+            return True
+        if not self._closed and (self._connecting is None or self._connecting.done()):
+            self._connecting = asyncio.get_running_loop().create_task(self._connect_loop())
+        return False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._proto is not None:
+            self._proto.close()
+
+
+class LinkPool:
+    """One :class:`LinkClient` per peer address, created on demand."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._clients: dict[str, LinkClient] = {}
+        self._timeout = timeout
+
+    def get(self, addr: str) -> LinkClient:
+        client = self._clients.get(addr)
+        if client is None:
+            client = self._clients[addr] = LinkClient(addr, timeout=self._timeout)
+        return client
+
+    async def push(self, addr: str, method: str, args: Any) -> bool:
+        """Push, connecting first if needed; False if the peer is unreachable."""
+        client = self.get(addr)
+        if client.push(method, args):
+            return True
+        try:
+            await client.connection()
+        except ImfastError:
+            return False
+        return client.push(method, args)
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()

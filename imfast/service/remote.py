@@ -1,0 +1,115 @@
+"""The Router over the internal link: the gateway's stub and the service's handler.
+
+:class:`RemoteRouter` offers the gateway the same methods as
+:class:`~imfast.service.router.Router` (the ones a Session uses), each one a
+call over the link to im-service (port 9094).  :func:`serve_router` is the
+service's side: it runs the named Router method and encodes the result.
+Errors travel as (code, message, field) and are re-raised as ImfastError, so
+a client sees the same error frame in embedded and distributed mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from imfast.backends.base import StoredMessage
+from imfast.link.endpoints import LinkClient
+from imfast.protocol.codes import ImfastError
+from imfast.service.router import Router, SendResult
+
+__all__ = ["RemoteRouter", "serve_router", "entry_to_wire", "entry_from_wire"]
+
+#: Router methods a gateway may call, and how their results are encoded.
+_ENTRIES = {"fetch", "history"}
+_RESULTS = {"recall"}
+_PLAIN = {"ack", "conversations", "resume_plan", "cursors", "cursor", "read", "typing",
+          "receipts", "group_create", "group_join", "group_invite", "group_remove",
+          "group_leave", "group_role", "group_list_members", "groups_of"}
+ALLOWED = _ENTRIES | _RESULTS | _PLAIN | {"send"}
+
+
+def entry_to_wire(m: StoredMessage) -> list[Any]:
+    return [m.conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body, m.ts, m.kind]
+
+
+def entry_from_wire(w: list[Any]) -> StoredMessage:
+    return StoredMessage(*w)
+
+
+def _result_to_wire(r: SendResult) -> list[Any]:
+    return [r.msg_id, r.conv, r.seq, r.ts, r.duplicate]
+
+
+def _result_from_wire(w: list[Any]) -> SendResult:
+    return SendResult(*w)
+
+
+def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
+    """A link handler running ``router``'s methods for gateways."""
+
+    async def handle(method: str, args: list[Any]) -> Any:
+        if method not in ALLOWED:
+            raise ImfastError(f"unknown internal method {method}", code="internal")
+        if method == "send":
+            pending = await router.submit_send(*args)
+            result = pending if isinstance(pending, SendResult) else await pending
+            return _result_to_wire(result)
+        value = await getattr(router, method)(*args)
+        if method in _ENTRIES:
+            return [entry_to_wire(m) for m in value]
+        if method in _RESULTS:
+            return _result_to_wire(value)
+        return value
+
+    return handle
+
+
+class RemoteRouter:
+    """Router methods as calls over a :class:`LinkClient` (see module docstring)."""
+
+    def __init__(self, link: LinkClient) -> None:
+        self.link = link
+
+    async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
+                          group: str | None, body: str) -> asyncio.Future[SendResult]:
+        # Queued now, in frame order; the reply comes once the message is durable.
+        call = self.link.call_nowait("send", [user, device, cmid, to, group, body])
+        out: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            exc = f.exception()
+            if exc is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(_result_from_wire(f.result()))
+
+        call.add_done_callback(done)
+        return out
+
+    async def fetch(self, user: str, conv: str, after: int, limit: int) -> list[StoredMessage]:
+        return [entry_from_wire(w) for w in await self.link.call("fetch", [user, conv, after,
+                                                                            limit])]
+
+    async def history(self, user: str, conv: str, before: int | None, after: int | None,
+                      limit: int) -> list[StoredMessage]:
+        rows = await self.link.call("history", [user, conv, before, after, limit])
+        return [entry_from_wire(w) for w in rows]
+
+    async def recall(self, user: str, device: str, conv: str, seq: int) -> SendResult:
+        return _result_from_wire(await self.link.call("recall", [user, device, conv, seq]))
+
+    async def resume_plan(self, user: str, device: str) -> list[tuple[str, int, int]]:
+        return [tuple(p) for p in await self.link.call("resume_plan", [user, device])]  # type: ignore[misc]
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        if method not in _PLAIN:
+            raise AttributeError(method)
+
+        async def call(*args: Any) -> Any:
+            return await self.link.call(method, list(args))
+
+        return call
