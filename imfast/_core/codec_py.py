@@ -147,7 +147,9 @@ def decode_client_frame(data: bytes | str, max_body: int) -> dict[str, Any]:
                 raise ProtocolError(f"`{name}` is required for {ftype}", field=name)
             continue
         _check(kind, name, value, max_body)
-    if ftype == "send" and (("to" in obj) == ("group" in obj)):
+    # ``null`` counts as absent, as for every other field: {"to": null} alone is
+    # not a destination (the router would assert on it).
+    if ftype == "send" and ((obj.get("to") is None) == (obj.get("group") is None)):
         raise ProtocolError("send needs exactly one of `to` (user) or `group`", field="to")
     return obj  # type: ignore[no-any-return]
 

@@ -88,8 +88,8 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.extra_stats: Any = None  # callable returning extra /stats fields (service side)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(self.stats, self._gauges))
+        self.metrics_registry = CollectorRegistry(auto_describe=False)
+        self.metrics_registry.register(GatewayCollector(self.stats, self._gauges))
 
     # --------------------------------------------------------------- serving
     async def start(self, port: int | None = None, host: str | None = None) -> int:
@@ -153,7 +153,7 @@ class Gateway:
             return _json_response(200, self.stats_snapshot())
         if path == "/metrics":
             return _http(WSUpgradeResponse.create_ok_response(
-                generate_latest(self.registry), {"Content-Type": CONTENT_TYPE_LATEST}))
+                generate_latest(self.metrics_registry), {"Content-Type": CONTENT_TYPE_LATEST}))
         if path == "/_echo" and self.settings.conformance_echo:
             # Conformance suites send 16 MiB messages; the limit stays bounded.
             return EchoSession(max(self.settings.max_frame_bytes, 16 * 1024 * 1024))

@@ -138,6 +138,8 @@ async def test_mariadb_app_user_round_trip(mariadb_server: MariaDBServer) -> Non
             assert await cur.fetchone() == ("héllo 👋",)
             await cur.execute("SELECT DATABASE(), CURRENT_USER()")
             assert await cur.fetchone() == ("im_chat", "im_service@%")
+            # The database is shared with the product's schema tests: leave no trace.
+            await cur.execute("DROP TABLE harness_msg")
     finally:
         await conn.ensure_closed()
 

@@ -1,0 +1,163 @@
+"""Distributed mode end to end: im-service, offline-worker and two gateways as
+separate processes on real Redis, MariaDB, etcd and a Kafka-compatible broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imfast.auth import mint_token
+from imfast.config import Settings
+from tests.helpers.cluster import JWT_SECRET, Cluster
+from tests.helpers.node import Client
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = Settings(jwt_secret=JWT_SECRET)
+
+
+def token(user: str, device: str = "default") -> str:
+    return mint_token(SETTINGS, user, device)
+
+
+def connect(cluster: Cluster, gateway: int, user: str, device: str = "default") -> Client:
+    c = Client(cluster.url(gateway), token(user, device), timeout=15)
+    c.welcome()
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: Any, etcd_server: Any, kafka_broker: Any, mariadb_app_dsn: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    services = {"redis": redis_server, "etcd": etcd_server, "kafka": kafka_broker,
+                "mysql_dsn": mariadb_app_dsn}
+    c = Cluster(services, Path(tmp_path_factory.mktemp("cluster")), gateways=2)
+    try:
+        c.start()
+    except Exception:
+        print(c.logs())
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+def until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s")
+
+
+def test_private_message_between_users_on_different_gateways(cluster: Cluster) -> None:
+    alice = connect(cluster, 0, "alice")
+    bob = connect(cluster, 1, "bob")
+    alice.send(type="send", cmid="x1", to="bob", body="across gateways")
+    ack = alice.recv_until("sent")[-1]
+    assert ack["conv"] == "p:alice:bob" and ack["seq"] >= 1
+    msg = bob.recv_until("msg")[-1]
+    assert (msg["from"], msg["body"], msg["seq"]) == ("alice", "across gateways", ack["seq"])
+    bob.send(type="send", cmid="y1", to="alice", body="and back")
+    assert alice.recv_until("msg")[-1]["body"] == "and back"
+    # A retried cmid through the other gateway's path is still one message.
+    alice.send(type="send", cmid="x1", to="bob", body="across gateways")
+    again = alice.recv_until("sent")[-1]
+    assert again["duplicate"] is True and again["seq"] == ack["seq"]
+
+
+def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) -> None:
+    owner = connect(cluster, 0, "gowner")
+    near = connect(cluster, 0, "gnear")
+    far = connect(cluster, 1, "gfar")
+    owner.send(type="group_create", group="ops", members=["gnear", "gfar"], id=1)
+    owner.recv_until("group", id=1)
+    for c in (near, far):
+        assert c.recv_until("msg")[-1]["event"]["event"] == "created"
+    owner.send(type="send", cmid="g1", group="ops", body="hello ops")
+    seq = owner.recv_until("sent")[-1]["seq"]
+    for c in (near, far):
+        m = c.recv_until("msg", kind="msg")[-1]
+        assert (m["conv"], m["seq"], m["body"]) == ("g:ops", seq, "hello ops")
+
+
+def test_offline_user_goes_through_offline_msg_to_mysql_and_gets_it_on_reconnect(
+        cluster: Cluster, mariadb_server: Any) -> None:
+    sender = connect(cluster, 0, "osender")
+    sender.send(type="send", cmid="o1", to="zed", body="while you were away")
+    seq = sender.recv_until("sent")[-1]["seq"]
+
+    def rows() -> int:
+        out = mariadb_server.execute(
+            "SELECT COUNT(*) FROM im_chat.offline_messages WHERE user_id='zed'")
+        return int(out.split()[-1])
+
+    until(lambda: rows() == 1, what="offline_messages row for zed")
+    zed = Client(cluster.url(1), token("zed"), timeout=15)
+    msgs = [f for f in zed.recv_until("resumed") if f["type"] == "msg"]
+    assert [(m["body"], m["seq"]) for m in msgs] == [("while you were away", seq)]
+    zed.send(type="ack", conv="p:osender:zed", seq=seq, id=1)
+    zed.recv_until("acked")
+    until(lambda: rows() == 0, what="offline row cleared after ack")
+
+
+async def test_backing_services_hold_the_contract_names(cluster: Cluster, redis_server: Any,
+                                                        etcd_server: Any, kafka_broker: Any,
+                                                        mariadb_server: Any) -> None:
+    import aetcd
+    import redis.asyncio as aredis
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    alice = connect(cluster, 0, "kalice", "phone")
+    alice.send(type="send", cmid="k1", to="kbob", body="names")
+    alice.recv_until("sent")
+    # etcd: /registry/users/<user>/<device> -> gateway address
+    host, port = etcd_server.url.removeprefix("http://").split(":")
+    async with aetcd.Client(host=host, port=int(port)) as etcd:
+        got = await etcd.get(b"/registry/users/kalice/phone")
+        assert got is not None
+        assert got.value.decode() == cluster.gateways[0].env["GATEWAY_ADVERTISE_ADDR"]
+    # Redis: seq:private:<a>:<b> and dedup:<sender>:<cmid>
+    r = aredis.from_url(redis_server.url, protocol=2, decode_responses=True)
+    assert await r.get("seq:private:kalice:kbob") == "1"
+    assert await r.exists("dedup:kalice:k1") == 1
+    await r.aclose()
+    # Kafka: the topics and the gateways' consumer group
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+        assert {"group_msg", "offline_msg"} <= topics
+        groups = {g[0] for g in await admin.list_consumer_groups()}
+        assert "gateway-group" in groups and "offline-worker" in groups
+    finally:
+        await admin.close()
+    # MySQL: database im_chat and the runbook's tables
+    tables = set(mariadb_server.execute("SHOW TABLES FROM im_chat").split())
+    assert {"offline_messages", "sequence_snapshots"} <= tables
+    snap = mariadb_server.execute(
+        "SELECT seq FROM im_chat.sequence_snapshots WHERE conversation_id='p:kalice:kbob'")
+    assert snap.split()[-1] == "1"
+
+
+def test_health_stats_metrics_on_every_role(cluster: Cluster) -> None:
+    import json
+    import urllib.request
+
+    for p in cluster.procs:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.http_port}/health") as r:
+            assert json.loads(r.read())["status"] == "ok"
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.http_port}/metrics") as r:
+            text = r.read().decode()
+        if p.role == "gateway":
+            assert "im_gateway_active_connections" in text
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{cluster.gateways[0].http_port}/stats") as r:
+        stats = json.loads(r.read())
+    assert "active_connections" in stats and stats["service_link_connected"] is True
