@@ -53,6 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-dev-auth", action="store_true",
                        help="DEMO ONLY: also accept ws://HOST/ws?user=NAME without a token")
     serve.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
+    serve.add_argument("--workers", type=int,
+                       help="gateway worker processes sharing the port (GATEWAY_WORKERS, "
+                            "default 1 = all in one process); each holds at most "
+                            "MAX_CONNECTIONS/N sockets")
 
     token = sub.add_parser(
         "token", help="mint a client token (HS256, signed with JWT_SECRET or the dev secret)",
@@ -79,6 +83,13 @@ def _build_parser() -> argparse.ArgumentParser:
         role.add_argument("--port", type=int, help="HTTP port (HTTP_PORT, default 8080)")
         role.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
 
+    chat = sub.add_parser(
+        "chat", help="a terminal chat client (for people, and for checking a deploy)",
+        description="Chat from the terminal: connect, send to a user or group, see incoming "
+                    "messages, receipts and typing. `imfast chat --help` lists its commands.")
+    chat.add_argument("chat_args", nargs=argparse.REMAINDER,
+                      help="arguments for the chat client (see `imfast chat -- --help`)")
+
     sub.add_parser("config", help="list every setting: env var, default, meaning")
     return parser
 
@@ -90,7 +101,8 @@ def _apply(settings: Settings, **flags: object) -> Settings:
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = _apply(settings, host=args.host, http_port=args.port, data_dir=args.data_dir,
-                      insecure_dev_auth=args.insecure_dev_auth, log_format=args.log_format)
+                      insecure_dev_auth=args.insecure_dev_auth, log_format=args.log_format,
+                      workers=args.workers)
     from imfast.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, "embedded")
@@ -103,13 +115,20 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         from imfast._core import USING_EXTENSIONS
         from imfast.node import EmbeddedNode, run_until_signalled
 
-        node = EmbeddedNode(settings)
+        node: Any
+        if settings.workers > 1:
+            from imfast.workers import EmbeddedSupervisor
+
+            node = EmbeddedSupervisor(settings, settings.workers)
+        else:
+            node = EmbeddedNode(settings)
         port = await node.start()
         host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
         data = settings.data_dir
         lines = [
             f"imfast {__version__} embedded node (Cython core: "
-            f"{'yes' if USING_EXTENSIONS else 'no, pure Python'})",
+            f"{'yes' if USING_EXTENSIONS else 'no, pure Python'}; "
+            f"{settings.workers} gateway process{'es' if settings.workers > 1 else ''})",
             f"  WebSocket   ws://{host}:{port}/ws?token=TOKEN   (or send {{\"type\":\"auth\","
             f"\"token\":TOKEN}} first)",
             f"  Health      http://{host}:{port}/health   /stats   /metrics",
@@ -198,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "config":
         return _cmd_config()
+    if args.command == "chat":
+        from imfast.client.chat import main as chat_main
+
+        return chat_main(args.chat_args)
     try:
         settings = load_settings(config_file=args.config)
         if args.command == "serve":

@@ -168,3 +168,20 @@ class MemoryRegistry:
 
     async def lookup(self, user: str) -> dict[str, str]:
         return dict(self._entries.get(user, {}))
+
+    def cached_lookup(self, user: str) -> dict[str, str]:
+        """Same as :meth:`lookup`, synchronously (everything is in memory)."""
+        devices = self._entries.get(user)
+        return dict(devices) if devices else {}
+
+    def drop_gateway(self, gateway: str) -> int:
+        """Forget every entry pointing at ``gateway`` (it died); returns how many."""
+        dropped = 0
+        for user in list(self._entries):
+            devices = self._entries[user]
+            for device in [d for d, g in devices.items() if g == gateway]:
+                del devices[device]
+                dropped += 1
+            if not devices:
+                del self._entries[user]
+        return dropped

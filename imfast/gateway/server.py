@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -153,7 +154,9 @@ class Gateway:
             return _json_response(200, self.stats_snapshot())
         if path == "/metrics":
             return _http(WSUpgradeResponse.create_ok_response(
-                generate_latest(self.metrics_registry), {"Content-Type": CONTENT_TYPE_LATEST}))
+                self.metrics_text(), {"Content-Type": CONTENT_TYPE_LATEST}))
+        if path in ("/", "/index.html"):
+            return self._chat_page()
         if path == "/_echo" and self.settings.conformance_echo:
             # Conformance suites send 16 MiB messages; the limit stays bounded.
             return EchoSession(max(self.settings.max_frame_bytes, 16 * 1024 * 1024))
@@ -183,6 +186,14 @@ class Gateway:
                            dev_device=params.get("device", [None])[0])
         return Session(self)
 
+    def _chat_page(self) -> Any:
+        """The browser chat page (imfast/gateway/static/index.html), if shipped."""
+        page = _static("index.html")
+        if page is None:
+            return _json_response(404, {"error": "no chat page in this build"})
+        return _http(WSUpgradeResponse.create_ok_response(
+            page, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"}))
+
     def _health(self) -> Any:
         host = self.settings.display_hostname
         if self.draining:
@@ -209,6 +220,10 @@ class Gateway:
             "write_buffer": write_buffer,
             "writes": self.coalescer.writes,
         }
+
+    def metrics_text(self) -> bytes:
+        """What ``GET /metrics`` returns (Prometheus text format)."""
+        return bytes(generate_latest(self.metrics_registry))
 
     def stats_snapshot(self) -> dict[str, Any]:
         """What ``GET /stats`` returns."""
@@ -364,3 +379,13 @@ def _drain_requested(path: str) -> bool:
     except OSError:
         return False
     return False
+
+
+def _static(name: str) -> bytes | None:
+    """A file shipped in imfast/gateway/static/, or None."""
+    path = os.path.join(os.path.dirname(__file__), "static", name)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None

@@ -7,6 +7,9 @@
 * group conversation: one ``group_msg`` record carrying the members at commit
   time; a gateway in ``gateway-group`` fans it out (locally, to other
   gateways over 9093, and to ``offline_msg`` for members with no device);
+* with no message bus (``imfast serve --workers N``), group entries are routed
+  like private ones, and nothing is queued for offline users: the store
+  already holds every entry for their next sync;
 * events (typing, receipts) go straight to the users' gateways; they are
   droppable, so an unreachable gateway just misses them.
 
@@ -58,7 +61,7 @@ class ClusterPusher:
     def deliver(self, users: Iterable[str], message: StoredMessage,
                 skip: tuple[str, str] | None) -> None:
         entry = entry_to_wire(message)
-        if message.conv.startswith("g:"):
+        if message.conv.startswith("g:") and self.bus is not None:
             record = orjson.dumps({"e": entry, "u": list(users), "s": skip})
             self._group.append((message.conv.encode(), record))
             self.routed["group"] += 1
@@ -67,11 +70,13 @@ class ClusterPusher:
             for user in users:
                 devices = self.registry.cached_lookup(user)
                 if not devices:
+                    self.routed["offline"] += 1
+                    if self.bus is None:
+                        continue  # embedded: the store already holds it for the next sync
                     log.info("user not found in registry user_id=%s conv=%s seq=%s: offline",
                              user, message.conv, message.seq)
                     self._offline.append((user.encode(), orjson.dumps(
                         [user, message.conv, message.seq, message.msg_id])))
-                    self.routed["offline"] += 1
                     continue
                 for gateway in set(devices.values()):
                     by_gateway[gateway].append(user)

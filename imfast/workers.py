@@ -1,0 +1,319 @@
+"""``imfast serve --workers N``: one embedded node spread over N+1 processes.
+
+Python runs one core per process, and one process may hold at most 20,000
+file descriptors here, so 100K sockets need several processes.  The layout:
+
+* the **main process** keeps the Router and the embedded store (one SQLite
+  writer, so one owner), a registry of which worker holds which device, and
+  the node-wide statistics; it serves the workers on a loopback link port;
+* **N gateway workers** (``python -m imfast.workers``) share ``HTTP_PORT``
+  with ``SO_REUSEPORT`` (the kernel spreads connections over them), call the
+  main process for every state change (like ``imfast gateway`` calls
+  im-service) and receive pushes on their own loopback push port.
+
+Guarantees: the delivery promises of the single process hold (same Router,
+same store, same session logic); ``/stats`` and ``/metrics`` on any worker
+report the whole node (aggregated by the main process once a second);
+``MAX_CONNECTIONS`` is split evenly over the workers; a worker that dies is
+restarted and its registrations dropped (its clients reconnect to the
+others and resume); SIGTERM drains every worker, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from imfast.auth import TokenVerifier, dev_secret
+from imfast.backends.memory import MemoryRegistry, MemoryStore
+from imfast.backends.sqlite import SQLiteStore
+from imfast.config import Settings, load_settings
+from imfast.gateway.cluster import ClusterGateway
+from imfast.gateway.metrics import GatewayCollector, GatewayStats
+from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
+from imfast.service.pusher import ClusterPusher
+from imfast.service.remote import RemoteRouter, serve_router
+from imfast.service.router import Router
+
+__all__ = ["EmbeddedSupervisor", "run_worker"]
+
+log = logging.getLogger("imfast.workers")
+
+REPORT_EVERY = 1.0
+_COUNTERS = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
+             "auth_failures", "slow_consumers", "internal_errors", "lat_sum", "lat_n")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Aggregate:
+    """Node-wide statistics summed from the workers' reports."""
+
+    def __init__(self, settings: Settings, router: Router) -> None:
+        self.settings = settings
+        self.router = router
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def report(self, worker: str, snapshot: dict[str, Any]) -> list[Any]:
+        """Store a worker's counters; answer the node-wide /stats JSON and /metrics text."""
+        snapshot["at"] = time.monotonic()
+        self.reports[worker] = snapshot
+        now = time.monotonic()
+        live = [r for r in self.reports.values() if now - r["at"] < 5 * REPORT_EVERY]
+        stats = GatewayStats()
+        gauges = {"active_connections": 0, "authenticated": 0, "write_buffer": 0, "writes": 0,
+                  "capacity": self.settings.max_connections, "draining": 0}
+        users = 0
+        for r in live:
+            raw = r["stats"]
+            for name in _COUNTERS:
+                setattr(stats, name, getattr(stats, name) + raw[name])
+            stats.lat_counts = [a + b for a, b in zip(stats.lat_counts, raw["lat_counts"])]
+            for field in ("errors", "refused"):
+                target = getattr(stats, field)
+                for k, v in raw[field].items():
+                    target[k] = target.get(k, 0) + v
+            for k, v in raw["closes"].items():
+                stats.closes[int(k)] = stats.closes.get(int(k), 0) + v
+            for g in ("active_connections", "authenticated", "write_buffer", "writes"):
+                gauges[g] += r[g]
+            gauges["draining"] = max(gauges["draining"], r["draining"])
+            users += r["users"]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(GatewayCollector(stats, lambda: gauges))
+        snap = {
+            "active_connections": gauges["active_connections"],
+            "authenticated_connections": gauges["authenticated"],
+            "online_users": users,
+            "capacity": self.settings.max_connections,
+            "draining": bool(gauges["draining"]),
+            "hostname": self.settings.display_hostname,
+            "role": "embedded",
+            "workers": len(live),
+            "frames_received": stats.frames_in,
+            "messages_delivered": stats.delivered,
+            "events_dropped": stats.dropped,
+            "socket_writes": gauges["writes"],
+            "delivery_p99_seconds_upper_bound": stats.latency_quantile(0.99),
+            "messages_accepted": self.router.sent_total,
+            "duplicates": self.router.duplicates_total,
+            "errors": stats.errors,
+            "closes": {str(k): v for k, v in stats.closes.items()},
+            "refused": stats.refused,
+        }
+        return [snap, generate_latest(registry).decode()]
+
+
+class EmbeddedSupervisor:
+    """The main process of ``imfast serve --workers N`` (see module docstring)."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.push_ports: dict[int, int] = {}
+        self._stopping = False
+
+    async def start(self) -> int:
+        s = self.settings
+        if s.data_dir == ":memory:":
+            self.store: Any = MemoryStore()
+        else:
+            self.store = SQLiteStore(os.path.join(s.data_dir, "imfast.db"), s.sqlite_synchronous)
+        self.registry = MemoryRegistry()
+        self.links = LinkPool()
+        self.router = Router(s, self.store, ClusterPusher(self.registry, None, self.links))
+        self.aggregate = _Aggregate(s, self.router)
+        router_handler = serve_router(self.router)
+
+        async def handle(method: str, args: list[Any]) -> Any:
+            if method == "register":
+                await self.registry.register(*args)
+                return None
+            if method == "unregister":
+                await self.registry.unregister(*args)
+                return None
+            if method == "report":
+                return self.aggregate.report(*args)
+            return await router_handler(method, args)
+
+        self.link = LinkServer(handle)
+        self.link_port = await self.link.start("127.0.0.1", 0)
+        self.secret = s.jwt_secret or dev_secret(s.data_dir)
+        for i in range(self.workers):
+            self._spawn(i)
+        self._watch = asyncio.get_running_loop().create_task(self._supervise())
+        return s.http_port
+
+    def _spawn(self, index: int) -> None:
+        s = self.settings
+        port = self.push_ports.setdefault(index, _free_port())
+        per_worker = max(1, s.max_connections // self.workers)
+        env = {
+            **os.environ,
+            "IMFAST_WORKER_INDEX": str(index),
+            "SERVICE_ADDR": f"127.0.0.1:{self.link_port}",
+            "PUSH_PORT": str(port),
+            "GATEWAY_ADVERTISE_ADDR": f"127.0.0.1:{port}",
+            "JWT_SECRET": self.secret,
+            "HTTP_PORT": str(s.http_port),
+            "HOST": s.host,
+            "MAX_CONNECTIONS": str(per_worker),
+            "DATA_DIR": s.data_dir,
+            "INSECURE_DEV_AUTH": "true" if s.insecure_dev_auth else "false",
+            "LOG_FORMAT": s.log_format,
+            "IMFAST_PARENT_PID": str(os.getpid()),
+        }
+        self.procs[index] = subprocess.Popen([sys.executable, "-m", "imfast.workers"], env=env)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, proc in list(self.procs.items()):
+                if proc.poll() is not None and not self._stopping:
+                    dropped = self.registry.drop_gateway(f"127.0.0.1:{self.push_ports[index]}")
+                    log.error("gateway worker %d exited with %s; restarting (%d registrations "
+                              "dropped)", index, proc.returncode, dropped)
+                    self._spawn(index)
+
+    async def drain(self, deadline: float = 30.0) -> None:
+        """SIGTERM every worker (each drains), wait for them."""
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and any(p.poll() is None for p in self.procs.values()):
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and any(p.poll() is None for p in self.procs.values()):
+            await asyncio.sleep(0.05)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        await self.link.close()
+        await self.links.close()
+        await self.store.close()
+
+
+class _LinkRegistry:
+    """A worker's view of the main process's registry."""
+
+    def __init__(self, link: LinkClient) -> None:
+        self.link = link
+
+    async def register(self, user: str, device: str, gateway: str) -> None:
+        await self.link.call("register", [user, device, gateway])
+
+    async def unregister(self, user: str, device: str, gateway: str) -> None:
+        await self.link.call("unregister", [user, device, gateway])
+
+    def cached_lookup(self, user: str) -> dict[str, str]:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
+class WorkerGateway(ClusterGateway):
+    """A gateway worker: node-wide /stats and /metrics come from the main process."""
+
+    aggregate: tuple[dict[str, Any], bytes] | None = None
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        if self.aggregate is not None:
+            return self.aggregate[0]
+        return super().stats_snapshot()
+
+    def metrics_text(self) -> bytes:
+        if self.aggregate is not None:
+            return self.aggregate[1]
+        return super().metrics_text()
+
+    def worker_report(self) -> dict[str, Any]:
+        s = self.stats
+        g = self._gauges()
+        return {
+            "stats": {**{n: getattr(s, n) for n in _COUNTERS}, "lat_counts": s.lat_counts,
+                      "errors": s.errors, "refused": s.refused,
+                      "closes": {str(k): v for k, v in s.closes.items()}},
+            "active_connections": g["active_connections"], "authenticated": g["authenticated"],
+            "write_buffer": g["write_buffer"], "writes": g["writes"],
+            "draining": g["draining"], "users": self.table.users,
+        }
+
+
+async def _worker_main() -> None:
+    settings = load_settings()
+    index = os.environ.get("IMFAST_WORKER_INDEX", "0")
+    parent = int(os.environ.get("IMFAST_PARENT_PID", "0"))
+    from imfast.logs import setup_logging
+    from imfast.node import run_until_signalled
+
+    setup_logging(settings.log_format, settings.log_level, f"worker-{index}")
+    service = LinkClient(settings.service_addr)
+    verifier = TokenVerifier(settings, embedded=False)
+    push = LinkServer(None, None)
+    await push.start("127.0.0.1", settings.push_port)
+    gateway = WorkerGateway(settings, verifier, RemoteRouter(service), _LinkRegistry(service),
+                            settings.advertise_addr)
+    push._on_push = gateway.on_push
+    await gateway.start()
+    name = f"worker-{index}"
+
+    async def report() -> None:
+        while True:
+            try:
+                snap, text = await service.call("report", [name, gateway.worker_report()])
+                gateway.aggregate = (snap, text.encode())
+            except Exception:  # noqa: BLE001 - stale numbers for a second; keep serving
+                gateway.aggregate = None
+            if parent and os.getppid() != parent:
+                log.error("main process is gone; worker exiting")
+                os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(REPORT_EVERY)
+
+    task = asyncio.get_running_loop().create_task(report())
+
+    class _Node:
+        async def drain(self, deadline: float = 30.0) -> None:
+            await gateway.start_drain("shutdown", deadline)
+
+        async def stop(self) -> None:
+            task.cancel()
+            await gateway.stop()
+            await push.close()
+            await service.close()
+
+    await run_until_signalled(_Node())
+
+
+def run_worker() -> None:
+    """Entry point of ``python -m imfast.workers`` (started by the supervisor)."""
+    import uvloop
+
+    uvloop.run(_worker_main())
+
+
+if __name__ == "__main__":
+    run_worker()

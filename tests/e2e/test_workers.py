@@ -1,0 +1,126 @@
+"""``imfast serve --workers N``: several gateway processes behind one port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imfast.auth import mint_token
+from imfast.config import Settings
+from tests.harness.services import free_port
+from tests.helpers.node import Client
+
+SECRET = "workers-test-secret-0123456789abcdef01234"
+
+
+class Served:
+    def __init__(self, tmp: Path, workers: int) -> None:
+        self.port = free_port()
+        self.log = open(tmp / "serve.log", "wb")
+        env = {**os.environ, "JWT_SECRET": SECRET, "LOG_FORMAT": "text",
+               "RATE_MSGS_PER_SEC": "10000", "RATE_BURST": "10000"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imfast", "serve", "--workers", str(workers), "--host",
+             "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data")],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.tmp = tmp
+        self.wait_for(lambda s: s["workers"] == workers)
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=2) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def wait_for(self, predicate, timeout: float = 20.0) -> dict:  # type: ignore[no-untyped-def]
+        end = time.monotonic() + timeout
+        last: dict = {}
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, (self.tmp / "serve.log").read_text()
+            try:
+                last = self.stats()
+                if "workers" in last and predicate(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not reached; last /stats: {last}")
+
+    def client(self, user: str) -> Client:
+        token = mint_token(Settings(jwt_secret=SECRET), user)
+        c = Client(f"ws://127.0.0.1:{self.port}/ws", token, timeout=10)
+        c.welcome()
+        return c
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path, workers=2)
+    yield s
+    if s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGINT)
+        s.proc.wait(15)
+
+
+def test_chat_and_groups_across_worker_processes(served: Served) -> None:
+    users = [f"w{i}" for i in range(8)]
+    clients = {u: served.client(u) for u in users}
+    stats = served.wait_for(lambda s: s["active_connections"] == 8)
+    assert stats["workers"] == 2
+    assert len(served.worker_pids()) == 2
+    # Every user messages the next one: with 8 connections over 2 processes, some
+    # pairs are on different workers.
+    for i, u in enumerate(users):
+        clients[u].send(type="send", cmid=f"c{i}", to=users[(i + 1) % 8], body=f"from {u}")
+    for i, u in enumerate(users):
+        m = clients[u].recv_until("msg")[-1]
+        assert m["body"] == f"from {users[i - 1]}"
+    clients["w0"].send(type="group_create", group="all", members=users[1:], id=1)
+    clients["w0"].recv_until("group", id=1)
+    clients["w3"].send(type="send", cmid="g", group="all", body="to everyone")
+    for u in users:
+        if u != "w3":
+            assert clients[u].recv_until("msg", kind="msg")[-1]["body"] == "to everyone"
+
+
+def test_a_killed_worker_is_restarted_and_its_clients_resume(served: Served) -> None:
+    alice = served.client("alice")
+    bob = served.client("bob")
+    victim = served.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    served.wait_for(lambda s: s["workers"] == 2 and victim not in served.worker_pids())
+    # Whoever was on the dead worker reconnects and gets what was sent meanwhile.
+    for c in (alice, bob):
+        try:
+            c.send(type="ping", id="alive?")
+            c.recv_until("pong")
+        except Exception:  # noqa: BLE001 - it was on the killed worker
+            c.close()
+    alice = served.client("alice")
+    alice.send(type="send", cmid="after-kill", to="bob", body="still here")
+    alice.recv_until("sent")
+    bob2 = Client(f"ws://127.0.0.1:{served.port}/ws",
+                  mint_token(Settings(jwt_secret=SECRET), "bob"), timeout=10)
+    assert "still here" in [f.get("body") for f in bob2.recv_until("resumed")]
+
+
+def test_sigterm_drains_every_worker(served: Served) -> None:
+    clients = [served.client(f"d{i}") for i in range(4)]
+    served.wait_for(lambda s: s["active_connections"] == 4)
+    served.proc.send_signal(signal.SIGTERM)
+    for c in clients:
+        frames = c.recv_until("reconnect")
+        assert frames[-1]["reason"] == "draining"
+    assert served.proc.wait(20) == 0
