@@ -82,6 +82,10 @@ def _build_parser() -> argparse.ArgumentParser:
         role.add_argument("--host", help="listen address (HOST)")
         role.add_argument("--port", type=int, help="HTTP port (HTTP_PORT, default 8080)")
         role.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
+        if name == "gateway":
+            role.add_argument("--workers", type=int,
+                              help="gateway processes sharing HTTP_PORT (GATEWAY_WORKERS); "
+                                   "worker i pushes on PUSH_PORT+i")
 
     chat = sub.add_parser(
         "chat", help="a terminal chat client (for people, and for checking a deploy)",
@@ -152,7 +156,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_role(settings: Settings, args: argparse.Namespace) -> int:
     """Run one distributed role until SIGTERM (which drains first)."""
-    settings = _apply(settings, host=args.host, http_port=args.port, log_format=args.log_format)
+    settings = _apply(settings, host=args.host, http_port=args.port, log_format=args.log_format,
+                      workers=getattr(args, "workers", None))
     from imfast.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, args.command)
@@ -161,7 +166,11 @@ def _cmd_role(settings: Settings, args: argparse.Namespace) -> int:
         from imfast.node import run_until_signalled
 
         node: Any
-        if args.command == "gateway":
+        if args.command == "gateway" and settings.workers > 1:
+            from imfast.workers import GatewaySupervisor
+
+            node = GatewaySupervisor(settings, settings.workers)
+        elif args.command == "gateway":
             from imfast.gateway.cluster import GatewayNode
 
             node = GatewayNode(settings)

@@ -43,7 +43,7 @@ from imfast.service.pusher import ClusterPusher
 from imfast.service.remote import RemoteRouter, serve_router
 from imfast.service.router import Router
 
-__all__ = ["EmbeddedSupervisor", "run_worker"]
+__all__ = ["EmbeddedSupervisor", "GatewaySupervisor", "WorkerGateway", "report_loop", "run_worker"]
 
 log = logging.getLogger("imfast.workers")
 
@@ -63,7 +63,7 @@ def _free_port() -> int:
 class _Aggregate:
     """Node-wide statistics summed from the workers' reports."""
 
-    def __init__(self, settings: Settings, router: Router) -> None:
+    def __init__(self, settings: Settings, router: Router | None) -> None:
         self.settings = settings
         self.router = router
         self.reports: dict[str, dict[str, Any]] = {}
@@ -109,12 +109,13 @@ class _Aggregate:
             "events_dropped": stats.dropped,
             "socket_writes": gauges["writes"],
             "delivery_p99_seconds_upper_bound": stats.latency_quantile(0.99),
-            "messages_accepted": self.router.sent_total,
-            "duplicates": self.router.duplicates_total,
             "errors": stats.errors,
             "closes": {str(k): v for k, v in stats.closes.items()},
             "refused": stats.refused,
         }
+        if self.router is not None:
+            snap["messages_accepted"] = self.router.sent_total
+            snap["duplicates"] = self.router.duplicates_total
         return [snap, generate_latest(registry).decode()]
 
 
@@ -263,10 +264,96 @@ class WorkerGateway(ClusterGateway):
         }
 
 
+async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> None:
+    """Send this worker's counters to the supervisor; keep the node-wide answer."""
+    parent = int(os.environ.get("IMFAST_PARENT_PID", "0"))
+    while True:
+        try:
+            snap, text = await link.call("report", [name, gateway.worker_report()])
+            gateway.aggregate = (snap, text.encode())
+        except Exception:  # noqa: BLE001 - serve this worker's own numbers meanwhile
+            gateway.aggregate = None
+        if parent and os.getppid() != parent:
+            log.error("supervisor is gone; worker exiting")
+            os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(REPORT_EVERY)
+
+
+class GatewaySupervisor:
+    """``imfast gateway --workers N``: N gateway processes of one pod.
+
+    Each child is a full ``imfast gateway`` with its own push port
+    (``PUSH_PORT`` + i) and registry entries; they share ``HTTP_PORT``
+    (SO_REUSEPORT); the supervisor aggregates their /stats and /metrics.
+    """
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._stopping = False
+
+    async def start(self) -> int:
+        self.aggregate = _Aggregate(self.settings, None)
+
+        async def handle(method: str, args: list[Any]) -> Any:
+            if method == "report":
+                return self.aggregate.report(*args)
+            raise ValueError(method)
+
+        self.link = LinkServer(handle)
+        self.report_port = await self.link.start("127.0.0.1", 0)
+        for i in range(self.workers):
+            self._spawn(i)
+        self._watch = asyncio.get_running_loop().create_task(self._supervise())
+        return self.settings.http_port
+
+    def _spawn(self, index: int) -> None:
+        s = self.settings
+        host = s.advertise_addr.rpartition(":")[0] if s.advertise_addr else "127.0.0.1"
+        push_port = s.push_port + index
+        env = {
+            **os.environ,
+            "GATEWAY_WORKERS": "1",
+            "IMFAST_WORKER_INDEX": str(index),
+            "IMFAST_PARENT_PID": str(os.getpid()),
+            "IMFAST_REPORT_ADDR": f"127.0.0.1:{self.report_port}",
+            "PUSH_PORT": str(push_port),
+            "GATEWAY_ADVERTISE_ADDR": f"{host}:{push_port}",
+            "HTTP_PORT": str(s.http_port),
+            "MAX_CONNECTIONS": str(max(1, s.max_connections // self.workers)),
+        }
+        self.procs[index] = subprocess.Popen([sys.executable, "-m", "imfast", "gateway"],
+                                             env=env)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, proc in list(self.procs.items()):
+                if proc.poll() is not None and not self._stopping:
+                    log.error("gateway worker %d exited with %s; restarting", index,
+                              proc.returncode)
+                    self._spawn(index)
+
+    drain = EmbeddedSupervisor.drain
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and any(p.poll() is None for p in self.procs.values()):
+            await asyncio.sleep(0.05)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        await self.link.close()
+
+
 async def _worker_main() -> None:
     settings = load_settings()
     index = os.environ.get("IMFAST_WORKER_INDEX", "0")
-    parent = int(os.environ.get("IMFAST_PARENT_PID", "0"))
     from imfast.logs import setup_logging
     from imfast.node import run_until_signalled
 
@@ -279,21 +366,8 @@ async def _worker_main() -> None:
                             settings.advertise_addr)
     push._on_push = gateway.on_push
     await gateway.start()
-    name = f"worker-{index}"
-
-    async def report() -> None:
-        while True:
-            try:
-                snap, text = await service.call("report", [name, gateway.worker_report()])
-                gateway.aggregate = (snap, text.encode())
-            except Exception:  # noqa: BLE001 - stale numbers for a second; keep serving
-                gateway.aggregate = None
-            if parent and os.getppid() != parent:
-                log.error("main process is gone; worker exiting")
-                os.kill(os.getpid(), signal.SIGINT)
-            await asyncio.sleep(REPORT_EVERY)
-
-    task = asyncio.get_running_loop().create_task(report())
+    task = asyncio.get_running_loop().create_task(
+        report_loop(gateway, service, f"worker-{index}"))
 
     class _Node:
         async def drain(self, deadline: float = 30.0) -> None:

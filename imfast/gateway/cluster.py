@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -134,7 +135,9 @@ class GatewayNode:
         self.push_port = await push_server.start(s.host, s.push_port)
         self._closers.append(push_server)
         advertise = s.advertise_addr or f"127.0.0.1:{self.push_port}"
-        self.gateway = ClusterGateway(s, verifier, RemoteRouter(service), registry, advertise)
+        from imfast.workers import WorkerGateway, report_loop
+
+        self.gateway = WorkerGateway(s, verifier, RemoteRouter(service), registry, advertise)
         push_server._on_push = self.gateway.on_push
         self.gateway.extra_stats = lambda: {
             "service_link_connected": service.connected,
@@ -144,6 +147,12 @@ class GatewayNode:
         self.port = await self.gateway.start()
         self._tasks.append(asyncio.get_running_loop().create_task(
             self.bus.consume(TOPIC_GROUP, GROUP_GATEWAYS, self._fan_out_groups)))
+        report_addr = os.environ.get("IMFAST_REPORT_ADDR")
+        if report_addr:  # one of `imfast gateway --workers N`: report to the supervisor
+            reporter = LinkClient(report_addr)
+            self._closers.append(reporter)
+            self._tasks.append(asyncio.get_running_loop().create_task(report_loop(
+                self.gateway, reporter, f"gateway-{os.environ.get('IMFAST_WORKER_INDEX')}")))
         log.info("gateway started port=%s push=%s service=%s", self.port, advertise,
                  s.service_addr)
         return self.port

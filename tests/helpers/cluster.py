@@ -115,6 +115,20 @@ class Cluster:
             p.wait_healthy()
         return self
 
+    def free_pair(self) -> int:
+        """A port P with P+1 free too (a two-worker gateway pushes on both)."""
+        import socket
+
+        for _ in range(50):
+            port = free_port()
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("no free port pair")
+
     def url(self, gateway: int) -> str:
         return f"ws://127.0.0.1:{self.gateways[gateway].http_port}/ws"
 

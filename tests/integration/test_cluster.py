@@ -161,3 +161,36 @@ def test_health_stats_metrics_on_every_role(cluster: Cluster) -> None:
             f"http://127.0.0.1:{cluster.gateways[0].http_port}/stats") as r:
         stats = json.loads(r.read())
     assert "active_connections" in stats and stats["service_link_connected"] is True
+
+
+def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
+    import json
+    import urllib.request
+
+    proc = cluster._proc("gateway", {"PUSH_PORT": str(cluster.free_pair()),
+                                     "POD_NAME": "gw-multi", "GATEWAY_WORKERS": "2"})
+    proc.start()
+    try:
+        proc.wait_healthy()
+        url = f"ws://127.0.0.1:{proc.http_port}/ws"
+        clients = {u: Client(url, token(u), timeout=15) for u in ("m1", "m2", "m3", "m4")}
+        for c in clients.values():
+            c.recv_until("resumed")
+        for i, u in enumerate(clients):
+            clients[u].send(type="send", cmid="x", to=f"m{(i + 1) % 4 + 1}", body=f"hi from {u}")
+        for c in clients.values():
+            assert c.recv_until("msg")[-1]["body"].startswith("hi from")
+        remote = connect(cluster, 0, "m-remote")
+        remote.send(type="send", cmid="r", to="m1", body="from gw0")
+        assert clients["m1"].recv_until("msg")[-1]["body"] == "from gw0"
+
+        def stats() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/stats") as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+
+        s = until(lambda: (lambda s: s if s.get("workers") == 2 and
+                           s["active_connections"] == 4 else None)(stats()),
+                  what="aggregated /stats of both workers")
+        assert s["authenticated_connections"] == 4
+    finally:
+        proc.stop()

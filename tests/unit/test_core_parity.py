@@ -68,6 +68,12 @@ def conv_ids(draw: Any) -> str:
     return draw(st.text(ID_CHARS + ":pg", max_size=12))
 
 
+NON_ASCII = st.characters(min_codepoint=0x80, exclude_categories=("Cs",))  # no lone surrogates
+# Code points where the UTF-8 length changes (1 | 2 | 3 | 4 bytes).
+UTF8_EDGES = st.sampled_from(["a", "\x7f", "\x80", "\u07ff", "\u0800", "\uffff", "\U00010000",
+                              "\U0010ffff"])
+
+
 def value_for(kind: str) -> st.SearchStrategy[Any]:
     """Mostly valid values of a field kind, with the edges around its limits."""
     return {
@@ -81,7 +87,8 @@ def value_for(kind: str) -> st.SearchStrategy[Any]:
         "token": st.one_of(st.text(min_size=1, max_size=40),
                            st.sampled_from(["", "t" * 8192, "t" * 8193])),
         "body": st.one_of(st.text(max_size=40),
-                          st.text(st.characters(min_codepoint=0x80), max_size=20)),
+                          st.text(NON_ASCII, max_size=20),
+                          st.text(UTF8_EDGES, max_size=30)),
         "text": st.one_of(st.text(max_size=20), st.sampled_from(["n" * 256, "n" * 257])),
         "ids": st.one_of(st.lists(ids, max_size=5), st.just(["a"] * 1001),
                          st.just(["a"] * 1000)),
@@ -199,8 +206,8 @@ def test_decode_parity_send(core_pair: Any) -> None:
     @SETTINGS
     @given(to=st.one_of(st.none(), st.just("bob"), ids), group=st.one_of(st.none(), st.just("g")),
            has_to=st.booleans(), has_group=st.booleans(), cmid=value_for("cmid"),
-           body=st.one_of(st.text(max_size=80), st.text(st.characters(min_codepoint=0x80),
-                                                        max_size=40)),
+           body=st.one_of(st.text(max_size=80), st.text(NON_ASCII, max_size=40),
+                          st.text(UTF8_EDGES, max_size=30)),
            max_body=max_bodies)
     def check(to: Any, group: Any, has_to: bool, has_group: bool, cmid: str, body: str,
               max_body: Any) -> None:

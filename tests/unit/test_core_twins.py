@@ -286,6 +286,13 @@ def test_decode_body_limit_counts_utf8_bytes(core: Any) -> None:
         assert (exc.code, exc.field, exc.message) == (
             "too_large", "body", "`body` is too large (max 10 bytes)")
     assert send("é" * 5, 10)["body"] == "é" * 5
+    # Where the UTF-8 length of a code point changes: 1 | 2 | 3 | 4 bytes.
+    for ch, size in (("\x7f", 1), ("\x80", 2), ("\u07ff", 2), ("\u0800", 3), ("\uffff", 3),
+                     ("\U00010000", 4), ("\U0010ffff", 4)):
+        assert send(ch * 2, 2 * size)["body"] == ch * 2
+        exc = decode_error(codec, dumps({"type": "send", "cmid": "c", "to": "b", "body": ch * 2}),
+                           2 * size - 1)
+        assert exc.code == "too_large", repr(ch)
     assert send("😀" * 2 + "xx", 10)["body"] == "😀😀xx"
     assert send("", 0)["body"] == ""
 
