@@ -200,6 +200,10 @@ class Settings:
         "DRAIN_ANNOTATIONS_FILE", str, "",
         "downward-API annotations file; drain=\"true\" there drains this gateway",
     )
+    admin_token: str = _setting(
+        "ADMIN_TOKEN", str, "",
+        "enables GET /admin/drain with header X-Admin-Token: <this value>",
+    )
     route_all_offline: bool = _setting(
         "ROUTE_ALL_OFFLINE", _parse_bool, False,
         "emergency: store every message for sync instead of pushing it",

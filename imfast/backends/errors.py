@@ -6,7 +6,13 @@ answer ``unavailable`` (and retry later) without knowing which backend failed.
 
 from __future__ import annotations
 
-__all__ = ["BackendUnavailable"]
+from collections import Counter
+
+__all__ = ["BackendUnavailable", "BACKEND_ERRORS"]
+
+#: backend name -> how many BackendUnavailable errors this process has seen
+#: (exported as ``im_backend_errors_total{backend=...}``).
+BACKEND_ERRORS: Counter[str] = Counter()
 
 
 class BackendUnavailable(ConnectionError):
@@ -20,6 +26,7 @@ class BackendUnavailable(ConnectionError):
 
     def __init__(self, backend: str, reason: str) -> None:
         super().__init__(f"{backend} unavailable: {reason}")
+        BACKEND_ERRORS[backend] += 1
         self.backend = backend
         self.reason = reason
 

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from imfast.auth import TokenVerifier
+from imfast.backends.metrics import BackendCollector
 from imfast.config import Settings
 from imfast.gateway.server import Gateway
 from imfast.gateway.session import Session
@@ -144,7 +145,10 @@ class GatewayNode:
             "advertise_addr": advertise,
             "kafka_consumer_lag": sum(self.bus.consumer_lag().values()),
         }
+        self.gateway.metrics_registry.register(BackendCollector([(self.bus, GROUP_GATEWAYS)]))
         self.port = await self.gateway.start()
+        # Connect to im-service now (not at the first client) so /stats shows the link state.
+        service.push("noop", None)
         self._tasks.append(asyncio.get_running_loop().create_task(
             self.bus.consume(TOPIC_GROUP, GROUP_GATEWAYS, self._fan_out_groups)))
         report_addr = os.environ.get("IMFAST_REPORT_ADDR")

@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -155,6 +156,8 @@ class Gateway:
         if path == "/metrics":
             return _http(WSUpgradeResponse.create_ok_response(
                 self.metrics_text(), {"Content-Type": CONTENT_TYPE_LATEST}))
+        if path == "/admin/drain":
+            return self._admin_drain(request)
         if path in ("/", "/index.html"):
             return self._chat_page()
         if path == "/_echo" and self.settings.conformance_echo:
@@ -185,6 +188,19 @@ class Gateway:
             return Session(self, dev_user=params["user"][0],
                            dev_device=params.get("device", [None])[0])
         return Session(self)
+
+    def _admin_drain(self, request: WSUpgradeRequest) -> Any:
+        """``GET /admin/drain`` with ``X-Admin-Token``: start draining this gateway."""
+        expected = self.settings.admin_token
+        if not expected:
+            return _json_response(403, {"error": "admin endpoint disabled: set ADMIN_TOKEN"})
+        given = request.headers.get("X-Admin-Token", "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _json_response(403, {"error": "bad or missing X-Admin-Token"})
+        log.warning("drain requested by the admin endpoint")
+        self.start_drain("admin")
+        return _json_response(200, {"status": "draining",
+                                    "active_connections": len(self.table)})
 
     def _chat_page(self) -> Any:
         """The browser chat page (imfast/gateway/static/index.html), if shipped."""

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from imfast.backends.metrics import BackendCollector
 from imfast.config import Settings
 from imfast.httpd import serve_http
 from imfast.service.node import require
@@ -71,6 +72,7 @@ class OfflineWorker:
         self._tasks.append(loop.create_task(self._purge_loop()))
         metrics = CollectorRegistry(auto_describe=False)
         metrics.register(_Collector(self))
+        metrics.register(BackendCollector([(self.bus, GROUP_OFFLINE)]))
         self.http = await serve_http(s.host, s.http_port, {
             "/health": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),
             "/health/live": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),

@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from imfast.backends.composite import CompositeStore
+from imfast.backends.metrics import BackendCollector
 from imfast.config import ConfigError, Settings
 from imfast.httpd import serve_http
 from imfast.link.endpoints import LinkPool, LinkServer
@@ -104,6 +105,7 @@ class ServiceNode:
         self._closers.append(self.link_server)
         metrics = CollectorRegistry(auto_describe=False)
         metrics.register(_ServiceCollector(self))
+        metrics.register(BackendCollector())
         self.http = await serve_http(s.host, s.http_port, {
             "/health": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),
             "/health/live": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),

@@ -155,12 +155,24 @@ def test_health_stats_metrics_on_every_role(cluster: Cluster) -> None:
             assert json.loads(r.read())["status"] == "ok"
         with urllib.request.urlopen(f"http://127.0.0.1:{p.http_port}/metrics") as r:
             text = r.read().decode()
-        if p.role == "gateway":
-            assert "im_gateway_active_connections" in text
-    with urllib.request.urlopen(
-            f"http://127.0.0.1:{cluster.gateways[0].http_port}/stats") as r:
-        stats = json.loads(r.read())
-    assert "active_connections" in stats and stats["service_link_connected"] is True
+        assert "im_backend_errors_total" in text
+        expected = {
+            "gateway": ["im_gateway_active_connections", "im_gateway_messages_delivered_total",
+                        "im_gateway_message_delivery_duration_seconds_bucket",
+                        "im_gateway_errors_total", "im_gateway_capacity_connections",
+                        "im_gateway_draining", "im_kafka_consumer_lag"],
+            "service": ["im_service_messages_routed_total"],
+            "offline-worker": ["im_offline_messages_stored_total", "im_kafka_consumer_lag"],
+        }[p.role]
+        for name in expected:
+            assert name in text, (p.role, name)
+    def stats() -> dict:
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{cluster.gateways[0].http_port}/stats") as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    assert "active_connections" in stats()
+    until(lambda: stats()["service_link_connected"], what="gateway linked to im-service")
 
 
 def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
