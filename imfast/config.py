@@ -162,6 +162,10 @@ class Settings:
         "HEARTBEAT_TIMEOUT", _positive_float, DEFAULT_HEARTBEAT_TIMEOUT,
         "seconds of silence before a socket is considered dead",
     )
+    ack_timeout: float = _setting(
+        "ACK_TIMEOUT", _positive_float, 30.0,
+        "seconds a pushed entry may stay unacknowledged before it is sent again",
+    )
     sync_page_max: int = _setting(
         "SYNC_PAGE_MAX", _positive_int, DEFAULT_SYNC_PAGE_MAX, "cap on messages per sync page"
     )

@@ -12,7 +12,6 @@ pure-Python module, whose docstring states the guarantees; the parity tests
 * WebSocket framing allocates the result once and ``memcpy``s into it.
 """
 
-cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
@@ -74,12 +73,19 @@ _KINDS = {"id": K_ID, "conv": K_CONV, "seq": K_SEQ, "limit": K_LIMIT, "cmid": K_
           "token": K_TOKEN, "body": K_BODY, "text": K_TEXT, "ids": K_IDS, "role": K_ROLE}
 
 
-def _compile(dict table):
-    # A kind this module does not know fails the import, so the loader falls back
-    # to the twin and test_expected_core_loaded reports it.
-    return {ftype: tuple((name, _KINDS[kind], bool(required))
-                         for name, (kind, required) in fields.items())
-            for ftype, fields in table.items()}
+cdef dict _compile(dict table):
+    cdef dict specs = {}
+    for ftype, fields in table.items():
+        compiled = []
+        for name, (kind, required) in fields.items():
+            if kind not in _KINDS:
+                # ImportError, so the loader falls back to the twin (and
+                # test_expected_core_loaded says why) instead of failing to start.
+                raise ImportError(f"imfast._core._codec does not know the field kind {kind!r} "
+                                  f"of {ftype}.{name}: update _codec.pyx and rebuild")
+            compiled.append((name, _KINDS[kind], bool(required)))
+        specs[ftype] = tuple(compiled)
+    return specs
 
 
 cdef dict _SPECS = _compile(CLIENT_TYPES)

@@ -31,7 +31,7 @@ class GatewayStats:
 
     __slots__ = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
                  "errors", "closes", "auth_failures", "slow_consumers", "internal_errors",
-                 "refused", "lat_counts", "lat_sum", "lat_n")
+                 "refused", "lat_counts", "lat_sum", "lat_n", "retransmits")
 
     def __init__(self) -> None:
         self.connections_opened = 0
@@ -45,6 +45,7 @@ class GatewayStats:
         self.slow_consumers = 0
         self.internal_errors = 0
         self.refused: dict[str, int] = {}
+        self.retransmits = 0
         self.lat_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.lat_sum = 0.0
         self.lat_n = 0
@@ -126,6 +127,8 @@ class GatewayCollector(Collector):  # type: ignore[misc]
                                   value=s.connections_opened)
         yield CounterMetricFamily("im_gateway_frames_received", "Client messages received",
                                   value=s.frames_in)
+        yield CounterMetricFamily("im_gateway_retransmits", "Sessions re-sent unacked entries",
+                                  value=s.retransmits)
         yield CounterMetricFamily("im_gateway_socket_writes", "write() calls to client sockets",
                                   value=g["writes"])
         for name, help_text, value in g.get("extra", ()):

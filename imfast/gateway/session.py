@@ -49,6 +49,7 @@ class Session(FramedListener):
         "gw", "user", "device", "bound", "out", "identity", "expires_at", "last_seen",
         "pushed", "behind", "resuming", "inbox", "worker", "catchup", "errors",
         "tokens", "tokens_ts", "writable", "pinged", "query_token", "dev_user", "dev_device",
+        "acked", "unacked_since", "timer_at",
     )
 
     def __init__(self, gw: Gateway, query_token: str | None = None,
@@ -63,6 +64,9 @@ class Session(FramedListener):
         self.expires_at = 0.0
         self.last_seen = gw.now
         self.pushed: dict[str, int] | None = None  # conv -> last seq sent (active convs only)
+        self.acked: dict[str, int] | None = None  # conv -> last seq the client acknowledged
+        self.unacked_since = 0.0  # when the oldest unacknowledged push happened (0: none)
+        self.timer_at = 0.0  # deadline of the wheel entry that counts
         self.behind: set[str] | None = None  # convs to catch up from the store
         self.resuming: set[str] | None = None  # convs offered while resuming
         self.inbox: list[dict[str, Any]] | None = None
@@ -126,8 +130,9 @@ class Session(FramedListener):
 
     def check_timers(self, now: float) -> None:
         """Called by the gateway's wheel when a deadline of this session passed."""
-        if self.closed:
-            return
+        if self.closed or (self.timer_at and now + 1.0 < self.timer_at):
+            return  # closed, or a superseded wheel entry: the current one comes later
+        self.timer_at = 0.0
         settings = self.gw.settings
         if self.identity is None:
             self.close(CloseCode.AUTH_TIMEOUT, "not authenticated within AUTH_TIMEOUT")
@@ -143,15 +148,53 @@ class Session(FramedListener):
             # A WebSocket ping: browsers and wscat answer it by themselves.
             self.pinged = True
             self.transport.send_ping(b"hb")
+        if self.unacked_since and now - self.unacked_since >= settings.ack_timeout:
+            self._retransmit()
         self._schedule_timer()
 
     def _schedule_timer(self) -> None:
+        """Make sure the wheel calls us by the earliest of our deadlines."""
         settings = self.gw.settings
         half = settings.heartbeat_timeout / 2
         deadline = self.last_seen + (settings.heartbeat_timeout if self.pinged else half)
         if self.expires_at:
             deadline = min(deadline, self.expires_at)
-        self.gw.wheel.schedule(self, max(deadline, self.gw.now + 1.0))
+        if self.unacked_since:
+            deadline = min(deadline, self.unacked_since + settings.ack_timeout)
+        deadline = max(deadline, self.gw.now + 1.0)
+        if self.timer_at and self.timer_at <= deadline:
+            return
+        self.timer_at = deadline
+        self.gw.wheel.schedule(self, deadline)
+
+    def _retransmit(self) -> None:
+        """Send again, from the stored cursor, every conversation with unacknowledged pushes."""
+        pushed, acked = self.pushed or {}, self.acked or {}
+        late = [c for c, seq in pushed.items() if seq > acked.get(c, seq)]
+        self.unacked_since = 0.0
+        if not late:
+            return
+        self.gw.stats.retransmits += 1
+        log.info("retransmitting unacknowledged entries user_id=%s device=%s convs=%d",
+                 self.user, self.device, len(late))
+        behind = self.behind if self.behind is not None else set()
+        self.behind = behind
+        for conv in late:
+            del pushed[conv]  # catch-up restarts from the stored cursor
+            acked.pop(conv, None)
+            behind.add(conv)
+        if self.catchup is None or self.catchup.done():
+            self._start_catchup()
+
+    def _note_pushed(self, conv: str, before: int) -> None:
+        """Track acknowledgements for a conversation that just got a push."""
+        acked = self.acked
+        if acked is None:
+            acked = self.acked = {}
+        acked.setdefault(conv, before)
+        if not self.unacked_since:
+            self.unacked_since = self.gw.now
+            self._schedule_timer()
 
     # -------------------------------------------------------------- output
     def send_frame(self, obj: dict[str, Any]) -> None:
@@ -221,7 +264,11 @@ class Session(FramedListener):
             return False
         pushed[conv] = seq
         if silent:
+            # Our own message: nothing for the client to acknowledge.
+            if self.acked is not None and self.acked.get(conv) == last:
+                self.acked[conv] = seq
             return False
+        self._note_pushed(conv, last)
         self.gw.coalescer.push(self, payload)
         return True
 
@@ -279,6 +326,8 @@ class Session(FramedListener):
                         break  # no longer a member: nothing to deliver
                     for m in page:
                         if m.seq > after:
+                            if self.acked is None or conv not in self.acked:
+                                self._note_pushed(conv, after)
                             self.gw.coalescer.push(self, self.gw.encode_entry(m))
                             after = m.seq
                     pushed[conv] = after
@@ -503,6 +552,14 @@ class Session(FramedListener):
 
     async def _on_ack(self, frame: dict[str, Any], rid: Any) -> None:
         cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])
+        acked = self.acked
+        if acked is not None and frame["conv"] in acked:
+            acked[frame["conv"]] = max(acked[frame["conv"]], cursor)
+            pushed = self.pushed or {}
+            if all(pushed.get(c, 0) <= a for c, a in acked.items()):
+                self.unacked_since = 0.0  # everything pushed is acknowledged
+            else:
+                self.unacked_since = self.gw.now  # progress: restart the clock
         if rid is not None:
             self.send_frame({"type": "acked", "id": rid, "conv": frame["conv"], "seq": cursor})
 

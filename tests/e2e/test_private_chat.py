@@ -172,3 +172,25 @@ def test_stats_count_connections(node: NodeThread) -> None:
     assert status == 200 and stats["active_connections"] == 3
     clients[0].close()
     wait_for(lambda: node.http("/stats")[1]["active_connections"] == 2)
+
+
+def test_unacknowledged_entries_are_retransmitted_with_the_same_seq(make_node) -> None:
+    import time
+
+    node = make_node(ack_timeout=1.0)
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="r1", to="bob", body="ack me")
+    alice.recv_until("sent")
+    first = bob.recv()
+    assert first["seq"] == 1
+    # Bob does not acknowledge: within about ACK_TIMEOUT (+ the wheel's second) it comes again.
+    start = time.monotonic()
+    again = bob.recv_until("msg")[-1]
+    assert (again["seq"], again["msg_id"]) == (1, first["msg_id"])
+    assert time.monotonic() - start < 5
+    # Once acknowledged, it is not sent again.
+    bob.send(type="ack", conv="p:alice:bob", seq=1, id="k")
+    bob.recv_until("acked")
+    time.sleep(2.5)  # longer than ACK_TIMEOUT plus the wheel's resolution
+    bob.send(type="ping", id="later")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]
