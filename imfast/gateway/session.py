@@ -333,6 +333,10 @@ class Session(FramedListener):
                     pushed[conv] = after
                     if len(page) < page_max:
                         break
+            if not self.behind:
+                self.behind = None
+            if self.catchup is asyncio.current_task() and self.resuming is None:
+                self.catchup = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -371,22 +375,27 @@ class Session(FramedListener):
             self.resuming = None
             self.close(CloseCode.INTERNAL_ERROR, "internal error while resuming; reconnect")
             return
-        pushed = self.pushed if self.pushed is not None else {}
-        self.pushed = pushed
-        behind = self.behind if self.behind is not None else set()
-        self.behind = behind
-        for conv, cursor, _latest in plan:
-            pushed[conv] = cursor
-            behind.add(conv)
-        await self._catch_up()
+        if plan:  # idle sessions keep no per-conversation state at all
+            pushed = self.pushed if self.pushed is not None else {}
+            self.pushed = pushed
+            behind = self.behind if self.behind is not None else set()
+            self.behind = behind
+            for conv, cursor, _latest in plan:
+                pushed[conv] = cursor
+                behind.add(conv)
+            await self._catch_up()
         # Entries offered while we were reading the store: catch them up too.
         while self.resuming and not self.closed:
-            behind.update(self.resuming)
+            if self.behind is None:
+                self.behind = set()
+            self.behind.update(self.resuming)
             self.resuming = set()
             await self._catch_up()
         self.resuming = None
         if not self.closed:
             self.send_frame({"type": "resumed", "conversations": len(plan)})
+        if self.catchup is asyncio.current_task():
+            self.catchup = None  # drop the finished task (memory per idle connection)
 
     # --------------------------------------------------------------- input
     def on_message(self, payload: bytes, is_text: bool, validated: bool) -> None:
@@ -482,6 +491,7 @@ class Session(FramedListener):
 
     # ----------------------------------------------------------------- auth
     def _authenticate(self, token: str, rid: Any) -> None:
+        self.query_token = None
         try:
             identity = self.gw.verifier.verify(token)
         except AuthError as exc:
@@ -498,6 +508,7 @@ class Session(FramedListener):
 
     def _bind(self, identity: Identity, rid: Any) -> None:
         gw = self.gw
+        self.dev_user = self.dev_device = None
         self.identity = identity
         self.expires_at = identity.expires_at
         replaced = gw.table.bind(self, identity.user, identity.device)
