@@ -55,6 +55,7 @@ class ClusterGateway(Gateway):
         self._registrations: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def on_session_bound(self, session: Session) -> None:
+        super().on_session_bound(session)
         key = (session.user, session.device)
         task = self.loop.create_task(self.registry.register(session.user, session.device,
                                                             self.advertise))

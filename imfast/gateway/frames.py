@@ -1,20 +1,26 @@
 """RFC 6455 message layer on top of picows frames.
 
 picows parses frames (and already refuses unmasked client frames, reserved
-opcodes, fragmented or oversized control frames, and frames over
-``max_frame_size``).  It leaves the rest to the application; this class does
-it, identically for ``/ws`` and the conformance echo endpoint:
+opcodes, fragmented or oversized control frames, 64-bit lengths with the top
+bit set, frames over ``max_frame_size``, and close frames with a 1-byte
+payload, an unregistered code below 3000 or a reason that is not UTF-8).  It
+leaves the rest to the application; this class does it, identically for
+``/ws`` and the conformance echo endpoint:
 
 * reassembles fragmented messages, refusing continuation frames with no start
   and new data frames inside a fragmented message (1002), and messages whose
   fragments add up past the limit (1009) before buffering them;
 * refuses RSV bits (no extension is negotiated) with 1002;
-* validates UTF-8 of text messages (1007) - for the chat protocol lazily, only
-  when JSON parsing fails, so valid traffic pays nothing extra;
+* validates UTF-8 of text messages (1007): fragmented ones incrementally, so a
+  bad fragment fails the connection as it arrives; single-frame ones - the
+  whole of ``/ws`` chat traffic - are left to :meth:`FramedListener.on_message`
+  (``validated=False``), which for the chat protocol checks only when JSON
+  parsing fails, so valid traffic pays nothing extra;
 * answers pings itself with a rate limit (flood -> 1008), ignores pongs;
 * follows the closing handshake rules: echoes a valid close code, answers an
-  invalid one (0-999, 1004-1006, 1015-2999, >= 5000, 1-byte payload, bad
-  UTF-8 reason) with 1002, then disconnects.
+  invalid one (0, 1006, >= 5000) with 1002, then disconnects; after a close
+  frame was sent (by us or by picows on a parse error) every frame but the
+  peer's CLOSE is discarded.
 
 Subclasses implement :meth:`FramedListener.on_message`.
 """
@@ -22,16 +28,31 @@ Subclasses implement :meth:`FramedListener.on_message`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import codecs
+import time
+from typing import Any, TypeVar
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from imfast.protocol.codes import CloseCode
 
-__all__ = ["FramedListener", "valid_close_code", "CLOSE_GRACE_SECONDS"]
+__all__ = [
+    "CLOSE_GRACE_SECONDS",
+    "CONFORMANCE_MAX_MESSAGE",
+    "FramedListener",
+    "frame_limited",
+    "valid_close_code",
+]
 
 #: How long we wait for the peer's CLOSE reply before dropping the TCP connection.
 CLOSE_GRACE_SECONDS = 2.0
+
+#: Largest message of the conformance suites (Autobahn 9.1.6/9.2.6: 16 MiB in one frame).
+CONFORMANCE_MAX_MESSAGE = 16 * 1024 * 1024
+
+#: Ping token bucket: a burst of PING_BURST pings, refilled at PING_RATE per second.
+PING_BURST = 20.0
+PING_RATE = 5.0
 
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
@@ -39,10 +60,13 @@ _CONT = WSMsgType.CONTINUATION
 _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
 _CLOSE = WSMsgType.CLOSE
+_DATA = (_TEXT, _BINARY, _CONT)
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def valid_close_code(code: int) -> bool:
-    """Close codes a peer may send (RFC 6455 section 7.4)."""
+    """Close codes a peer may send (RFC 6455 section 7.4, IANA registry)."""
     if 1000 <= code <= 1003 or 1007 <= code <= 1014:
         return True
     return 3000 <= code <= 4999
@@ -51,7 +75,7 @@ def valid_close_code(code: int) -> bool:
 class FramedListener(WSListener):  # type: ignore[misc]
     """Message-level WebSocket handling shared by every endpoint."""
 
-    __slots__ = ("transport", "raw", "closed", "_frag", "_frag_text", "_frag_size",
+    __slots__ = ("transport", "raw", "closed", "_frag", "_frag_text", "_frag_size", "_utf8",
                  "max_message", "ping_tokens", "ping_ts")
 
     def __init__(self, max_message: int) -> None:
@@ -61,8 +85,9 @@ class FramedListener(WSListener):  # type: ignore[misc]
         self._frag: list[bytes] | None = None
         self._frag_text = False
         self._frag_size = 0
+        self._utf8: Any = None  # incremental UTF-8 decoder of a fragmented text message
         self.max_message = max_message
-        self.ping_tokens = 20.0
+        self.ping_tokens = PING_BURST
         self.ping_ts = 0.0
 
     # Subclass hooks -------------------------------------------------------
@@ -74,8 +99,8 @@ class FramedListener(WSListener):  # type: ignore[misc]
         """Any frame arrived (heartbeat bookkeeping)."""
 
     def now(self) -> float:
-        """A coarse clock for the ping rate limit."""
-        return 0.0
+        """A clock for the ping rate limit (subclasses may return a coarser one)."""
+        return time.monotonic()
 
     # picows callbacks -----------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -83,10 +108,13 @@ class FramedListener(WSListener):  # type: ignore[misc]
         self.raw = transport.underlying_transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if self.closed:
-            # We sent CLOSE and wait for the peer's CLOSE (RFC 6455 7.1.1); the rest is
-            # discarded.  Closing TCP earlier would make the kernel answer the peer's
+        if self.closed or transport.is_close_frame_sent:
+            # A close frame went out: we wait for the peer's CLOSE (RFC 6455 7.1.1) and
+            # discard the rest.  Closing TCP earlier would make the kernel answer the peer's
             # in-flight data with RST, which can destroy our close frame on its side.
+            # picows parses one frame ahead: when that one is bad it sends the close frame
+            # itself, then still hands us the frame before it - which must not be answered.
+            self.closed = True
             if frame.msg_type is _CLOSE:
                 transport.disconnect()
             return
@@ -100,28 +128,31 @@ class FramedListener(WSListener):  # type: ignore[misc]
                 self.fail(CloseCode.PROTOCOL_ERROR, "new data frame inside a fragmented message")
                 return
             if frame.fin:
+                # The fast path: one frame, one message.
                 self.on_message(frame.get_payload_as_bytes(), msg_type is _TEXT, False)
                 return
             self._frag_text = msg_type is _TEXT
             self._frag_size = 0
             self._frag = []
+            self._utf8 = _utf8_decoder() if self._frag_text else None
             self._add_fragment(frame)
         elif msg_type is _CONT:
             if self._frag is None:
                 self.fail(CloseCode.PROTOCOL_ERROR, "continuation frame with no message started")
                 return
-            if not self._add_fragment(frame):
+            if not self._add_fragment(frame) or not frame.fin:
                 return
-            if frame.fin:
-                payload = b"".join(self._frag)
-                self._frag = None
-                if self._frag_text:
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        self.fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
-                        return
-                self.on_message(payload, self._frag_text, True)
+            payload = b"".join(self._frag)
+            utf8 = self._utf8
+            self._frag = None
+            self._utf8 = None
+            if utf8 is not None:
+                try:
+                    utf8.decode(b"", True)  # a code point cut off at the end
+                except UnicodeDecodeError:
+                    self.fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
+                    return
+            self.on_message(payload, self._frag_text, True)
         elif msg_type is _PING:
             if not self._ping_allowed():
                 self.fail(CloseCode.POLICY_VIOLATION, "ping flood")
@@ -132,27 +163,31 @@ class FramedListener(WSListener):  # type: ignore[misc]
         # PONG: activity only.
 
     def _add_fragment(self, frame: WSFrame) -> bool:
-        size = frame.payload_size
-        self._frag_size += size
+        """Buffer one fragment; False if the connection was failed instead."""
+        self._frag_size += frame.payload_size
         if self._frag_size > self.max_message:
             self._frag = None
+            self._utf8 = None
             self.fail(CloseCode.TOO_BIG, "fragmented message over the size limit")
             return False
-        assert self._frag is not None
-        self._frag.append(frame.get_payload_as_bytes())
-        if self._frag_text and len(self._frag) % 64 == 0:
-            # Fail fast on long fragmented text: check what is complete so far.
+        chunk = frame.get_payload_as_bytes()
+        if self._utf8 is not None:
+            # Fail fast (Autobahn 6.4.x): an invalid sequence is refused in the fragment
+            # that completes it, not when the message ends.  Linear in the message size.
             try:
-                b"".join(self._frag).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                if exc.reason != "unexpected end of data":
-                    self.fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
-                    return False
+                self._utf8.decode(chunk)
+            except UnicodeDecodeError:
+                self._frag = None
+                self._utf8 = None
+                self.fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
+                return False
+        assert self._frag is not None
+        self._frag.append(chunk)
         return True
 
     def _ping_allowed(self) -> bool:
         now = self.now()
-        self.ping_tokens = min(20.0, self.ping_tokens + (now - self.ping_ts) * 5.0)
+        self.ping_tokens = min(PING_BURST, self.ping_tokens + (now - self.ping_ts) * PING_RATE)
         self.ping_ts = now
         if self.ping_tokens < 1.0:
             return False
@@ -160,22 +195,18 @@ class FramedListener(WSListener):  # type: ignore[misc]
         return True
 
     def _on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        payload = frame.get_payload_as_bytes()
-        if len(payload) == 0:
-            reply = CloseCode.NORMAL
-        elif len(payload) == 1:
-            reply = CloseCode.PROTOCOL_ERROR
+        # picows has already refused a 1-byte payload, codes below 3000 outside its
+        # WSCloseCode table and a reason that is not UTF-8 (with 1002/1007): what is
+        # left to check is 0 and 1006 (in that table, never sent on the wire) and >= 5000.
+        size = frame.payload_size
+        if size == 0:
+            reply = int(CloseCode.NORMAL)
         else:
-            code = int.from_bytes(payload[:2], "big")
-            try:
-                payload[2:].decode("utf-8")
-                reason_ok = True
-            except UnicodeDecodeError:
-                reason_ok = False
-            reply = (CloseCode(code) if code in CloseCode._value2member_map_ else code) \
-                if valid_close_code(code) and reason_ok else CloseCode.PROTOCOL_ERROR
+            code = frame.get_close_code()
+            reply = code if size >= 2 and valid_close_code(code) else int(CloseCode.PROTOCOL_ERROR)
         self.closed = True
-        transport.send_close(WSCloseCode(int(reply)))
+        transport.send_close(WSCloseCode(reply))
+        # The server closes the TCP connection first (RFC 6455 7.1.1).
         transport.disconnect()
 
     # Helpers for subclasses -----------------------------------------------
@@ -184,8 +215,46 @@ class FramedListener(WSListener):  # type: ignore[misc]
         if self.closed:
             return
         self.closed = True
+        self._frag = None
+        self._utf8 = None
         transport = self.transport
         if transport is not None:
-            transport.send_close(WSCloseCode(int(code)), reason.encode()[:120])
+            # At most 123 bytes of reason fit in a control frame; never cut a code point.
+            message = reason.encode()[:120].decode("utf-8", "ignore").encode()
+            transport.send_close(WSCloseCode(int(code)), message)
             # Disconnect when the peer's CLOSE arrives (on_ws_frame), or after a grace period.
             asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.disconnect)
+
+
+_L = TypeVar("_L", bound=FramedListener)
+_limited: dict[type, type] = {}
+
+
+def frame_limited(cls: type[_L]) -> type[_L]:
+    """A subclass of ``cls`` that refuses data frames over ``max_message`` itself (1009).
+
+    picows applies one ``max_frame_size`` to the whole server and refuses bigger
+    frames as soon as their header arrives.  A server whose ``max_frame_size`` is
+    raised for one endpoint (the conformance echo takes 16 MiB messages) serves
+    the other endpoints' listeners through this class, so their limit holds;
+    their oversized frames are then buffered before being refused, which is why
+    it is not the default.  Same class for the same ``cls``.
+    """
+    sub = _limited.get(cls)
+    if sub is None:
+        base_on_frame = cls.on_ws_frame
+
+        def on_ws_frame(self: FramedListener, transport: WSTransport, frame: WSFrame) -> None:
+            if (frame.payload_size > self.max_message and not self.closed
+                    and frame.msg_type in _DATA):
+                self.on_activity()
+                self.fail(CloseCode.TOO_BIG, "frame over the size limit")
+                return
+            base_on_frame(self, transport, frame)
+
+        sub = type(f"FrameLimited{cls.__name__}", (cls,), {
+            "__slots__": (), "__module__": cls.__module__, "on_ws_frame": on_ws_frame,
+            "__doc__": f"{cls.__name__} refusing data frames over max_message (1009).",
+        })
+        _limited[cls] = sub
+    return sub  # type: ignore[return-value]

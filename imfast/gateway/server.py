@@ -341,9 +341,11 @@ class Gateway:
                 self._presence_changed(session.user, False)
 
     def _presence_changed(self, user: str, online: bool) -> None:
-        hook = getattr(self.router, "presence_changed", None)
-        if hook is not None:
-            hook(user, online)
+        """Tell the user's contacts, in the background (a droppable event)."""
+        if self.router is None:
+            return
+        task = self.loop.create_task(self.router.presence(user, online))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def presence_of(self, users: list[str]) -> dict[str, dict[str, Any]]:
         """user -> {"online": bool, "last_seen": epoch seconds or None}."""

@@ -24,7 +24,7 @@ __all__ = ["RemoteRouter", "serve_router", "entry_to_wire", "entry_from_wire"]
 #: Router methods a gateway may call, and how their results are encoded.
 _ENTRIES = {"fetch", "history"}
 _RESULTS = {"recall"}
-_PLAIN = {"ack", "conversations", "resume_plan", "cursors", "cursor", "read", "typing",
+_PLAIN = {"ack", "presence", "conversations", "resume_plan", "cursors", "cursor", "read", "typing",
           "receipts", "group_create", "group_join", "group_invite", "group_remove",
           "group_leave", "group_role", "group_list_members", "groups_of"}
 ALLOWED = _ENTRIES | _RESULTS | _PLAIN | {"send"}

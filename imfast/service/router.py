@@ -395,6 +395,26 @@ class Router:
         self.pusher.event([u for u in users if u != user],
                           {"type": "typing", "conv": conv, "user": user}, None)
 
+    async def presence(self, user: str, online: bool) -> int:
+        """Tell ``user``'s contacts (private-chat partners) that it came online or left.
+
+        A droppable event; returns how many contacts were told (at most 500).
+        """
+        if not self.settings.feature_enabled("presence"):
+            return 0
+        contacts = []
+        for conv in await self.store.private_conversations(user):
+            pair = conv_members_private(conv)
+            if pair is not None:
+                other = pair[1] if pair[0] == user else pair[0]
+                if other != user:
+                    contacts.append(other)
+        contacts = contacts[:500]
+        if contacts:
+            state = {"online": online, "last_seen": None if online else time.time()}
+            self.pusher.event(contacts, {"type": "presence", "users": {user: state}}, None)
+        return len(contacts)
+
     async def recall(self, user: str, device: str, conv: str, seq: int) -> SendResult:
         """Recall one's own message within the window: a ``recall`` entry follows it."""
         if not self.settings.feature_enabled("recall"):

@@ -112,6 +112,18 @@ def test_typing_and_presence(node: NodeThread) -> None:
     assert p["bob"]["online"] is False and p["bob"]["last_seen"] > 0
 
 
+def test_contacts_are_told_when_a_user_comes_online_and_leaves(node: NodeThread) -> None:
+    alice = connect(node, "alice")
+    alice.send(type="send", cmid="p", to="bob", body="are you there?")
+    alice.recv_until("sent")
+    bob = connect(node, "bob")
+    came = alice.recv_until("presence")[-1]
+    assert came["users"]["bob"]["online"] is True
+    bob.close()
+    left = alice.recv_until("presence")[-1]["users"]["bob"]
+    assert left["online"] is False and left["last_seen"] > 0
+
+
 def test_recall_own_message_within_window(node: NodeThread) -> None:
     alice, bob = connect(node, "alice"), connect(node, "bob")
     alice.send(type="send", cmid="oops", to="bob", body="wrong chat")
