@@ -49,7 +49,7 @@ class Session(FramedListener):
         "gw", "user", "device", "bound", "out", "identity", "expires_at", "last_seen",
         "pushed", "behind", "resuming", "inbox", "worker", "catchup", "errors",
         "tokens", "tokens_ts", "writable", "pinged", "query_token", "dev_user", "dev_device",
-        "acked", "unacked_since", "timer_at",
+        "acked", "unacked_since", "timer_at", "own_acks",
     )
 
     def __init__(self, gw: Gateway, query_token: str | None = None,
@@ -67,6 +67,7 @@ class Session(FramedListener):
         self.acked: dict[str, int] | None = None  # conv -> last seq the client acknowledged
         self.unacked_since = 0.0  # when the oldest unacknowledged push happened (0: none)
         self.timer_at = 0.0  # deadline of the wheel entry that counts
+        self.own_acks: dict[str, int] | None = None  # cursor moves for our own messages
         self.behind: set[str] | None = None  # convs to catch up from the store
         self.resuming: set[str] | None = None  # convs offered while resuming
         self.inbox: list[dict[str, Any]] | None = None
@@ -100,6 +101,7 @@ class Session(FramedListener):
     def on_ws_disconnected(self, transport: Any) -> None:
         self.closed = True
         gw = self.gw
+        self.flush_own_acks()
         if self.bound:
             gw.on_session_closed(self)
         gw.table.remove(self)
@@ -251,6 +253,7 @@ class Session(FramedListener):
         if pushed is None:
             pushed = self.pushed = {}
         last = pushed.get(conv)
+        caught_up = last is None  # nothing pushed here since the resume: cursor == seq - 1
         if last is None:
             last = seq - 1
         if seq <= last:
@@ -264,13 +267,36 @@ class Session(FramedListener):
             return False
         pushed[conv] = seq
         if silent:
-            # Our own message: nothing for the client to acknowledge.
+            # Our own message: nothing for the client to acknowledge.  When the device had
+            # acknowledged everything before it, its cursor moves past it too, so a later
+            # resume does not send the device its own messages.
             if self.acked is not None and self.acked.get(conv) == last:
                 self.acked[conv] = seq
+                caught_up = True
+            if caught_up:
+                self._advance_own(conv, seq)
             return False
         self._note_pushed(conv, last)
         self.gw.coalescer.push(self, payload)
         return True
+
+    def _advance_own(self, conv: str, seq: int) -> None:
+        """Move the stored cursor past our own message (batched: at most once a second)."""
+        own = self.own_acks
+        if own is None:
+            own = self.own_acks = {}
+            self.gw.loop.call_later(1.0, self.flush_own_acks)
+        own[conv] = seq
+
+    def flush_own_acks(self) -> None:
+        """Write the batched cursor moves (also called when the connection closes)."""
+        own, self.own_acks = self.own_acks, None
+        if not own or not self.user:
+            return
+        router = self.gw.router
+        for conv, seq in own.items():
+            task = self.gw.loop.create_task(router.ack(self.user, self.device, conv, seq))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def offer_event(self, payload: bytes) -> bool:
         """A droppable event: sent unless the client is behind on reading."""
