@@ -200,6 +200,7 @@ class Client:
         self._received: dict[str, int] = dict(self._processed)
         self._acked: dict[str, int] = {}
         self._ack_due: set[str] = set()
+        self._own: dict[str, set[int]] = {}  # conv -> seqs we sent, not yet processed past
         self._ack_timer: asyncio.TimerHandle | None = None
         self._cmid_prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
@@ -250,7 +251,13 @@ class Client:
         self._closing = True
         conn = self._conn
         if conn is not None and not conn.done.done():
-            self._flush_acks()
+            if self._flush_acks() and self.connected:
+                # Frames are handled in order: the pong means the acks are stored
+                # (the server stops reading once it sees our close frame).
+                try:
+                    await asyncio.wait_for(self._roundtrip(conn, {"type": "ping"}), 2.0)
+                except (ClientError, TimeoutError):
+                    pass
             conn.transport.send_close(WSCloseCode.OK, b"client closing")
             try:
                 await asyncio.wait_for(asyncio.shield(conn.done), 2.0)
@@ -324,10 +331,31 @@ class Client:
 
     def _processed_one(self, item: Any) -> None:
         if isinstance(item, (Entry, _Own)):
-            conv, seq = item.conv, item.seq
-            if seq > self._processed.get(conv, 0):
-                self._processed[conv] = seq
-                self._ack_soon(conv)
+            self._advance_processed(item.conv, item.seq)
+
+    def _advance_processed(self, conv: str, seq: int) -> None:
+        """The application is done with ``conv`` up to ``seq`` (and our own sends after it)."""
+        own = self._own.get(conv)
+        if own:
+            while seq + 1 in own:
+                seq += 1
+            own.difference_update([s for s in own if s <= seq])
+        if seq > self._processed.get(conv, 0):
+            self._processed[conv] = seq
+            self._ack_soon(conv)
+
+    def _note_own(self, conv: str, seq: int) -> None:
+        if seq > self._processed.get(conv, 0):
+            self._own.setdefault(conv, set()).add(seq)
+            self._skip_own_received(conv)
+            self._advance_processed(conv, self._processed.get(conv, 0))
+
+    def _skip_own_received(self, conv: str) -> None:
+        own = self._own.get(conv)
+        last = self._received.get(conv, 0)
+        while own and last + 1 in own:
+            last += 1
+        self._received[conv] = last
 
     # ----------------------------------------------------------------- send
     async def send(self, body: str, *, to: str | None = None, group: str | None = None,
@@ -368,13 +396,9 @@ class Client:
         sent = Sent(cmid=frame["cmid"], msg_id=frame["msg_id"], conv=frame["conv"],
                     seq=int(frame["seq"]), ts=int(frame["ts"]),
                     duplicate=bool(frame.get("duplicate", False)))
-        # Our own entry is seen: if nothing before it is outstanding, move past it so a
-        # reconnect does not bring it back.
-        conv = sent.conv
-        last = self._received.get(conv, 0)
-        if sent.seq == last + 1 and self._processed.get(conv, 0) == last:
-            self._received[conv] = self._processed[conv] = sent.seq
-            self._ack_soon(conv)
+        # Our own entry: it will not be pushed to us, so count it as seen and processed
+        # once everything before it is (then the ack covers it and no resume repeats it).
+        self._note_own(sent.conv, sent.seq)
         if pending is not None and not pending[1].done():
             pending[1].set_result(sent)
 
@@ -390,8 +414,6 @@ class Client:
         if self._error is not None or self._closing:
             raise self._error or ConnectionClosed(1000, "closed by the client")
         assert self._online is not None, "connect() first"
-        rid = f"r{next(self._counter)}"
-        frame["id"] = rid
 
         async def roundtrip() -> dict[str, Any]:
             assert self._online is not None
@@ -399,15 +421,8 @@ class Client:
                 await self._online.wait()
                 conn = self._conn
                 if conn is not None and not conn.done.done():
-                    break
+                    return await self._roundtrip(conn, frame)
                 await asyncio.sleep(0)
-            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            conn.requests[rid] = future
-            try:
-                conn.send(frame)
-                return await future
-            finally:
-                conn.requests.pop(rid, None)
 
         stopped = asyncio.ensure_future(self._stopped_wait())
         work = asyncio.ensure_future(roundtrip())
@@ -422,6 +437,16 @@ class Client:
         if stopped in done:
             raise self._error or ConnectionClosed(1000, "closed by the client")
         raise TimeoutError(f"no reply to {frame['type']} within {self._request_timeout} s")
+
+    async def _roundtrip(self, conn: _Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        rid = frame.setdefault("id", f"r{next(self._counter)}")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        conn.requests[rid] = future
+        try:
+            conn.send(frame)
+            return await future
+        finally:
+            conn.requests.pop(rid, None)
 
     async def _stopped_wait(self) -> None:
         assert self._stopped is not None
@@ -498,6 +523,7 @@ class Client:
         """Recall your message ``seq``; returns the seq of the recall entry."""
         _check_conv(conv)
         reply = await self._request({"type": "recall", "conv": conv, "seq": seq})
+        self._note_own(conv, int(reply["seq"]))
         return int(reply["seq"])
 
     async def presence(self, users: Iterable[str]) -> dict[str, Presence]:
@@ -563,11 +589,18 @@ class Client:
             self._ack_timer = asyncio.get_running_loop().call_later(
                 self._ack_interval, self._flush_acks)
 
-    def _flush_acks(self) -> None:
-        """Send one cumulative ack per conversation that moved; save the store."""
+    def _flush_acks(self) -> bool:
+        """Send one cumulative ack per conversation that moved; save the store first.
+
+        Returns True if an ack was sent."""
         self._ack_timer = None
         if not self._ack_due:
-            return
+            return False
+        try:
+            self._store.save(self._processed)
+        except OSError as exc:
+            log.warning("cannot save the cursor store: %s", exc)
+        sent = False
         conn = self._conn
         online = self.connected and conn is not None and not conn.done.done()
         for conv in sorted(self._ack_due):
@@ -576,12 +609,10 @@ class Client:
                 assert conn is not None
                 conn.send({"type": "ack", "conv": conv, "seq": seq})
                 self._acked[conv] = seq
+                sent = True
         if online:
             self._ack_due.clear()
-        try:
-            self._store.save(self._processed)
-        except OSError as exc:
-            log.warning("cannot save the cursor store: %s", exc)
+        return sent
 
     # --------------------------------------------------------------- frames
     def _on_frame(self, conn: _Connection, frame: dict[str, Any]) -> None:
@@ -630,6 +661,7 @@ class Client:
             self._ack_soon(conv)  # a repeat: the server's cursor is behind; move it on
             return
         self._received[conv] = seq
+        self._skip_own_received(conv)
         if entry.sender == self.user and entry.sender_device == self.device:
             self._emit(_Own(conv, seq))  # our own send, back after a reconnect
         else:
@@ -707,6 +739,7 @@ class Client:
         for frame, future in list(self._sends.values()):
             if not future.done():
                 conn.send(frame)  # same cmid: stored once however often we try
+        self._flush_acks()  # what was processed while we were offline
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._heartbeat(conn), name="imfast-heartbeat"))
         resume = asyncio.ensure_future(asyncio.wait({conn.resumed, conn.done},

@@ -19,11 +19,36 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["GatewayStats", "GatewayCollector", "LATENCY_BUCKETS"]
+__all__ = ["GatewayStats", "GatewayCollector", "Histogram", "LATENCY_BUCKETS"]
 
 #: Delivery latency buckets (seconds), dense around the 150/200 ms SLO lines.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                    0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """A latency histogram cheap enough for the hot path (plain ints, one bisect)."""
+
+    __slots__ = ("counts", "total", "n")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
+        buckets = []
+        acc = 0
+        for bound, count in zip(LATENCY_BUCKETS, self.counts):
+            acc += count
+            buckets.append((repr(bound), acc))
+        buckets.append(("+Inf", self.n))
+        return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=self.total)
 
 
 class GatewayStats:
@@ -31,7 +56,7 @@ class GatewayStats:
 
     __slots__ = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
                  "errors", "closes", "auth_failures", "slow_consumers", "internal_errors",
-                 "refused", "lat_counts", "lat_sum", "lat_n", "retransmits")
+                 "refused", "lat_counts", "lat_sum", "lat_n", "retransmits", "send_ack")
 
     def __init__(self) -> None:
         self.connections_opened = 0
@@ -46,6 +71,7 @@ class GatewayStats:
         self.internal_errors = 0
         self.refused: dict[str, int] = {}
         self.retransmits = 0
+        self.send_ack = Histogram()  # send frame handled -> `sent` queued (includes the store)
         self.lat_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.lat_sum = 0.0
         self.lat_n = 0
@@ -105,6 +131,11 @@ class GatewayCollector(Collector):  # type: ignore[misc]
             "im_gateway_message_delivery_duration_seconds",
             "From the message's acceptance to its push to a device",
             buckets=buckets, sum_value=s.lat_sum)
+        yield s.send_ack.family("im_gateway_send_ack_duration_seconds",
+                                "From a client's send to its `sent` acknowledgement (one hop "
+                                "to the router and the durable store)")
+        for name, help_text, hist in g.get("histograms", ()):
+            yield hist.family(name, help_text)
         errors = CounterMetricFamily("im_gateway_errors", "Errors reported to clients or hit",
                                      labels=["kind"])
         for kind, n in sorted(s.errors.items()):

@@ -238,6 +238,7 @@ class Gateway:
             "draining": 1 if self.draining else 0,
             "write_buffer": write_buffer,
             "writes": self.coalescer.writes,
+            "histograms": getattr(self.router, "histograms", ()),
         }
 
     def metrics_text(self) -> bytes:

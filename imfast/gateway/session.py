@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -558,6 +559,7 @@ class Session(FramedListener):
     # ------------------------------------------------------------- handlers
     async def _on_send(self, frame: dict[str, Any], rid: Any) -> None:
         cmid = frame["cmid"]
+        started = time.monotonic()
         pending = await self.gw.router.submit_send(
             self.user, self.device, cmid, frame.get("to"), frame.get("group"), frame["body"])
 
@@ -569,6 +571,7 @@ class Session(FramedListener):
             if result.duplicate:
                 ack["duplicate"] = True
             self.send_frame(ack)
+            self.gw.stats.send_ack.observe(time.monotonic() - started)
 
         if not isinstance(pending, asyncio.Future):
             acknowledge(pending)

@@ -62,6 +62,8 @@ class _ServiceCollector(Collector):  # type: ignore[misc]
                                   value=n.pusher.route_failures)
         yield GaugeMetricFamily("im_service_gateway_links", "Connected gateway links",
                                 value=len(n.link_server.connections))
+        for name, help_text, hist in n.router.histograms:
+            yield hist.family(name, help_text)
 
 
 class ServiceNode:

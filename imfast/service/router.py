@@ -93,6 +93,9 @@ class GroupCommitter:
     """
 
     def __init__(self, store: Store, on_commit: Any, max_batch: int = 512) -> None:
+        from imfast.gateway.metrics import Histogram
+
+        self.commit_time = Histogram()  # one store append (a whole batch)
         self._store = store
         self._on_commit = on_commit
         self._max_batch = max_batch
@@ -116,8 +119,10 @@ class GroupCommitter:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 messages = [m for m, _ in batch]
+                started = time.monotonic()
                 try:
                     await self._store.append(messages)
+                    self.commit_time.observe(time.monotonic() - started)
                 except Exception as exc:  # noqa: BLE001 - every future learns the failure
                     if isinstance(exc, ValueError) and "already exists" in str(exc):
                         await self._repair({m.conv for m in messages})
@@ -163,6 +168,10 @@ class Router:
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
+        #: (metric name, help, Histogram) exposed by whoever serves /metrics for this router.
+        self.histograms = [("im_service_store_commit_duration_seconds",
+                            "One group commit of entries to the durable store",
+                            self._committer.commit_time)]
 
     # ---------------------------------------------------------------- helpers
     async def group_members(self, group: str) -> dict[str, str]:

@@ -214,3 +214,18 @@ def test_a_device_does_not_get_its_own_messages_back_on_resume(node: NodeThread)
     frames = again.recv_until("resumed")
     assert [f for f in frames if f["type"] == "msg"] == []
     assert frames[-1]["conversations"] == 0
+
+
+def test_metrics_carry_the_contract_names_and_per_hop_latencies(node: NodeThread) -> None:
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="m", to="bob", body="measure me")
+    alice.recv_until("sent")
+    bob.recv()
+    status, text = node.http("/metrics")
+    assert status == 200
+    for name in ("im_gateway_active_connections 2.0",
+                 'im_gateway_messages_delivered_total{status="success"}',
+                 "im_gateway_message_delivery_duration_seconds_bucket",
+                 "im_gateway_errors_total", "im_gateway_send_ack_duration_seconds_count 1.0",
+                 "im_service_store_commit_duration_seconds_count"):
+        assert name in text, name
