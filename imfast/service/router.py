@@ -263,6 +263,10 @@ class Router:
             if original is None or original.msg_id != res.msg_id:
                 # Reserved elsewhere but not (yet) stored: the client retries later.
                 raise ImfastError("message is still being stored; retry", code="unavailable")
+            # Route it again: if the first attempt died between storing and pushing (a
+            # crashed im-service), this retry is what gets it to online devices now.
+            # Sessions drop seqs they already have, so a second push is harmless.
+            self._route_committed([original])
             return SendResult(original.msg_id, conv, original.seq, original.ts, True)
         message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind)
         result = SendResult(msg_id, conv, res.seq, ts, False)
