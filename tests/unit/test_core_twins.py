@@ -588,7 +588,7 @@ def test_coalescer_broadcast_frames_once(core: Any) -> None:
 
 
 def test_coalescer_on_a_real_loop(core: Any) -> None:
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop
     loop = uvloop.new_event_loop()
     try:
         co = core.fanout.WriteCoalescer(loop)
