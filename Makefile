@@ -36,6 +36,7 @@ run: build
 # (installed with apt-get/pip when missing; the tests start their own instances).
 services: install
 	PYTHON=$(PY) bash scripts/install-test-services.sh
+	PYTHON=$(PY) bash scripts/install-browser-test-deps.sh
 
 # The whole suite with the Cython core, then the core-dependent suites again on the
 # pure-Python twins (IMFAST_NO_EXTENSIONS=1).

@@ -219,8 +219,14 @@ def _cmd_config() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imfast`` command; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["chat"]:
+        # The chat client parses its own options (argparse REMAINDER would not take them).
+        from imfast.client.chat import main as chat_main
+
+        return chat_main(args_list[1:])
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()
         return 2

@@ -147,7 +147,8 @@ class Settings:
         "DEMO ONLY: accept ?user=NAME without a token",
     )
     max_connections: int = _setting(
-        "MAX_CONNECTIONS", _positive_int, DEFAULT_MAX_CONNECTIONS, "sockets per gateway process"
+        "MAX_CONNECTIONS", _positive_int, DEFAULT_MAX_CONNECTIONS,
+        "sockets per gateway node (split evenly over its worker processes)"
     )
     max_frame_bytes: int = _setting(
         "MAX_FRAME_BYTES", _positive_int, DEFAULT_MAX_FRAME_BYTES, "largest WebSocket message"

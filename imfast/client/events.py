@@ -13,8 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "Entry", "Message", "GroupEvent", "Recall", "Receipt", "Typing", "Presence",
-    "Connected", "Disconnected", "Event", "Sent", "SyncPage", "Conversations",
+    "Connected",
+    "Conversations",
+    "Disconnected",
+    "Entry",
+    "Event",
+    "GroupEvent",
+    "Message",
+    "Presence",
+    "Recall",
+    "Receipt",
+    "Sent",
+    "SyncPage",
+    "Typing",
     "parse_entry",
 ]
 

@@ -42,7 +42,7 @@ import logging
 import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -61,7 +61,6 @@ from imfast.client.events import (
     Disconnected,
     Entry,
     Event,
-    Message,
     Presence,
     Receipt,
     Sent,
@@ -73,7 +72,7 @@ from imfast.client.store import CursorStore, MemoryCursorStore
 from imfast.protocol.codes import is_reconnect_code
 from imfast.protocol.ids import group_conv, is_valid_id, parse_conv, private_conv
 
-__all__ = ["Client", "TokenProvider", "EventCallback"]
+__all__ = ["Client", "EventCallback", "TokenProvider"]
 
 log = logging.getLogger("imfast.client")
 
@@ -107,11 +106,12 @@ class _Connection:
         self.requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     def send(self, frame: dict[str, Any]) -> None:
-        if self.transport is not None and not self.done.done():
+        if self.transport is not None and not self.done.done() \
+                and not self.transport.is_disconnected:
             self.transport.send(WSMsgType.TEXT, orjson.dumps(frame))
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     """picows callbacks -> the client (frames) and the connection (close, disconnect)."""
 
     def __init__(self, client: Client, conn: _Connection) -> None:
@@ -249,6 +249,11 @@ class Client:
         if self._closing:
             return
         self._closing = True
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         conn = self._conn
         if conn is not None and not conn.done.done():
             if self._flush_acks() and self.connected:
@@ -263,13 +268,9 @@ class Client:
                 await asyncio.wait_for(asyncio.shield(conn.done), 2.0)
             except TimeoutError:
                 conn.transport.disconnect(graceful=False)
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
         self._stop(ConnectionClosed(1000, "closed by the client"), emit=False, terminal=False)
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -307,6 +308,9 @@ class Client:
                 if self._error is not None:
                     raise self._error
                 return
+            if isinstance(item, _Own):
+                self._processed_one(item)
+                continue
             try:
                 yield item
             finally:
@@ -318,6 +322,9 @@ class Client:
             item = await self._queue.get()
             if item is _END:
                 return
+            if isinstance(item, _Own):
+                self._processed_one(item)
+                continue
             try:
                 result = self._on_event(item)
                 if inspect.isawaitable(result):
@@ -476,6 +483,7 @@ class Client:
         Entries new to the client are also delivered as events, as usual.
         """
         _check_conv(conv)
+        _check_seq(after=after, limit=limit)
         frame: dict[str, Any] = {"type": "sync", "conv": conv}
         if after is not None:
             frame["after"] = after
@@ -501,6 +509,7 @@ class Client:
         and is not acknowledged.
         """
         _check_conv(conv)
+        _check_seq(before=before, after=after, limit=limit)
         frame: dict[str, Any] = {"type": "history", "conv": conv}
         for name, value in (("before", before), ("after", after), ("limit", limit)):
             if value is not None:
@@ -511,6 +520,7 @@ class Client:
     async def read(self, conv: str, seq: int) -> None:
         """Tell the other members you have read ``conv`` up to ``seq``."""
         _check_conv(conv)
+        _check_seq(seq=seq)
         await self._request({"type": "read", "conv": conv, "seq": seq})
 
     async def typing(self, conv: str) -> None:
@@ -522,13 +532,14 @@ class Client:
     async def recall(self, conv: str, seq: int) -> int:
         """Recall your message ``seq``; returns the seq of the recall entry."""
         _check_conv(conv)
+        _check_seq(seq=seq)
         reply = await self._request({"type": "recall", "conv": conv, "seq": seq})
         self._note_own(conv, int(reply["seq"]))
         return int(reply["seq"])
 
     async def presence(self, users: Iterable[str]) -> dict[str, Presence]:
         """Who of ``users`` is online now."""
-        reply = await self._request({"type": "presence", "users": list(users)})
+        reply = await self._request({"type": "presence", "users": _check_ids(*users)})
         return {u: Presence(u, bool(p.get("online")), p.get("last_seen"))
                 for u, p in reply["users"].items()}
 
@@ -536,38 +547,41 @@ class Client:
     async def group_create(self, group: str, members: Iterable[str] = (),
                            name: str | None = None) -> dict[str, str]:
         """Create ``group`` (you are its owner) with ``members``; returns user -> role."""
-        frame: dict[str, Any] = {"type": "group_create", "group": group,
-                                 "members": list(members)}
+        frame: dict[str, Any] = {"type": "group_create", "group": _check_ids(group)[0],
+                                 "members": _check_ids(*members)}
         if name:
             frame["name"] = name
         return dict((await self._request(frame))["members"])
 
     async def group_join(self, group: str) -> dict[str, str]:
         """Join an existing group; returns user -> role."""
-        return dict((await self._request({"type": "group_join", "group": group}))["members"])
+        return dict((await self._request({"type": "group_join", "group": _check_ids(group)[0]}))["members"])
 
     async def group_leave(self, group: str) -> dict[str, str]:
         """Leave a group; returns the remaining user -> role."""
-        return dict((await self._request({"type": "group_leave", "group": group}))["members"])
+        return dict((await self._request({"type": "group_leave", "group": _check_ids(group)[0]}))["members"])
 
     async def group_invite(self, group: str, users: Iterable[str]) -> dict[str, str]:
         """Add ``users`` (owner/admin only)."""
-        frame = {"type": "group_invite", "group": group, "users": list(users)}
+        frame = {"type": "group_invite", "group": group, "users": _check_ids(group, *users)[1:]}
         return dict((await self._request(frame))["members"])
 
     async def group_remove(self, group: str, users: Iterable[str]) -> dict[str, str]:
         """Remove ``users`` (owner/admin only)."""
-        frame = {"type": "group_remove", "group": group, "users": list(users)}
+        frame = {"type": "group_remove", "group": group, "users": _check_ids(group, *users)[1:]}
         return dict((await self._request(frame))["members"])
 
     async def group_role(self, group: str, user: str, role: str) -> dict[str, str]:
         """Make ``user`` an ``admin`` or a ``member`` (owner only)."""
+        _check_ids(group, user)
+        if role not in ("admin", "member"):
+            raise ValueError(f"role must be admin or member, not {role!r}")
         frame = {"type": "group_role", "group": group, "user": user, "role": role}
         return dict((await self._request(frame))["members"])
 
     async def group_members(self, group: str) -> dict[str, str]:
         """user -> role of a group you are a member of."""
-        return dict((await self._request({"type": "group_members", "group": group}))["members"])
+        return dict((await self._request({"type": "group_members", "group": _check_ids(group)[0]}))["members"])
 
     async def groups(self) -> list[str]:
         """The groups you are a member of."""
@@ -705,8 +719,7 @@ class Client:
 
     async def _open(self) -> Connected:
         """One connection attempt: connect, authenticate, resend, resume."""
-        loop = asyncio.get_running_loop()
-        conn = _Connection(loop)
+        conn = _Connection(asyncio.get_running_loop())
         token = await self._token_now()
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -715,17 +728,30 @@ class Client:
                     websocket_handshake_timeout=self._connect_timeout, enable_auto_pong=True)
                 if token is not None:
                     conn.send({"type": "auth", "token": token})
-                await asyncio.wait({conn.welcome, conn.done},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not conn.welcome.done():
-                    self._raise_for_close(conn)
+                await _either(conn.welcome, conn.done)
+            if not conn.welcome.done():
+                self._raise_for_close(conn)
+            self._welcomed(conn, conn.welcome.result())
+            try:
+                await asyncio.wait_for(_either(conn.resumed, conn.done),
+                                       self._connect_timeout * 3)
+            except TimeoutError:
+                raise ConnectionLost("the server did not finish resuming in time") from None
+            if not conn.resumed.done():
+                raise ConnectionLost(f"connection closed while resuming ({conn.close_code})")
         except BaseException:
             if conn.transport is not None:
                 conn.transport.disconnect(graceful=False)
             raise
-        welcome = conn.welcome.result()
+        self._connects += 1
+        connected = Connected(self.user, self.device, self.server, conn.resumed.result(),
+                              reconnected=self._connects > 1)
+        self._emit(connected)
+        return connected
+
+    def _welcomed(self, conn: _Connection, welcome: dict[str, Any]) -> None:
+        """Authenticated: take the connection into use and send what is waiting."""
         if self._want_device and welcome.get("device") != self._want_device:
-            conn.transport.disconnect()
             raise ConnectionClosed(4500, f"the token is for device {welcome.get('device')!r},"
                                          f" not {self._want_device!r}")
         self.user, self.device = str(welcome["user"]), str(welcome["device"])
@@ -742,20 +768,6 @@ class Client:
         self._flush_acks()  # what was processed while we were offline
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._heartbeat(conn), name="imfast-heartbeat"))
-        resume = asyncio.ensure_future(asyncio.wait({conn.resumed, conn.done},
-                                                    return_when=asyncio.FIRST_COMPLETED))
-        try:
-            await asyncio.wait_for(resume, self._connect_timeout * 3)
-        except TimeoutError:
-            conn.transport.disconnect(graceful=False)
-            raise ConnectionLost("the server did not finish resuming in time") from None
-        if not conn.resumed.done():
-            raise ConnectionLost(f"connection closed while resuming ({conn.close_code})")
-        self._connects += 1
-        connected = Connected(self.user, self.device, self.server, conn.resumed.result(),
-                              reconnected=self._connects > 1)
-        self._emit(connected)
-        return connected
 
     def _raise_for_close(self, conn: _Connection) -> None:
         code, reason = conn.close_code, conn.close_reason or conn.auth_error
@@ -795,7 +807,7 @@ class Client:
 
     def _delay(self, attempt: int) -> float:
         first, largest = self._backoff
-        return min(largest, first * 2 ** min(attempt, 16)) * random.uniform(0.5, 1.0)
+        return float(min(largest, first * 2.0 ** min(attempt, 16)) * random.uniform(0.5, 1.0))
 
     async def _supervise(self) -> None:
         """Wait for the connection to end; reconnect with backoff or stop for good."""
@@ -839,7 +851,7 @@ class Client:
             return
         if terminal:
             self._error = exc
-            log.warning("stopped: %s", exc)
+            log.info("stopped: %s", exc)
         if emit:
             self._emit(Disconnected(exc.code, exc.reason, None))
         for _frame, future in self._sends.values():
@@ -868,9 +880,30 @@ class _Own:
         self.seq = seq
 
 
+async def _either(a: asyncio.Future[Any], b: asyncio.Future[Any]) -> None:
+    """Wait until one of the two futures is done."""
+    pending: list[asyncio.Future[Any]] = [a, b]
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+
+# The server answers a malformed frame with an error it cannot tie to a request
+# (no id): check here, so a bad argument raises at once instead of timing out.
 def _check_conv(conv: str) -> None:
     if parse_conv(conv) is None:
         raise ValueError(f"{conv!r} is not a conversation id (p:<a>:<b> sorted, or g:<group>)")
+
+
+def _check_ids(*ids: str) -> list[str]:
+    for value in ids:
+        if not is_valid_id(value):
+            raise ValueError(f"{value!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . @ -)")
+    return list(ids)
+
+
+def _check_seq(**seqs: int | None) -> None:
+    for name, value in seqs.items():
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
 
 
 def _describe(exc: BaseException) -> str:

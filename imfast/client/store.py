@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["CursorStore", "MemoryCursorStore", "JsonFileCursorStore"]
+__all__ = ["CursorStore", "JsonFileCursorStore", "MemoryCursorStore"]
 
 
 class CursorStore(Protocol):

@@ -169,8 +169,12 @@ class GatewayNode:
         remote: dict[str, list[Any]] = defaultdict(list)
         offline: list[tuple[bytes, bytes]] = []
         for _key, value in batch:
-            record = orjson.loads(value)
-            entry = entry_from_wire(record["e"])
+            try:
+                record = orjson.loads(value)
+                entry = entry_from_wire(record["e"])
+            except Exception:  # noqa: BLE001 - a bad record must not stall the partition
+                log.error("skipping unreadable group_msg record (%d bytes)", len(value))
+                continue
             skip = tuple(record["s"]) if record.get("s") else None
             local: list[str] = []
             by_gateway: dict[str, list[str]] = defaultdict(list)

@@ -72,11 +72,11 @@ def valid_close_code(code: int) -> bool:
     return 3000 <= code <= 4999
 
 
-class FramedListener(WSListener):  # type: ignore[misc]
+class FramedListener(WSListener):
     """Message-level WebSocket handling shared by every endpoint."""
 
-    __slots__ = ("transport", "raw", "closed", "_frag", "_frag_text", "_frag_size", "_utf8",
-                 "max_message", "ping_tokens", "ping_ts")
+    __slots__ = ("_frag", "_frag_size", "_frag_text", "_utf8", "closed", "max_message",
+                 "ping_tokens", "ping_ts", "raw", "transport")
 
     def __init__(self, max_message: int) -> None:
         self.transport: Any = None
@@ -116,7 +116,7 @@ class FramedListener(WSListener):  # type: ignore[misc]
             # itself, then still hands us the frame before it - which must not be answered.
             self.closed = True
             if frame.msg_type is _CLOSE:
-                transport.disconnect()
+                _close_tcp(transport)
             return
         self.on_activity()
         msg_type = frame.msg_type
@@ -202,12 +202,12 @@ class FramedListener(WSListener):  # type: ignore[misc]
         if size == 0:
             reply = int(CloseCode.NORMAL)
         else:
-            code = frame.get_close_code()
+            code: int = frame.get_close_code().value
             reply = code if size >= 2 and valid_close_code(code) else int(CloseCode.PROTOCOL_ERROR)
         self.closed = True
         transport.send_close(WSCloseCode(reply))
         # The server closes the TCP connection first (RFC 6455 7.1.1).
-        transport.disconnect()
+        _close_tcp(transport)
 
     # Helpers for subclasses -----------------------------------------------
     def fail(self, code: int, reason: str) -> None:
@@ -222,8 +222,28 @@ class FramedListener(WSListener):  # type: ignore[misc]
             # At most 123 bytes of reason fit in a control frame; never cut a code point.
             message = reason.encode()[:120].decode("utf-8", "ignore").encode()
             transport.send_close(WSCloseCode(int(code)), message)
-            # Disconnect when the peer's CLOSE arrives (on_ws_frame), or after a grace period.
-            asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.disconnect)
+            handshake = transport.close_handshake
+            if handshake is not None and handshake.recv is not None:
+                # Failing on the peer's own CLOSE (e.g. one with RSV bits): no reply to wait for.
+                _close_tcp(transport)
+            else:
+                # Disconnect when the peer's CLOSE arrives (on_ws_frame), or after a grace period.
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, _drop, transport)
+
+
+def _close_tcp(transport: WSTransport) -> None:
+    """Close TCP after what is queued is sent - unless the peer does not read it."""
+    unsent = transport.underlying_transport.get_write_buffer_size()
+    transport.disconnect()
+    if unsent:
+        # A graceful close waits for the buffer to drain, so a peer that stopped reading
+        # would keep the connection (and the buffer) forever.
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, _drop, transport)
+
+
+def _drop(transport: WSTransport) -> None:
+    """End of the grace period: close TCP now, discarding what the peer did not read."""
+    transport.disconnect(False)
 
 
 _L = TypeVar("_L", bound=FramedListener)
@@ -257,4 +277,4 @@ def frame_limited(cls: type[_L]) -> type[_L]:
             "__doc__": f"{cls.__name__} refusing data frames over max_message (1009).",
         })
         _limited[cls] = sub
-    return sub  # type: ignore[return-value]
+    return sub

@@ -41,6 +41,7 @@ from imfast._core import USING_EXTENSIONS, ConnectionTable, TimerWheel, WriteCoa
 from imfast.auth import TokenVerifier
 from imfast.backends.base import KIND_EVENT, KIND_RECALL, StoredMessage
 from imfast.config import Settings
+from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, frame_limited
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.gateway.session import EchoSession, Session
 from imfast.protocol.codes import CloseCode
@@ -90,6 +91,13 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.extra_stats: Any = None  # callable returning extra /stats fields (service side)
+        # picows has one max_frame_size per server: raised for /_echo in conformance mode,
+        # so /ws sessions then check MAX_FRAME_BYTES themselves (frames.frame_limited).
+        self.max_frame_size = settings.max_frame_bytes
+        self.session_cls: type[Session] = Session
+        if settings.conformance_echo:
+            self.max_frame_size = max(settings.max_frame_bytes, CONFORMANCE_MAX_MESSAGE)
+            self.session_cls = frame_limited(Session)
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(GatewayCollector(self.stats, self._gauges))
 
@@ -102,7 +110,7 @@ class Gateway:
             self.settings.http_port if port is None else port,
             websocket_handshake_timeout=self.settings.auth_timeout,
             enable_auto_pong=False,  # the frame layer answers pings, with a flood limit
-            max_frame_size=self.settings.max_frame_bytes,
+            max_frame_size=self.max_frame_size,
             # A small initial read buffer: chat frames are small, and picows grows it on demand.
             read_buffer_init_size=1024,
             reuse_port=True,
@@ -148,6 +156,10 @@ class Gateway:
         except Exception:  # noqa: BLE001
             return _json_response(400, {"error": "bad request path"})
         path = url.path
+        if path == "/ws" or path == "/_echo":
+            refused = _check_upgrade(request)
+            if refused is not None:
+                return refused
         if path == "/ws":
             return self._accept_ws(request, url.query)
         if path == "/health":
@@ -165,7 +177,7 @@ class Gateway:
             return self._chat_page()
         if path == "/_echo" and self.settings.conformance_echo:
             # Conformance suites send 16 MiB messages; the limit stays bounded.
-            return EchoSession(max(self.settings.max_frame_bytes, 16 * 1024 * 1024))
+            return EchoSession(self.max_frame_size)
         return _json_response(404, {"error": "not found", "path": path})
 
     def _accept_ws(self, request: WSUpgradeRequest, query: str) -> Any:
@@ -185,12 +197,13 @@ class Gateway:
                 return _json_response(403, {"error": "origin not allowed"})
         params = parse_qs(query, max_num_fields=8) if query else {}
         token = params.get("token", [None])[0]
+        session_cls = self.session_cls
         if token is not None:
-            return Session(self, query_token=token)
+            return session_cls(self, query_token=token)
         if settings.insecure_dev_auth and "user" in params:
-            return Session(self, dev_user=params["user"][0],
-                           dev_device=params.get("device", [None])[0])
-        return Session(self)
+            return session_cls(self, dev_user=params["user"][0],
+                               dev_device=params.get("device", [None])[0])
+        return session_cls(self)
 
     def _admin_drain(self, request: WSUpgradeRequest) -> Any:
         """``GET /admin/drain`` with ``X-Admin-Token``: start draining this gateway."""
@@ -388,6 +401,26 @@ class Gateway:
         while len(self.table) and self.loop.time() < end:
             await asyncio.sleep(0.05)
         log.warning("drain finished: %d connections left", len(self.table))
+
+
+def _check_upgrade(request: WSUpgradeRequest) -> Any:
+    """The answer to an upgrade picows would get wrong, or None (picows validates the rest).
+
+    * ``Sec-WebSocket-Version`` other than 13: 426 naming 13 (RFC 6455 4.2.2); picows
+      would also upgrade the draft versions 7 and 8;
+    * ``Connection`` listing ``Upgrade`` among other tokens (Firefox sends
+      ``keep-alive, Upgrade``): accepted as RFC 6455 4.2.1 asks; picows wants it alone.
+    """
+    headers = request.headers
+    version = headers.get("Sec-WebSocket-Version")
+    if version is not None and version.strip() != "13":
+        return _json_response(426, {"error": "unsupported WebSocket version", "supported": "13"},
+                              {"Sec-WebSocket-Version": "13"})
+    connection = headers.get("Connection")
+    if connection is not None and connection.strip().lower() != "upgrade" and "upgrade" in (
+            token.strip().lower() for token in connection.split(",")):
+        headers["Connection"] = "Upgrade"
+    return None
 
 
 def _drain_requested(path: str) -> bool:

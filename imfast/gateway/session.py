@@ -155,6 +155,10 @@ class Session(FramedListener):
             self._retransmit()
         self._schedule_timer()
 
+    def _deadline(self, exp: float) -> float:
+        """A token's ``exp`` (epoch seconds) on the gateway's loop clock; 0: never."""
+        return self.gw.now + (exp - time.time()) if exp else 0.0
+
     def _schedule_timer(self) -> None:
         """Make sure the wheel calls us by the earliest of our deadlines."""
         settings = self.gw.settings
@@ -537,7 +541,7 @@ class Session(FramedListener):
         gw = self.gw
         self.dev_user = self.dev_device = None
         self.identity = identity
-        self.expires_at = identity.expires_at
+        self.expires_at = self._deadline(identity.expires_at)
         replaced = gw.table.bind(self, identity.user, identity.device)
         if replaced is not None:
             replaced.close(CloseCode.REPLACED, "this device connected again")
@@ -666,7 +670,7 @@ class Session(FramedListener):
         if (identity.user, identity.device) != (self.user, self.device):
             raise ImfastError("token is for another user or device", code="auth_failed")
         self.identity = identity
-        self.expires_at = identity.expires_at
+        self.expires_at = self._deadline(identity.expires_at)
         reply: dict[str, Any] = {"type": "refreshed", "expires_at": identity.expires_at}
         if rid is not None:
             reply["id"] = rid

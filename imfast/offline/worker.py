@@ -87,8 +87,15 @@ class OfflineWorker:
 
     async def handle(self, batch: list[tuple[bytes, bytes]]) -> None:
         """Store a batch of offline_msg records (before the offsets are committed)."""
-        rows = [tuple(orjson.loads(value)) for _key, value in batch]
-        await self.mysql.add_offline(rows)
+        rows = []
+        for _key, value in batch:
+            try:
+                user, conv, seq, msg_id = orjson.loads(value)
+                rows.append((str(user), str(conv), int(seq), str(msg_id)))
+            except Exception:  # noqa: BLE001 - a bad record must not stall the partition
+                log.error("skipping unreadable offline_msg record (%d bytes)", len(value))
+        if rows:
+            await self.mysql.add_offline(rows)
         self.stored += len(rows)
 
     async def _purge_loop(self) -> None:

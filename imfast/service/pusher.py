@@ -54,6 +54,15 @@ class ClusterPusher:
         self.routed = {"online": 0, "offline": 0, "group": 0}
         self.route_failures = 0
 
+    def routed_all(self) -> asyncio.Future[None]:
+        """Done once everything routed so far has been pushed or published (or failed)."""
+        task = self._flushing
+        if task is None or task.done():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        return task
+
     def _schedule(self) -> None:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
@@ -100,8 +109,11 @@ class ClusterPusher:
         await asyncio.sleep(0)  # gather everything routed in this loop iteration
         while self._group or self._offline or self._pushes:
             pushes, self._pushes = self._pushes, defaultdict(list)
-            for gateway, items in pushes.items():
-                if not await self.links.push(gateway, "batch", items):
+            # Concurrently: one unreachable gateway must not delay the healthy ones.
+            results = await asyncio.gather(*(self.links.push(gateway, "batch", items)
+                                             for gateway, items in pushes.items()))
+            for (gateway, items), ok in zip(pushes.items(), results):
+                if not ok:
                     self.route_failures += 1
                     log.warning("route failed: gateway %s unreachable (%d pushes); clients "
                                 "will sync", gateway, len(items))

@@ -92,20 +92,24 @@ class GroupCommitter:
     batch, in order, before the futures resolve.
     """
 
-    def __init__(self, store: Store, on_commit: Any, max_batch: int = 512) -> None:
+    def __init__(self, store: Store, on_commit: Any, max_batch: int = 512,
+                 routed: Any = None) -> None:
         from imfast.gateway.metrics import Histogram
+
+        self._routed = routed  # () -> awaitable done when the pushes so far have left
 
         self.commit_time = Histogram()  # one store append (a whole batch)
         self._store = store
         self._on_commit = on_commit
         self._max_batch = max_batch
-        self._pending: list[tuple[StoredMessage, asyncio.Future[None]]] = []
+        self._pending: list[tuple[StoredMessage, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
-    def submit(self, message: StoredMessage) -> asyncio.Future[None]:
+    def submit(self, message: StoredMessage) -> asyncio.Future[Any]:
+        """A future resolving to None once stored, or to the already stored original."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((message, fut))
         if self._task is None:
             self._task = loop.create_task(self._run())
@@ -126,6 +130,8 @@ class GroupCommitter:
                 except Exception as exc:  # noqa: BLE001 - every future learns the failure
                     if isinstance(exc, ValueError) and "already exists" in str(exc):
                         await self._repair({m.conv for m in messages})
+                        await self._one_by_one(batch)
+                        continue
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
@@ -134,14 +140,68 @@ class GroupCommitter:
                 try:
                     self._on_commit(messages)
                 finally:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_result(None)
+                    self._resolve(batch)
         finally:
             self._task = None
             if self._pending:  # raced in after the loop ended
                 self._task = asyncio.get_running_loop().create_task(self._run())
 
+
+    def _resolve(self, batch: list[tuple[StoredMessage, asyncio.Future[Any]]]) -> None:
+        """Tell the senders: once the batch's pushes have left (``routed`` awaitable).
+
+        Waiting for the pushes means an acknowledged message was also handed to
+        the gateways' sockets: if this process dies before that, the sender gets
+        no ack, retries, and the retry (a duplicate) routes it again.  The wait
+        runs beside the next commits, never in front of them.
+        """
+        waiter = self._routed() if self._routed is not None else None
+        if waiter is None:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            return
+
+        async def after_routing() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), 10.0)
+            except Exception:  # noqa: BLE001 - stored anyway: clients sync; ack regardless
+                log.warning("route failed: pushes for a committed batch did not finish")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+        asyncio.get_running_loop().create_task(after_routing())
+
+    async def _one_by_one(self, batch: list[tuple[StoredMessage, asyncio.Future[Any]]]) -> None:
+        """After a refused batch, store its entries singly so one bad entry fails alone.
+
+        An entry refused because its (sender, cmid) is already in the log - the
+        dedup memory lost it, e.g. Redis was flushed - resolves to the stored
+        original instead: the client is answered as for any duplicate.
+        """
+        committed = []
+        for message, fut in batch:
+            try:
+                await self._store.append([message])
+            except ValueError as exc:
+                original = (await self._store.find_by_cmid(message.sender, message.cmid)
+                            if message.cmid else None)
+                if original is not None and original.msg_id != message.msg_id:
+                    fut.set_result(original)
+                else:
+                    fut.set_exception(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+                continue
+            committed.append((message, fut))
+        if committed:
+            self.batches += 1
+            try:
+                self._on_commit([m for m, _ in committed])
+            finally:
+                self._resolve(committed)
 
     async def _repair(self, convs: set[str]) -> None:
         """The counter fell behind the log (e.g. Redis lost data): move it past the log."""
@@ -163,7 +223,8 @@ class Router:
         self.store = store
         self.pusher = pusher
         self._ids = MsgIdGenerator()
-        self._committer = GroupCommitter(store, self._route_committed)
+        self._committer = GroupCommitter(store, self._route_committed,
+                                         routed=getattr(pusher, "routed_all", None))
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
@@ -276,10 +337,22 @@ class Router:
         if dedup_key:
             self._inflight[dedup_key] = outcome
 
-        def finished(f: asyncio.Future[None]) -> None:
+        def finished(f: asyncio.Future[Any]) -> None:
             if dedup_key and self._inflight.get(dedup_key) is outcome:
                 del self._inflight[dedup_key]
             exc = f.exception()
+            if exc is None and f.result() is not None:
+                # Already stored under this cmid (the dedup memory had lost it): answer
+                # with the original, route it again, forget the wasted reservation.
+                original: StoredMessage = f.result()
+                self.duplicates_total += 1
+                log.info("duplicate message detected dedup_key=%s user_id=%s msg_id=%s seq=%s "
+                         "(found in the log)", dedup_key, sender, original.msg_id, original.seq)
+                loop.create_task(self.store.release(conv, dedup_key))
+                self._route_committed([original])
+                outcome.set_result(SendResult(original.msg_id, original.conv, original.seq,
+                                              original.ts, True))
+                return
             if exc is None:
                 self.sent_total += 1
                 outcome.set_result(result)

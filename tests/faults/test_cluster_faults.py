@@ -165,3 +165,24 @@ async def test_offline_worker_killed_records_still_stored(deployment: tuple[Clus
         await asyncio.sleep(0.2)
     assert rows() == 5  # each offline_msg record stored once, none lost while it was down
     await sender.close()
+
+
+async def test_resend_after_redis_lost_the_dedup_key_is_still_one_message(
+        deployment: tuple[Cluster, Any]) -> None:
+    cluster, services = deployment
+    alice = ChatClient([cluster.url(0)], mint_token(SETTINGS, "dk-alice"), "dk-alice")
+    bob = ChatClient([cluster.url(1)], mint_token(SETTINGS, "dk-bob"), "dk-bob")
+    await alice.connect()
+    await bob.connect()
+    first = await alice.send("dk-bob", "dk-1", "only once")
+    redis.Redis.from_url(services.redis.url).flushall()  # dedup memory gone
+    for _ in range(2):  # the client's retries after, say, a lost ack
+        again = await alice.send("dk-bob", "dk-1", "only once")
+        assert (again["msg_id"], again["seq"], again.get("duplicate")) == \
+            (first["msg_id"], first["seq"], True)
+    later = await alice.send("dk-bob", "dk-2", "next one")
+    assert later["seq"] > first["seq"]
+    stored = await bob.sync_all(first["conv"])
+    assert [e["body"] for e in stored].count("only once") == 1
+    await alice.close()
+    await bob.close()
