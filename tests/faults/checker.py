@@ -171,7 +171,8 @@ class ChatClient:
                 self._on_frame = previous  # type: ignore[method-assign]
             out.extend(got)
             if not synced["more"]:
-                return out
+                # A live push or retransmit of the same entry may arrive during the sync.
+                return list({e["seq"]: e for e in out}.values())
             after = synced["last"]
 
     async def close(self) -> None:
