@@ -1,0 +1,71 @@
+"""The load generator (load_test/gen.py) against a real node: its accounting adds up.
+
+A few seconds at a low rate, below the node's default per-connection rate limit.
+Nothing here depends on timing: only that every count is consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.node import NodeThread
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "load_test"))
+
+from hdr import Histogram, bucket_bounds, bucket_of  # noqa: E402
+
+
+def run_gen(node: NodeThread, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "load_test" / "gen.py"), "--url", node.url,
+         "--jwt-secret", node.settings.jwt_secret, "--processes", "1", "--server-pid", "-1",
+         "--quiet", "--json", str(out), *args],
+        capture_output=True, text=True, timeout=120)
+    assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_chat_counts_are_consistent(node: NodeThread, tmp_path: Path) -> None:
+    r = run_gen(node, tmp_path, "--scenario", "chat", "--connections", "20", "--rate", "20",
+                "--duration", "5", "--drain", "10")
+    t = r["totals"]
+    assert r["workers"]["crashes"] == []
+    assert t["connect_ok"] == 20 and t["connect_failed"] == 0
+    assert t["sent"] > 0
+    assert t["acknowledged"] == t["sent"]
+    assert t["delivered"] == t["acknowledged"]
+    assert t["deliveries"] == t["expected_deliveries"]
+    assert t["duplicates"] == 0
+    assert t["lost"] == 0 and t["unacknowledged"] == 0
+    assert t["gaps"] == 0
+    assert r["errors"] == {}
+    assert r["latency_ms"]["count"] == t["deliveries"]
+    assert r["derived"]["delivery_success"] == 1.0
+
+
+def test_private_only_deliveries_equal_messages(node: NodeThread, tmp_path: Path) -> None:
+    r = run_gen(node, tmp_path, "--scenario", "chat", "--connections", "10", "--rate", "10",
+                "--duration", "3", "--group-share", "0", "--drain", "10")
+    t = r["totals"]
+    assert t["sent"] > 0
+    assert t["delivered"] == t["acknowledged"] == t["deliveries"] == t["sent"]
+    assert t["duplicates"] == 0 and t["lost"] == 0
+
+
+def test_histogram_buckets_and_merge() -> None:
+    for v in (0, 1, 127, 128, 129, 1000, 123_456, 10**9):
+        lo, hi = bucket_bounds(bucket_of(v))
+        assert lo <= v <= hi
+        assert hi - lo <= max(1, lo) / 64
+    a, b = Histogram(), Histogram()
+    for v in range(1, 1001):
+        (a if v % 2 else b).record(v)
+    merged = Histogram().merge(a).merge(b)
+    assert merged.n == 1000 and merged.min == 1 and merged.max == 1000
+    assert 495 <= merged.percentile(50) <= 510
+    assert Histogram.from_dict(merged.to_dict()).summary() == merged.summary()
