@@ -60,6 +60,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def stop_children(procs: Any, grace: float = 10.0) -> None:
+    """SIGINT every child still running, wait up to ``grace`` s, then SIGKILL the rest."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    end = time.monotonic() + grace
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        await asyncio.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class _Aggregate:
     """Node-wide statistics summed from the workers' reports."""
 
@@ -203,15 +217,7 @@ class EmbeddedSupervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        end = time.monotonic() + 10
-        while time.monotonic() < end and any(p.poll() is None for p in self.procs.values()):
-            await asyncio.sleep(0.05)
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
+        await stop_children(self.procs.values())
         await self.link.close()
         await self.links.close()
         await self.store.close()
@@ -339,15 +345,7 @@ class GatewaySupervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        end = time.monotonic() + 10
-        while time.monotonic() < end and any(p.poll() is None for p in self.procs.values()):
-            await asyncio.sleep(0.05)
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
+        await stop_children(self.procs.values())
         await self.link.close()
 
 
