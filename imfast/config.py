@@ -178,6 +178,11 @@ class Settings:
         "WRITE_BUFFER_LIMIT", _positive_int, DEFAULT_WRITE_BUFFER_LIMIT,
         "bytes queued to a client before it is closed with a reconnect code",
     )
+    write_stall_timeout: float = _setting(
+        "WRITE_STALL_TIMEOUT", _positive_float, 20.0,
+        "seconds a client may leave chat entries waiting on a full write buffer before it is "
+        "closed with 4002 (reconnect; nothing is lost)",
+    )
     max_errors: int = _setting(
         "MAX_PROTOCOL_ERRORS", _positive_int, DEFAULT_MAX_ERRORS,
         "bad frames tolerated per connection before it is closed",

@@ -327,8 +327,15 @@ class Session(FramedListener):
         self.catchup = self.gw.loop.create_task(self._catch_up())
 
     async def _wait_writable(self) -> None:
+        """Wait until the client has read enough; close it (4002) if it stalls too long."""
         limit = self.gw.settings.write_buffer_high
+        stall_limit = self.gw.settings.write_stall_timeout
+        started = self.gw.loop.time()
         while not self.closed and self.raw.get_write_buffer_size() > limit:
+            if self.gw.loop.time() - started > stall_limit:
+                self.gw.stats.slow_consumers += 1
+                self.close(CloseCode.SLOW_CONSUMER, "client stopped reading; reconnect to resume")
+                return
             if self.writable is None:
                 self.writable = asyncio.Event()
             self.writable.clear()

@@ -220,7 +220,7 @@ def test_frame_level_violations_close_only_the_offender(node: NodeThread) -> Non
 def test_client_that_stops_reading_is_bounded_then_closed_with_4002(make_node) -> None:
     """Case 19: events are dropped first, then 4002; its chat messages stay pending."""
     node = make_node(write_buffer_high=16 * 1024, write_buffer_limit=64 * 1024,
-                     rate_msgs_per_sec=100000.0, rate_burst=100000)
+                     write_stall_timeout=1.0, rate_msgs_per_sec=100000.0, rate_burst=100000)
     by = Bystanders(node)
     sender = connect(node, "flood")
     reader = RawWS(node.port, f"/ws?token={node.token('sloth')}", rcvbuf=4096)
