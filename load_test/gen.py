@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import math
@@ -62,12 +63,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hdr import Histogram  # noqa: E402
+from hdr import Histogram
 
-__all__ = ["Config", "run", "evaluate_slo", "main", "SLO"]
+__all__ = ["SLO", "Config", "evaluate_slo", "main", "run"]
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-CONNS_PER_SOURCE_ADDR = 20_000     # < 28K ephemeral ports per source address
+CONNS_PER_SOURCE_ADDR = 10_000     # of 28K ephemeral ports: the kernel's port search stays short
 MAX_CONNS_PER_PROCESS = 15_000     # the fd hard limit here is 20,000 per process
 
 
@@ -122,6 +123,7 @@ class Config:
     connect_retries: int = 5
     storm_every: float = 10.0
     storm_share: float = 0.5
+    storm_jitter: float = 0.05             # each dropped client reconnects within this many s
     ping_sample: int = 200                 # hold: pings per process at the end
     source_addrs: str = "auto"             # auto | none | comma list of 127.x addresses
     allow_remote: bool = False
@@ -327,10 +329,8 @@ def _worker_main(cfg_dict: dict[str, Any], wid: int, lo: int, hi: int, t_begin: 
         worker = Worker(cfg, wid, lo, hi, t_begin, pipe)
         uvloop.run(worker.main())
     except BaseException:  # noqa: BLE001 - report anything to the parent
-        try:
+        with contextlib.suppress(Exception):  # the parent may be gone already
             pipe.send(("crash", wid, traceback.format_exc()))
-        except Exception:  # noqa: BLE001
-            pass
         raise SystemExit(1) from None
 
 
@@ -340,8 +340,22 @@ def _make_conn_class() -> Any:
     text, close = WSMsgType.TEXT, WSMsgType.CLOSE
 
     class Conn(WSListener):  # type: ignore[misc]
-        __slots__ = ("w", "i", "user", "transport", "ready", "waiter", "last_seq", "acks",
-                     "resuming", "dropping", "close_code", "pending_cmids", "t_drop", "own")
+        __slots__ = (
+            "acks",
+            "close_code",
+            "dropping",
+            "i",
+            "last_seq",
+            "own",
+            "pending_cmids",
+            "ready",
+            "resuming",
+            "t_drop",
+            "transport",
+            "user",
+            "w",
+            "waiter",
+        )
 
         def __init__(self, w: Worker, i: int, user: str) -> None:
             self.w = w
@@ -416,6 +430,9 @@ class Worker:
         self.imfast = cfg.protocol == "imfast"
         self.pad = "x" * max(0, cfg.body_bytes - 40)
         self.is_closed_loop = cfg.scenario == "max"
+        from picows import WSMsgType
+
+        self.text = WSMsgType.TEXT
 
     # ------------------------------------------------------------ helpers
     def user_name(self, i: int) -> str:
@@ -432,9 +449,7 @@ class Worker:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def send(self, conn: Any, obj: dict[str, Any]) -> None:
-        from picows import WSMsgType
-
-        conn.transport.send(WSMsgType.TEXT, _dumps(obj))
+        conn.transport.send(self.text, _dumps(obj))
         self.c.frames_out += 1
 
     # ------------------------------------------------------------ frames in
@@ -777,7 +792,7 @@ class Worker:
                 response = getattr(exc, "response", None)
                 status = getattr(response, "status", None)
                 self.error(f"connect_http_{int(status)}" if status else "connect_handshake")
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.error("connect_timeout")
             except OSError as exc:
                 self.error(f"connect_{errno.errorcode.get(exc.errno or 0, 'oserror')}")
@@ -851,7 +866,7 @@ class Worker:
     async def reconnect(self, conn: Any, t_drop: float) -> None:
         self.reconnecting += 1
         try:
-            await asyncio.sleep(random.random() * 0.05)
+            await asyncio.sleep(random.random() * self.cfg.storm_jitter)
             ok = await self.connect(conn, retries=8)
             if ok:
                 self.c.reconnects += 1
@@ -951,7 +966,7 @@ class Worker:
         while not self.start_evt.is_set() and time.time() < hard_deadline:
             try:
                 await asyncio.wait_for(self.start_evt.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if not self.stopped and self.t0:
             delay = self.t0 - time.time()
@@ -989,11 +1004,9 @@ class Worker:
         self.pipe.send(("final", self.wid, final))
         for conn in self.conns:
             if conn.transport is not None:
-                try:
+                with contextlib.suppress(Exception):  # closing anyway
                     conn.transport.send_close()
                     conn.transport.disconnect()
-                except Exception:  # noqa: BLE001
-                    pass
         await asyncio.sleep(0.2)
 
     def finish(self) -> dict[str, Any]:
@@ -1125,7 +1138,8 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
         prev = timeline[-1]["cum"] if timeline else {}
         now = time.time()
         row: dict[str, Any] = {
-            "t": k, "phase": _phase(last_snap), "ready": sum(s["ready"] for s in last_snap.values()),
+            "t": k, "phase": _phase(last_snap),
+            "ready": sum(s["ready"] for s in last_snap.values()),
             "pending": sum(s["pending"] for s in last_snap.values()),
             "sent": tot.get("sent", 0) - prev.get("sent", 0),
             "acknowledged": tot.get("acknowledged", 0) - prev.get("acknowledged", 0),
@@ -1161,7 +1175,15 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
                 continue
             kind = msg[0]
             if kind == "tick":
-                ticks.setdefault(msg[2], {})[w] = msg[3]
+                if msg[2] <= emitted:  # late (a busy worker): fold it into what was shown
+                    last_snap[w] = msg[3]
+                    row = next((r for r in reversed(timeline) if r["t"] == msg[2]), None)
+                    if row is not None:
+                        h = _hist(row["hist"]).merge(_hist(msg[3]["hist"]))
+                        row["hist"] = h.__getstate__()
+                        row["n_lat"] = h.n
+                else:
+                    ticks.setdefault(msg[2], {})[w] = msg[3]
             elif kind == "ready":
                 ready[w] = msg[2]
                 last_snap[w] = msg[2] | {"hist": {}}
@@ -1207,7 +1229,7 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
         k = min(ticks)
         emit(k)
     cpu_end = (time.time(), cpu_seconds(proc_tree(server_pid))) if server_pids else None
-    stats_after = fetch_json(cfg.stats_url)
+    stats_after = fetch_json(cfg.stats_url, timeout=10.0)
     if cfg.steps and t0:
         _check_steps(cfg, timeline, t0 - t_begin, steps_out, knee, final=True)
         knee = next((s for s in steps_out if s.get("knee")), None)
@@ -1453,7 +1475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", "-p", type=int, default=0,
                    help=f"worker processes (default: one per {MAX_CONNS_PER_PROCESS} connections)")
     p.add_argument("--auth", choices=("token", "dev"), default=d.auth,
-                   help="token: mint HS256 tokens with --jwt-secret; dev: ?user= (INSECURE_DEV_AUTH)")
+                   help="token: mint HS256 tokens with --jwt-secret; "
+                        "dev: ?user= (INSECURE_DEV_AUTH)")
     p.add_argument("--jwt-secret", default=os.environ.get("JWT_SECRET", ""),
                    help="the server's JWT_SECRET (default $JWT_SECRET)")
     p.add_argument("--data-dir", help="or: read the embedded node's dev secret from DATA_DIR")
@@ -1468,6 +1491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--storm-every", type=float, default=d.storm_every)
     p.add_argument("--storm-share", type=float, default=d.storm_share)
+    p.add_argument("--storm-jitter", type=float, default=d.storm_jitter,
+                   help="storm: reconnects spread over this many seconds (0.05: at once)")
     p.add_argument("--source-addrs", default=d.source_addrs)
     p.add_argument("--allow-remote", action="store_true")
     p.add_argument("--server-pid", type=int, default=0,
@@ -1495,7 +1520,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   body_bytes=args.body_bytes, drain=args.drain,
                   connect_concurrency=args.connect_concurrency, connect_rate=args.connect_rate,
                   connect_timeout=args.connect_timeout, storm_every=args.storm_every,
-                  storm_share=args.storm_share, source_addrs=args.source_addrs,
+                  storm_share=args.storm_share, storm_jitter=args.storm_jitter,
+                  source_addrs=args.source_addrs,
                   allow_remote=args.allow_remote, server_pid=args.server_pid,
                   stats_url=args.stats_url, seed=args.seed, quiet=args.quiet)
 

@@ -13,10 +13,11 @@ counts, so worker processes each keep their own and the parent sums them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Histogram", "SUB_BITS", "bucket_of", "bucket_bounds"]
+__all__ = ["SUB_BITS", "Histogram", "bucket_bounds", "bucket_of"]
 
 SUB_BITS = 7
 _SUB = 1 << SUB_BITS          # 128 exact buckets for 0..127
@@ -26,7 +27,7 @@ _HALF = _SUB >> 1             # 64 sub-buckets per power of two above
 def bucket_of(value: int) -> int:
     """Index of the bucket holding ``value`` (negative values count as 0)."""
     if value < _SUB:
-        return value if value > 0 else 0
+        return max(0, value)
     shift = value.bit_length() - SUB_BITS
     return _SUB + (shift - 1) * _HALF + ((value >> shift) - _HALF)
 
@@ -43,7 +44,7 @@ def bucket_bounds(index: int) -> tuple[int, int]:
 class Histogram:
     """Counts of values in log-linear buckets, plus exact min, max, sum and count."""
 
-    __slots__ = ("counts", "n", "total", "min", "max")
+    __slots__ = ("counts", "max", "min", "n", "total")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
@@ -54,8 +55,7 @@ class Histogram:
 
     def record(self, value: int) -> None:
         """Add one value."""
-        if value < 0:
-            value = 0
+        value = max(value, 0)
         if value < _SUB:
             idx = value
         else:
@@ -65,8 +65,7 @@ class Histogram:
         counts[idx] = counts.get(idx, 0) + 1
         if self.n == 0 or value < self.min:
             self.min = value
-        if value > self.max:
-            self.max = value
+        self.max = max(self.max, value)
         self.n += 1
         self.total += value
 
@@ -87,7 +86,7 @@ class Histogram:
         """The value at percentile ``p`` (0-100): the upper bound of its bucket, at most max."""
         if self.n == 0:
             return 0
-        rank = max(1, int(round(p / 100.0 * self.n + 0.4999999)))
+        rank = max(1, math.ceil(p / 100.0 * self.n))
         seen = 0
         for idx in sorted(self.counts):
             seen += self.counts[idx]

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["write_report", "line_chart", "histogram_chart"]
+__all__ = ["histogram_chart", "line_chart", "write_report"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
@@ -79,7 +79,8 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]]]], *, title: st
 
         def sy(y: float) -> float:
             y = max(y, y0)
-            return mt + ph - (math.log10(y) - math.log10(y0)) / (math.log10(y1) - math.log10(y0)) * ph
+            span = math.log10(y1) - math.log10(y0)
+            return mt + ph - (math.log10(y) - math.log10(y0)) / span * ph
         yticks = _log_ticks(y0, y1)
     else:
         y0, y1 = 0.0, max(ys) * 1.08 if ys and max(ys) > 0 else 1.0
@@ -91,8 +92,8 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]]]], *, title: st
     def sx(x: float) -> float:
         return ml + (x - x0) / (x1 - x0) * pw
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">'),
            f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
            f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     for t in yticks:
@@ -156,13 +157,14 @@ def histogram_chart(buckets: list[tuple[float, float, int]], *, title: str,
     cmax = max(counts)
 
     def sx(x: float) -> float:
-        return ml + (math.log10(max(x, x0)) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) * pw
+        span = math.log10(x1) - math.log10(x0)
+        return ml + (math.log10(max(x, x0)) - math.log10(x0)) / span * pw
 
     def sy(c: float) -> float:
         return mt + ph - c / cmax * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">'),
            f'<text x="{ml}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
            f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     for t in _nice_ticks(0, cmax, 4):
@@ -211,15 +213,14 @@ def write_report(result: dict[str, Any], verdict: list[dict[str, Any]], path: st
     tl = result.get("timeline", [])
     cfg = result["config"]
     t = result["totals"]
-    lat = result["latency_ms"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:940px;margin:1em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;"
-        "padding:2px 8px;text-align:left;font-size:13px}th{background:#f4f4f4}"
-        ".ok{color:#1a7f37}.fail{color:#c62828;font-weight:bold}.warn{color:#b26a00;"
-        "font-weight:bold}code{background:#f4f4f4;padding:1px 3px}</style></head><body>",
+        ("<style>body{font-family:sans-serif;max-width:940px;margin:1em auto;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;"
+         "padding:2px 8px;text-align:left;font-size:13px}th{background:#f4f4f4}"
+         ".ok{color:#1a7f37}.fail{color:#c62828;font-weight:bold}.warn{color:#b26a00;"
+         "font-weight:bold}code{background:#f4f4f4;padding:1px 3px}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
     ]
     overall = all(v["ok"] for v in verdict)

@@ -49,8 +49,8 @@ from urllib.parse import urlsplit
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import gen  # noqa: E402
-from report import write_report  # noqa: E402
+import gen
+from report import write_report
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"scenario": "chat", "connections": 1000, "rate": 500, "duration": 45},
@@ -102,7 +102,7 @@ class EmbeddedNode:
 
     def supports_workers(self) -> bool:
         out = subprocess.run([sys.executable, "-m", "imfast", "serve", "--help"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
         return "--workers" in out.stdout
 
     def start(self) -> None:
@@ -128,7 +128,7 @@ class EmbeddedNode:
             "LOG_FORMAT": "json",
         })
         env.pop("IMFAST_CONFIG", None)
-        self.logf = open(self.log_path, "wb")
+        self.logf = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.logf, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + 60
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--target runs INSECURE_DEV_AUTH: connect with ?user=")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --target that is not on 127.0.0.0/8")
+    p.add_argument("--storm-jitter", type=float, default=0.05,
+                   help="reconnect-storm: clients reconnect within this many seconds "
+                        "(default 0.05: all at once; real clients back off with jitter)")
     p.add_argument("--report-dir", default=os.path.join(HERE, "reports"))
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
@@ -280,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steps = stress_steps(rate or 250)
         cfg.step_duration = duration
     if scenario == "storm":
-        cfg.storm_every, cfg.storm_share = 10.0, 0.5
+        cfg.storm_every, cfg.storm_share, cfg.storm_jitter = 10.0, 0.5, args.storm_jitter
         cfg.drain = 15.0
     if scenario == "hold":
-        cfg.connect_timeout = max(120.0, connections / 300)
+        cfg.connect_timeout = max(120.0, connections / 100)  # ~300-1500/s seen here
         cfg.connect_concurrency = 128
     if args.mode == "full":
         cfg.connect_timeout = 180.0

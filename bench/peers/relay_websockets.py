@@ -46,7 +46,7 @@ async def handler(ws: ServerConnection) -> None:
                 for member in groups.get(msg["group"], ()):
                     if member != user and (peer := users.get(member)) is not None:
                         await peer.send(out)
-    except Exception:  # noqa: BLE001 - a relay drops a broken client, nothing else
+    except Exception:  # noqa: BLE001, S110 - a relay drops a broken client, nothing else
         pass
     finally:
         if users.get(user) is ws:
