@@ -93,7 +93,7 @@ class FramedListener(WSListener):
     # Subclass hooks -------------------------------------------------------
     def on_message(self, payload: bytes, is_text: bool, validated: bool) -> None:
         """One complete message; ``validated`` is True if its UTF-8 was checked."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must override on_message")
 
     def on_activity(self) -> None:
         """Any frame arrived (heartbeat bookkeeping)."""
