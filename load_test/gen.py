@@ -425,6 +425,7 @@ class Worker:
         self.conns: list[Any] = []
         self.groups: dict[int, str] = {}
         self.pings: dict[int, int] = {}
+        self.holes: set[tuple[int, str, int]] = set()  # (conn, conv, seq) not seen, not own
         self.reconnecting = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.imfast = cfg.protocol == "imfast"
@@ -506,11 +507,12 @@ class Worker:
             return
         own = conn.own.get(conv) if conn.own is not None else None
         if last and seq != last + 1:
-            # A hole is fine where this device's own sends took the seqs (it got `sent`).
+            # A hole is fine where this device's own sends took the seqs; their `sent`
+            # may still be on its way, so a hole is only a gap if it stays one.  (Before
+            # the first entry, own entries such as the group's `created` are never seen.)
             for s in range(last + 1, seq):
                 if own is None or s not in own:
-                    self.c.gaps += 1
-                    break
+                    self.holes.add((conn.i, conv, s))
         if own:
             own.difference_update([s for s in own if s <= seq])
         conn.last_seq[conv] = seq
@@ -561,6 +563,8 @@ class Worker:
             if conn.own is None:
                 conn.own = {}
             conn.own.setdefault(conv, set()).add(seq)
+        elif self.holes:
+            self.holes.discard((conn.i, conv, seq))
         if obj.get("duplicate"):
             self.c.dedup_hits += 1
         if rec is None or rec[2]:
@@ -1018,6 +1022,7 @@ class Worker:
             elif rec[1] > 0:
                 lost += 1
                 lost_deliveries += rec[1]
+        self.c.gaps = len(self.holes)
         counters = self.c.as_dict()
         counters["lost"] = lost
         counters["unacknowledged"] = unacked
@@ -1435,7 +1440,8 @@ def print_summary(result: dict[str, Any], out: Any = sys.stdout) -> None:
     print(f"  sent {t.get('sent', 0)}  acknowledged {t.get('acknowledged', 0)}  delivered "
           f"{t.get('delivered', 0)}  deliveries {t.get('deliveries', 0)}/"
           f"{t.get('expected_deliveries', 0)}  duplicates {t.get('duplicates', 0)}  lost "
-          f"{t.get('lost', 0)}  unacknowledged {t.get('unacknowledged', 0)}", file=out)
+          f"{t.get('lost', 0)}  unacknowledged {t.get('unacknowledged', 0)}  gaps "
+          f"{t.get('gaps', 0)}", file=out)
     print(f"  rates: {result['rates']}", file=out)
     if lat.get("count"):
         print(f"  delivery latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
