@@ -11,26 +11,42 @@ Guarantees beyond the contract:
 Calls are synchronous on the event loop: one indexed SQLite statement takes
 microseconds, less than handing it to a thread would.  The router batches
 appends per loop iteration (group commit), so one commit covers many
-messages.
+messages; WAL checkpoints (the part that waits for ``fsync``) run on a
+thread of their own (:mod:`imfast.backends.sqlite_checkpoint`).  Delivery cursors are batched the same way: ``advance`` answers
+from memory and the cursors moved in one loop iteration are written in one
+transaction at its end (or inside the next append's).  A process crash in
+that window can only move a cursor back, which means a redelivery the client
+drops by seq, never a loss.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 from imfast.backends.base import Reservation, StoredMessage
+from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
 from imfast.protocol.ids import conv_members_private
 
-__all__ = ["SQLiteStore", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _DEDUP_CACHE = 100_000  # recent reservations kept in memory; older ones are read from the log
+_CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older ones are re-read
+_PAIR_CACHE = 200_000  # (user, private conv) pairs known to be recorded
 
+log = logging.getLogger("imfast.store")
+
+# Version 2 keeps the log in insertion (rowid) order with small indexes beside it:
+# entries of many conversations then share pages, and a commit writes a few
+# pages instead of one per conversation touched (about 30 % less CPU per entry).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
     conv TEXT NOT NULL,
     seq INTEGER NOT NULL,
     msg_id TEXT NOT NULL,
@@ -40,9 +56,9 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     ts INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    dedup_key TEXT,
-    PRIMARY KEY (conv, seq)
-) WITHOUT ROWID;
+    dedup_key TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_conv_seq ON messages(conv, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(dedup_key) WHERE dedup_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS private_convs (
     user TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (user, conv)
@@ -63,6 +79,16 @@ CREATE TABLE IF NOT EXISTS read_receipts (
 ) WITHOUT ROWID;
 """
 
+_MIGRATE_1_TO_2 = """
+ALTER TABLE messages RENAME TO messages_v1;
+DROP INDEX IF EXISTS messages_dedup;
+""" + _SCHEMA + """
+INSERT INTO messages (conv, seq, msg_id, sender, sender_device, cmid, body, ts, kind, dedup_key)
+    SELECT conv, seq, msg_id, sender, sender_device, cmid, body, ts, kind, dedup_key
+    FROM messages_v1 ORDER BY ts, conv, seq;
+DROP TABLE messages_v1;
+"""
+
 _COLUMNS = "conv, seq, msg_id, sender, sender_device, cmid, body, ts, kind"
 
 
@@ -78,17 +104,53 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Small pages: a commit writes every page it touched to the WAL, and the
+        # log's indexes take random keys (one page each per entry).  1 KiB pages
+        # write a quarter of the bytes of 4 KiB ones (about 15 % more entries/s).
+        # Only a new file takes it; an existing one keeps its page size.
+        self._db.execute("PRAGMA page_size=1024")
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MiB
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=OFF")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._migrate()
+        self._checkpointer: BackgroundCheckpointer | None = None
+        if path != ":memory:":
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
+            self._checkpointer = BackgroundCheckpointer(path)
         self._counters: dict[str, int] = {}
         self._recent: OrderedDict[str, Reservation] = OrderedDict()
+        # This object is the log's only writer, so what it stored is what the log holds.
+        self._stored_latest: dict[str, int] = {}
+        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._cursor_cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._cursor_dirty: dict[tuple[str, str, str], int] = {}
+        self._cursor_flush: asyncio.Handle | None = None
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older file's up to :data:`SCHEMA_VERSION`.
+
+        Each step runs in one transaction: a crash mid-way leaves the old version.
+        """
+        db = self._db
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema version {version}; this imfast knows "
+                               f"up to {SCHEMA_VERSION}: upgrade imfast")
+        script = _MIGRATE_1_TO_2 if version == 1 else _SCHEMA
+        if version and version == SCHEMA_VERSION:
+            return
+        if version == 1:
+            log.warning("migrating %s from schema 1 to %s", self.path, SCHEMA_VERSION)
+        db.executescript(f"BEGIN;{script}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
 
     def _latest(self, conv: str) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM messages WHERE conv=?", (conv,)).fetchone()
-        return int(row[0] or 0)
+        latest = self._stored_latest.get(conv)
+        if latest is None:
+            row = self._db.execute("SELECT MAX(seq) FROM messages WHERE conv=?",
+                                   (conv,)).fetchone()
+            latest = self._stored_latest[conv] = int(row[0] or 0)
+        return latest
 
     # SequenceStore
     async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
@@ -127,12 +189,16 @@ class SQLiteStore:
              f"{m.sender}:{m.cmid}" if m.cmid else None)
             for m in messages
         ]
+        pairs = self._pairs
         convs: set[tuple[str, str]] = set()
         for m in messages:
             pair = conv_members_private(m.conv)
             if pair is not None:
-                convs.add((pair[0], m.conv))
-                convs.add((pair[1], m.conv))
+                for user in pair:
+                    if (user, m.conv) not in pairs:
+                        convs.add((user, m.conv))
+        cursors = self._cursor_dirty
+        self._cursor_dirty = {}
         db = self._db
         db.execute("BEGIN")
         try:
@@ -140,13 +206,27 @@ class SQLiteStore:
                            "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             if convs:
                 db.executemany("INSERT OR IGNORE INTO private_convs VALUES (?,?)", sorted(convs))
+            if cursors:
+                self._write_cursors(cursors)
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
+            self._requeue_cursors(cursors)
             raise ValueError(f"sequence number already exists: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
+            self._requeue_cursors(cursors)
             raise
         db.execute("COMMIT")
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+        for key in convs:
+            pairs[key] = None
+        while len(pairs) > _PAIR_CACHE:
+            pairs.popitem(last=False)
+        latest = self._stored_latest
+        for m in messages:
+            if m.seq > latest.get(m.conv, 0):
+                latest[m.conv] = m.seq
 
     async def fetch(self, conv: str, after: int, limit: int) -> list[StoredMessage]:
         cur = self._db.execute(
@@ -190,18 +270,68 @@ class SQLiteStore:
         cur = self._db.execute(
             "SELECT conv, seq FROM cursors WHERE user=? AND device=?", (user, device)
         )
-        return {conv: int(seq) for conv, seq in cur}
+        found = {conv: int(seq) for conv, seq in cur}
+        for (u, d, conv), seq in self._cursor_dirty.items():  # moved, not yet written
+            if u == user and d == device and seq > found.get(conv, 0):
+                found[conv] = seq
+        return found
 
     async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
-        self._db.execute(
+        key = (user, device, conv)
+        cache = self._cursor_cache
+        current = self._cursor_dirty.get(key)
+        if current is None:
+            current = cache.get(key)
+        if current is None:
+            row = self._db.execute(
+                "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?", key
+            ).fetchone()
+            current = int(row[0]) if row else 0
+        if seq > current:
+            current = seq
+            self._cursor_dirty[key] = seq
+            if self._cursor_flush is None:
+                self._cursor_flush = asyncio.get_running_loop().call_soon(self._flush_cursors)
+        cache[key] = current
+        cache.move_to_end(key)
+        if len(cache) > _CURSOR_CACHE:
+            cache.popitem(last=False)
+        return current
+
+    def _write_cursors(self, cursors: dict[tuple[str, str, str], int]) -> None:
+        self._db.executemany(
             "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(user, device, conv) "
             "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > cursors.seq",
-            (user, device, conv, seq),
+            [(*key, seq) for key, seq in cursors.items()],
         )
-        row = self._db.execute(
-            "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?", (user, device, conv)
-        ).fetchone()
-        return int(row[0])
+
+    def _requeue_cursors(self, cursors: dict[tuple[str, str, str], int]) -> None:
+        """Unwritten cursors go back in the queue (newer moves win)."""
+        for key, seq in cursors.items():
+            if seq > self._cursor_dirty.get(key, 0):
+                self._cursor_dirty[key] = seq
+
+    def _flush_cursors(self) -> None:
+        """Write the cursors moved in this loop iteration, in one transaction."""
+        self._cursor_flush = None
+        cursors = self._cursor_dirty
+        if not cursors:
+            return
+        self._cursor_dirty = {}
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            try:
+                self._write_cursors(cursors)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
+        except Exception:  # kept queued; the next append or move retries
+            log.exception("writing delivery cursors failed; will retry")
+            self._requeue_cursors(cursors)
 
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:
@@ -250,4 +380,9 @@ class SQLiteStore:
         return {u: int(s) for u, s in cur}
 
     async def close(self) -> None:
+        if self._cursor_flush is not None:
+            self._cursor_flush.cancel()
+        self._flush_cursors()
+        if self._checkpointer is not None:
+            self._checkpointer.close(self._db)
         self._db.close()

@@ -1,0 +1,130 @@
+"""What the SQLite store promises beyond the shared contract: schema upgrades,
+batched cursor writes that still reach the file, and a log that survives reopening."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from imfast.backends.base import StoredMessage
+from imfast.backends.sqlite import SCHEMA_VERSION, SQLiteStore
+
+_V1_SCHEMA = """
+CREATE TABLE messages (
+    conv TEXT NOT NULL, seq INTEGER NOT NULL, msg_id TEXT NOT NULL, sender TEXT NOT NULL,
+    sender_device TEXT NOT NULL, cmid TEXT NOT NULL, body TEXT NOT NULL, ts INTEGER NOT NULL,
+    kind TEXT NOT NULL, dedup_key TEXT, PRIMARY KEY (conv, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_dedup ON messages(dedup_key) WHERE dedup_key IS NOT NULL;
+CREATE TABLE private_convs (user TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (user, conv))
+    WITHOUT ROWID;
+CREATE TABLE cursors (user TEXT NOT NULL, device TEXT NOT NULL, conv TEXT NOT NULL,
+    seq INTEGER NOT NULL, PRIMARY KEY (user, device, conv)) WITHOUT ROWID;
+PRAGMA user_version=1;
+"""
+
+
+def _msg(conv: str, seq: int, sender: str = "alice", cmid: str = "") -> StoredMessage:
+    return StoredMessage(conv, seq, f"m{conv}{seq}", sender, "d1", cmid or f"c{seq}",
+                         f"body {seq}", 1000 + seq)
+
+
+def _make_v1(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    rows = [(m.conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body, m.ts, m.kind,
+             f"{m.sender}:{m.cmid}") for m in (_msg("p:alice:bob", s) for s in (1, 2, 3))]
+    db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    db.execute("INSERT INTO private_convs VALUES ('alice','p:alice:bob'), ('bob','p:alice:bob')")
+    db.execute("INSERT INTO cursors VALUES ('bob','d1','p:alice:bob',2)")
+    db.commit()
+    db.close()
+
+
+async def test_a_version_1_file_is_upgraded_with_its_messages_and_cursors(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    _make_v1(path)
+    store = SQLiteStore(str(path))
+    try:
+        assert [m.seq for m in await store.fetch("p:alice:bob", 0, 10)] == [1, 2, 3]
+        assert await store.latest_seq("p:alice:bob") == 3
+        assert await store.cursors("bob", "d1") == {"p:alice:bob": 2}
+        # dedup still finds the old entries, and the counter continues after them
+        dup = await store.reserve("p:alice:bob", "alice:c2", "new", 0)
+        assert (dup.duplicate, dup.seq) == (True, 2)
+        fresh = await store.reserve("p:alice:bob", "alice:c9", "m9", 0)
+        assert (fresh.duplicate, fresh.seq) == (False, 4)
+        # the unique (conv, seq) rule survived the upgrade
+        with pytest.raises(ValueError, match="already exists"):
+            await store.append([_msg("p:alice:bob", 3, cmid="other")])
+    finally:
+        await store.close()
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 2
+
+
+async def test_a_file_from_a_newer_imfast_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="upgrade imfast"):
+        SQLiteStore(str(path))
+
+
+async def test_cursors_moved_in_one_iteration_reach_the_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", s) for s in (1, 2, 3)])
+    assert await store.advance("bob", "d1", "p:alice:bob", 2) == 2
+    assert await store.advance("bob", "d1", "p:alice:bob", 1) == 2  # never back
+    assert await store.cursors("bob", "d1") == {"p:alice:bob": 2}  # before the write, too
+    await asyncio.sleep(0)  # the end of the loop iteration writes them
+    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
+    assert on_disk == [(2,)]
+    assert await store.advance("bob", "d1", "p:alice:bob", 3) == 3
+    await store.append([_msg("p:alice:bob", 4)])  # an append writes pending cursors too
+    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
+    assert on_disk == [(3,)]
+    await store.close()
+
+
+async def test_a_reopened_store_knows_its_log_and_cursors(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", s) for s in (1, 2)])
+    await store.advance("bob", "d1", "p:alice:bob", 2)
+    await store.close()  # flushes what the loop had not written yet
+    again = SQLiteStore(path)
+    try:
+        assert await again.latest_seq("p:alice:bob") == 2
+        assert await again.cursors("bob", "d1") == {"p:alice:bob": 2}
+        assert await again.private_conversations("alice") == {"p:alice:bob": 2}
+        nxt = await again.reserve("p:alice:bob", "alice:new", "m3", 0)
+        assert nxt.seq == 3
+    finally:
+        await again.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_loop_and_truncated_on_close(
+        tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    store = SQLiteStore(str(path))
+    assert store._checkpointer is not None
+    store._checkpointer.interval = 0.0  # every commit nudges the thread
+    for seq in range(1, 51):
+        await store.append([_msg("p:alice:bob", seq)])
+    for _ in range(200):  # the thread runs beside the loop
+        if store._checkpointer.checkpoints:
+            break
+        await asyncio.sleep(0.01)
+    assert store._checkpointer.checkpoints >= 1
+    # a reader on another connection sees everything the writer committed
+    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM messages").fetchone()
+    assert rows == (50,)
+    await store.close()
+    wal = Path(str(path) + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
