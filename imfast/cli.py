@@ -110,6 +110,9 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from imfast.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, "embedded")
+    from imfast.runtime import tune_gc
+
+    tune_gc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
@@ -161,6 +164,9 @@ def _cmd_role(settings: Settings, args: argparse.Namespace) -> int:
     from imfast.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level, args.command)
+    from imfast.runtime import tune_gc
+
+    tune_gc()
 
     async def run() -> None:
         from imfast.node import run_until_signalled

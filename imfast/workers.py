@@ -384,6 +384,9 @@ def run_worker() -> None:
     """Entry point of ``python -m imfast.workers`` (started by the supervisor)."""
     import uvloop
 
+    from imfast.runtime import tune_gc
+
+    tune_gc()
     uvloop.run(_worker_main())
 
 

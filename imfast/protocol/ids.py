@@ -14,6 +14,7 @@ keys.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 __all__ = [
     "ID_PATTERN",
@@ -48,6 +49,13 @@ def parse_conv(conv: object) -> tuple[str, tuple[str, ...]] | None:
     """``("p", (a, b))`` or ``("g", (group,))`` for a valid id, else None."""
     if not isinstance(conv, str):
         return None
+    return _parse_conv_str(conv)
+
+
+# Every send, push and ack parses a conversation id; active ones repeat, so the
+# parse (two regex matches) is remembered for the busiest 64K.
+@lru_cache(maxsize=65536)
+def _parse_conv_str(conv: str) -> tuple[str, tuple[str, ...]] | None:
     parts = conv.split(":")
     if len(parts) == 3 and parts[0] == "p":
         a, b = parts[1], parts[2]
