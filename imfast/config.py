@@ -41,6 +41,7 @@ DEFAULT_RATE_MSGS_PER_SEC = 50.0
 DEFAULT_RATE_BURST = 100
 DEFAULT_CONNECT_RATE_PER_IP = 20.0
 DEFAULT_CONNECT_BURST_PER_IP = 100
+DEFAULT_MAX_DEVICES_PER_USER = 10
 DEFAULT_MAX_GROUP_MEMBERS = 1000
 DEFAULT_RECALL_WINDOW = 120.0
 DEFAULT_DB_MAX_OPEN_CONNS = 20
@@ -236,6 +237,12 @@ class Settings:
         "TRUSTED_PROXIES", _networks, (),
         "comma list of CIDRs of reverse proxies whose X-Forwarded-For names the client "
         "(for CONNECT_RATE_PER_IP); from other peers the header is ignored",
+    )
+    max_devices_per_user: int = _setting(
+        "MAX_DEVICES_PER_USER", _non_negative_int, DEFAULT_MAX_DEVICES_PER_USER,
+        "connections (devices) one user may hold on a gateway process; one more is refused "
+        "with `too_many_devices` and close 4505; the same device reconnecting replaces its old "
+        "connection; 0: no limit",
     )
     max_group_members: int = _setting(
         "MAX_GROUP_MEMBERS", _positive_int, DEFAULT_MAX_GROUP_MEMBERS, "largest group"

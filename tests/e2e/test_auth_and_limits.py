@@ -219,6 +219,45 @@ def test_behind_a_trusted_proxy_the_forwarded_client_address_is_counted(make_nod
     assert _upgrade(node, source="127.0.0.2", headers=spoofed)[0] == 101
 
 
+def test_devices_per_user_are_limited_and_a_reconnecting_device_still_replaces(
+        make_node) -> None:
+    node = make_node(max_devices_per_user=2)
+    phone = Client(node.url, node.token("alice", "phone"))
+    phone.welcome()
+    laptop = Client(node.url, node.token("alice", "laptop"))
+    laptop.welcome()
+    # A third device: an error frame naming the limit, then the terminal close 4505.
+    tablet = Client(node.url, node.token("alice", "tablet"))
+    code, frames = expect_close(tablet)
+    assert code == 4505
+    assert frames[-1]["code"] == "too_many_devices" and "MAX_DEVICES_PER_USER" in (
+        frames[-1]["message"])
+    # The same through an auth frame (the reply carries the request id).
+    late = Client(node.url)
+    late.send(type="auth", id="a1", token=node.token("alice", "tablet"))
+    code, frames = expect_close(late)
+    assert code == 4505 and frames[-1]["id"] == "a1"
+    # Other users are not affected; the phone reconnecting replaces its old connection.
+    bob = Client(node.url, node.token("bob", "tablet"))
+    bob.welcome()
+    phone2 = Client(node.url, node.token("alice", "phone"))
+    assert phone2.welcome()["device"] == "phone"
+    assert expect_close(phone)[0] == 4005
+    assert node.http("/stats")[1]["refused"]["devices_per_user"] == 2
+    assert 'im_gateway_connections_refused_total{reason="devices_per_user"} 2.0' in (
+        node.http("/metrics")[1])
+    # Once a device leaves there is room again.
+    laptop.close()
+    wait_for(lambda: len(node.call(_sessions_of(node, "alice"))) == 1)
+    Client(node.url, node.token("alice", "tablet")).welcome()
+
+
+def _sessions_of(node: NodeThread, user: str):  # type: ignore[no-untyped-def]
+    async def get() -> tuple:
+        return tuple(node.node.gateway.table.sessions_of(user))  # type: ignore[union-attr]
+    return get()
+
+
 def test_origin_allow_list(make_node) -> None:
     node = make_node(allowed_origins=("https://chat.example",))
     ok = websocket.create_connection(f"{node.url}?token={node.token('a')}",

@@ -70,14 +70,14 @@ def test_sweep_forgets_only_refilled_buckets() -> None:
 def test_settings_defaults_and_bad_values_are_refused_with_their_name() -> None:
     s = load_settings({})
     assert s.connect_rate_per_ip > 0 and s.connect_limit_exempt == PRIVATE_NETWORKS
-    assert s.trusted_proxies == ()
+    assert s.max_devices_per_user > 0 and s.trusted_proxies == ()
     s = load_settings({"CONNECT_LIMIT_EXEMPT": "", "TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1",
-                       "CONNECT_RATE_PER_IP": "0"})
+                       "CONNECT_RATE_PER_IP": "0", "MAX_DEVICES_PER_USER": "0"})
     assert s.connect_limit_exempt == () and s.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
-    assert s.connect_rate_per_ip == 0
+    assert s.connect_rate_per_ip == 0 and s.max_devices_per_user == 0
     for name, value in (("TRUSTED_PROXIES", "10.0.0.0/8,proxy"), ("CONNECT_LIMIT_EXEMPT", "1.2.3"),
                         ("CONNECT_RATE_PER_IP", "-1"), ("CONNECT_RATE_PER_IP", "nan"),
-                        ("CONNECT_BURST_PER_IP", "0")):
+                        ("CONNECT_BURST_PER_IP", "0"), ("MAX_DEVICES_PER_USER", "-2")):
         with pytest.raises(ConfigError, match=name):
             load_settings({name: value})
 
