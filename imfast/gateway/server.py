@@ -44,7 +44,7 @@ from imfast._core import USING_EXTENSIONS, ConnectionTable, TimerWheel, WriteCoa
 from imfast.auth import TokenVerifier
 from imfast.backends.base import KIND_EVENT, KIND_RECALL, StoredMessage
 from imfast.config import Settings
-from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, frame_limited
+from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, ConnectionLog, frame_limited
 from imfast.gateway.limits import ConnectLimiter
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.gateway.session import EchoSession, Session
@@ -118,7 +118,7 @@ class Gateway:
         host = host or self.settings.host
         port = self.settings.http_port if port is None else port
         listen: dict[str, Any] = {"reuse_port": True, "backlog": 4096}
-        factory = _peer_aware_factory(self) if self.connect_limiter.enabled else None
+        factory = _protocol_factory(self)
         if factory is not None:
             self.server = await self.loop.create_server(factory, host, port, **listen)
         else:
@@ -448,42 +448,48 @@ class Gateway:
 class _Accept:
     """The listener factory of one connection: the gateway's, plus picows's protocol."""
 
-    __slots__ = ("gateway", "protocol")
+    __slots__ = ("connection_log", "gateway", "protocol")
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, connection_log: ConnectionLog | None) -> None:
         self.gateway = gateway
+        self.connection_log = connection_log
         self.protocol: Any = None
 
     def __call__(self, request: WSUpgradeRequest) -> Any:
         protocol, self.protocol = self.protocol, None  # no cycle left after the handshake
+        if self.connection_log is not None:
+            self.connection_log.watch(protocol.transport)
+            self.connection_log = None
         return self.gateway._listener_factory(request, protocol)
 
 
-def _peer_aware_factory(gw: Gateway) -> Any:
+def _protocol_factory(gw: Gateway) -> Any:
     """A protocol factory for ``loop.create_server``, or None if this picows has none.
 
-    picows calls the listener factory with the HTTP request only, and the per-IP
-    connect limit needs the client address before it answers (429 rather than
-    an upgrade then a close).  So the gateway builds picows's ``WSProtocol``
-    itself, with the same arguments ``picows.ws_create_server`` gives it and one
-    :class:`_Accept` per connection, which hands the gateway the protocol (and
-    through it the address).  ``WSProtocol`` and its constructor are not public
-    API: this is tried once at start-up and, if this picows differs, the gateway
-    falls back to ``ws_create_server`` without the per-IP limit (and says so).
+    Two things ``picows.ws_create_server`` cannot do: tell the listener factory
+    the client address (the per-IP connect limit answers 429 before any
+    upgrade), and give each connection a logger that can answer the peer's
+    CLOSE when picows is about to fail the frame after it (frames.ConnectionLog).
+    So the gateway builds picows's ``WSProtocol`` itself, with the arguments
+    ``ws_create_server`` gives it, one :class:`_Accept` as listener factory and one
+    :class:`~imfast.gateway.frames.ConnectionLog` as logger per connection.
+    ``WSProtocol`` and its constructor are not public API: this is tried once
+    at start-up and, if this picows differs, the gateway falls back to
+    ``ws_create_server`` without the two (and says so).
     """
     try:
-        from picows.api import _resolve_logger
         from picows.picows import WSProtocol  # type: ignore[attr-defined]
     except ImportError:
         return None
     s = gw.settings
-    logger = _resolve_logger(None, "server")
+    picows_log = logging.getLogger("picows.server")
 
     def make() -> Any:
-        accept = _Accept(gw)
+        connection_log = ConnectionLog(picows_log)
+        accept = _Accept(gw, connection_log)
         protocol = WSProtocol(
             None, None, False,   # host+port, ws_path, is_client_side
-            accept, logger,
+            accept, connection_log,
             True,                # disconnect_on_exception
             s.auth_timeout,      # websocket_handshake_timeout
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto-ping
