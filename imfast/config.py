@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from imfast.gateway.limits import PRIVATE_NETWORKS, parse_networks
+
 __all__ = ["ConfigError", "Settings", "FEATURES", "load_settings"]
 
 DEFAULT_HTTP_PORT = 8080
@@ -37,6 +39,9 @@ DEFAULT_DEDUP_TTL = 7 * 24 * 3600
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_RATE_MSGS_PER_SEC = 50.0
 DEFAULT_RATE_BURST = 100
+DEFAULT_CONNECT_RATE_PER_IP = 20.0
+DEFAULT_CONNECT_BURST_PER_IP = 100
+DEFAULT_MAX_DEVICES_PER_USER = 10
 DEFAULT_MAX_GROUP_MEMBERS = 1000
 DEFAULT_RECALL_WINDOW = 120.0
 DEFAULT_DB_MAX_OPEN_CONNS = 20
@@ -67,6 +72,26 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive whole number")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    items = _parse_list(text)
+    parse_networks(items)  # refuses a bad entry, naming it
+    return items
 
 
 def _port(text: str) -> int:
@@ -193,6 +218,31 @@ class Settings:
     )
     rate_burst: int = _setting(
         "RATE_BURST", _positive_int, DEFAULT_RATE_BURST, "frame burst per connection"
+    )
+    connect_rate_per_ip: float = _setting(
+        "CONNECT_RATE_PER_IP", _non_negative_float, DEFAULT_CONNECT_RATE_PER_IP,
+        "sustained /ws upgrades per second per client address (IPv6: per /64), per gateway "
+        "process; above it HTTP 429 with Retry-After; 0 switches the limit off",
+    )
+    connect_burst_per_ip: int = _setting(
+        "CONNECT_BURST_PER_IP", _positive_int, DEFAULT_CONNECT_BURST_PER_IP,
+        "/ws upgrades one client address may make at once before CONNECT_RATE_PER_IP applies",
+    )
+    connect_limit_exempt: tuple[str, ...] = _setting(
+        "CONNECT_LIMIT_EXEMPT", _networks, PRIVATE_NETWORKS,
+        "comma list of CIDRs never counted by CONNECT_RATE_PER_IP (default: loopback and "
+        "private ranges); empty counts every address",
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        "TRUSTED_PROXIES", _networks, (),
+        "comma list of CIDRs of reverse proxies whose X-Forwarded-For names the client "
+        "(for CONNECT_RATE_PER_IP); from other peers the header is ignored",
+    )
+    max_devices_per_user: int = _setting(
+        "MAX_DEVICES_PER_USER", _non_negative_int, DEFAULT_MAX_DEVICES_PER_USER,
+        "connections (devices) one user may hold on a gateway process; one more is refused "
+        "with `too_many_devices` and close 4505; the same device reconnecting replaces its old "
+        "connection; 0: no limit",
     )
     max_group_members: int = _setting(
         "MAX_GROUP_MEMBERS", _positive_int, DEFAULT_MAX_GROUP_MEMBERS, "largest group"

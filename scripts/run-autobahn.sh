@@ -11,8 +11,8 @@
 #   AUTOBAHN_SH            the suite runner (default: ../shared/tools/autobahn.sh
 #                          next to the repository, else /work/shared/tools/autobahn.sh)
 #   IMFAST                 the imfast command (default: imfast on PATH, else python -m imfast)
-#   MAX_FRAME_BYTES        passed to the node; until server.py raises picows's frame limit
-#                          for /_echo itself, set 16777216 for the 9.x big-message cases
+#   MAX_FRAME_BYTES        passed to the node (not needed: in conformance mode /_echo
+#                          takes 16 MiB frames whatever it says)
 #   AUTOBAHN_COMPRESSION=1 also run cases 12.* and 13.* (permessage-deflate: not offered)
 set -euo pipefail
 

@@ -842,6 +842,7 @@ class Client:
                     status = exc.response.status if exc.response is not None else 0
                     code, reason = (1013 if int(status) >= 500 or int(status) == 429
                                     else 4500), _describe(exc)
+                    self._retry_hint = _retry_after(exc, self._delay(attempt))
                 except (OSError, TimeoutError, WSError, ConnectionLost) as exc:
                     code, reason = 1006, _describe(exc)
 
@@ -904,6 +905,20 @@ def _check_seq(**seqs: int | None) -> None:
     for name, value in seqs.items():
         if value is not None and (type(value) is not int or value < 0):
             raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+
+
+def _retry_after(exc: WSInvalidStatusError, backoff: float) -> float | None:
+    """The wait a 429/503 asks for (``Retry-After`` seconds, with jitter), or None."""
+    response = exc.response
+    if response is None or int(response.status) not in (429, 503):
+        return None
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    if not 0 <= seconds <= 3600:
+        return None
+    return max(backoff, seconds * random.uniform(1.0, 1.5))
 
 
 def _describe(exc: BaseException) -> str:

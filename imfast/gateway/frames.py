@@ -20,7 +20,8 @@ leaves the rest to the application; this class does it, identically for
 * follows the closing handshake rules: echoes a valid close code, answers an
   invalid one (0, 1006, >= 5000) with 1002, then disconnects; after a close
   frame was sent (by us or by picows on a parse error) every frame but the
-  peer's CLOSE is discarded.
+  peer's CLOSE is discarded; what the peer sends after its CLOSE is discarded
+  too, even bytes picows cannot parse (:class:`ConnectionLog`).
 
 Subclasses implement :meth:`FramedListener.on_message`.
 """
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import time
+import weakref
 from typing import Any, TypeVar
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -39,6 +42,7 @@ from imfast.protocol.codes import CloseCode
 __all__ = [
     "CLOSE_GRACE_SECONDS",
     "CONFORMANCE_MAX_MESSAGE",
+    "ConnectionLog",
     "FramedListener",
     "frame_limited",
     "valid_close_code",
@@ -70,6 +74,46 @@ def valid_close_code(code: int) -> bool:
     if 1000 <= code <= 1003 or 1007 <= code <= 1014:
         return True
     return 3000 <= code <= 4999
+
+
+class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows's logger for one server connection; it also answers the peer's CLOSE early.
+
+    picows parses one frame ahead of the one it delivers.  When the peer sends
+    its CLOSE and then something picows refuses (a second CLOSE: Autobahn 7.1.2;
+    an oversized or malformed frame), picows would send CLOSE 1002 itself before
+    handing us the peer's CLOSE, and our echo of the peer's code would be lost.
+    RFC 6455 (5.5.1, 7.1.1) says what follows the peer's CLOSE is to be discarded
+    and the CLOSE answered.  picows logs the parser error just *before* it sends
+    its close frame, and a connection sends one close frame only: so when this
+    logger sees an error while the peer's CLOSE is in and ours is not out yet, it
+    sends the answer :meth:`FramedListener.on_ws_frame` would have sent, and
+    picows's 1002 is not sent.  (It relies on that order in picows's parser error
+    path - ``tests/conformance`` pins it: ``test_two_close_frames_*``.  If it ever
+    changes, picows's 1002 goes out as before.)
+
+    :meth:`watch` gives it the connection's transport (a weak reference: no cycle
+    keeps a closed connection alive) when the upgrade request arrives, before
+    any frame can.  Used in place of the child ``logging.Logger`` picows would
+    otherwise create for every connection.
+    """
+
+    _transport: Any = None  # weakref.ref to the WSTransport, once watched
+
+    def watch(self, transport: WSTransport) -> None:
+        self._transport = weakref.ref(transport)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and self._transport is not None:
+            transport = self._transport()
+            handshake = transport.close_handshake if transport is not None else None
+            if (handshake is not None and handshake.recv is not None
+                    and not transport.is_close_frame_sent):
+                # picows reports a CLOSE without a code as code 0 (NO_INFO): answered 1000.
+                code = int(handshake.recv.code)
+                reply = code if code == 0 or valid_close_code(code) else CloseCode.PROTOCOL_ERROR
+                transport.send_close(WSCloseCode(reply or CloseCode.NORMAL))
+        super().log(level, msg, *args, **kwargs)
 
 
 class FramedListener(WSListener):

@@ -3,8 +3,9 @@
 Guarantees:
 
 * ``/ws`` upgrades are refused with an HTTP status, never half-accepted: 503
-  (with ``Retry-After``) while draining or at ``MAX_CONNECTIONS``, 403 for an
-  Origin outside ``ALLOWED_ORIGINS``; nothing is allocated for them;
+  (with ``Retry-After``) while draining or at ``MAX_CONNECTIONS``, 429 (with
+  ``Retry-After``) for a client address over ``CONNECT_RATE_PER_IP``, 403 for
+  an Origin outside ``ALLOWED_ORIGINS``; nothing is allocated for them;
 * ``GET /health`` answers 200 ``{"status":"ok","hostname":...}`` only while
   the gateway takes connections (readiness); ``/health/live`` answers 200
   while the process runs; ``/stats`` and ``/metrics`` always answer;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from picows import (
+    WSAutoPingStrategy,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
@@ -41,7 +44,8 @@ from imfast._core import USING_EXTENSIONS, ConnectionTable, TimerWheel, WriteCoa
 from imfast.auth import TokenVerifier
 from imfast.backends.base import KIND_EVENT, KIND_RECALL, StoredMessage
 from imfast.config import Settings
-from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, frame_limited
+from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, ConnectionLog, frame_limited
+from imfast.gateway.limits import ConnectLimiter
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.gateway.session import EchoSession, Session
 from imfast.protocol.codes import CloseCode
@@ -51,6 +55,9 @@ __all__ = ["Gateway"]
 log = logging.getLogger("imfast.gateway")
 
 _JSON = {"Content-Type": "application/json"}
+
+#: Read buffer picows starts each connection with: chat frames are small, it grows on demand.
+_READ_BUFFER_INIT = 1024
 
 
 def _json_response(status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> Any:
@@ -100,25 +107,35 @@ class Gateway:
             self.session_cls = frame_limited(Session)
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.metrics_registry.register(GatewayCollector(self.stats, self._gauges))
+        # Per process: each worker of `--workers N` keeps its own buckets (limits.py).
+        self.connect_limiter = ConnectLimiter(
+            settings.connect_rate_per_ip, settings.connect_burst_per_ip,
+            settings.connect_limit_exempt, settings.trusted_proxies)
 
     # --------------------------------------------------------------- serving
     async def start(self, port: int | None = None, host: str | None = None) -> int:
         """Listen (SO_REUSEPORT, so worker processes can share the port); returns the port."""
-        self.server = await ws_create_server(
-            self._listener_factory,
-            host or self.settings.host,
-            self.settings.http_port if port is None else port,
-            websocket_handshake_timeout=self.settings.auth_timeout,
-            enable_auto_pong=False,  # the frame layer answers pings, with a flood limit
-            max_frame_size=self.max_frame_size,
-            # A small initial read buffer: chat frames are small, and picows grows it on demand.
-            read_buffer_init_size=1024,
-            reuse_port=True,
-            backlog=4096,
-            # uvloop's own transports: 10.5 KB of server RSS per idle connection against
-            # 15.7 KB with aiofastnet's (bench/memory_bench.py, 5,000 connections).
-            use_aiofastnet=False,
-        )
+        host = host or self.settings.host
+        port = self.settings.http_port if port is None else port
+        listen: dict[str, Any] = {"reuse_port": True, "backlog": 4096}
+        factory = _protocol_factory(self)
+        if factory is not None:
+            self.server = await self.loop.create_server(factory, host, port, **listen)
+        else:
+            if self.connect_limiter.enabled:
+                log.warning("CONNECT_RATE_PER_IP is not enforced: this picows cannot tell the "
+                            "listener factory the client address")
+            self.server = await ws_create_server(
+                self._listener_factory, host, port,
+                websocket_handshake_timeout=self.settings.auth_timeout,
+                enable_auto_pong=False,  # the frame layer answers pings, with a flood limit
+                max_frame_size=self.max_frame_size,
+                read_buffer_init_size=_READ_BUFFER_INIT,
+                # uvloop's own transports: 10.5 KB of server RSS per idle connection against
+                # 15.7 KB with aiofastnet's (bench/memory_bench.py, 5,000 connections).
+                use_aiofastnet=False,
+                **listen,
+            )
         self._ticker = self.loop.create_task(self._tick())
         sock = self.server.sockets[0]
         return int(sock.getsockname()[1])
@@ -140,6 +157,7 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             self.now = now = self.loop.time()
+            self.connect_limiter.sweep(now)
             for session in self.wheel.expired(now):
                 try:
                     session.check_timers(now)
@@ -150,7 +168,8 @@ class Gateway:
                 self.start_drain("annotation")
 
     # ---------------------------------------------------------------- routing
-    def _listener_factory(self, request: WSUpgradeRequest) -> Any:
+    def _listener_factory(self, request: WSUpgradeRequest, protocol: Any = None) -> Any:
+        """Route one HTTP request; ``protocol`` (picows's, when known) gives the peer address."""
         try:
             url = urlsplit(request.path.decode("latin-1"))
         except Exception:  # noqa: BLE001
@@ -161,7 +180,7 @@ class Gateway:
             if refused is not None:
                 return refused
         if path == "/ws":
-            return self._accept_ws(request, url.query)
+            return self._accept_ws(request, url.query, protocol)
         if path == "/health":
             return self._health()
         if path == "/health/live":
@@ -180,7 +199,7 @@ class Gateway:
             return EchoSession(self.max_frame_size)
         return _json_response(404, {"error": "not found", "path": path})
 
-    def _accept_ws(self, request: WSUpgradeRequest, query: str) -> Any:
+    def _accept_ws(self, request: WSUpgradeRequest, query: str, protocol: Any = None) -> Any:
         settings = self.settings
         if self.draining:
             self.stats.refused["draining"] = self.stats.refused.get("draining", 0) + 1
@@ -190,6 +209,10 @@ class Gateway:
             self.stats.refused["capacity"] = self.stats.refused.get("capacity", 0) + 1
             return _json_response(503, {"error": "over capacity", "retry": "later or elsewhere"},
                                   {"Retry-After": "5"})
+        if protocol is not None:
+            refused = self._check_connect_rate(request, protocol)
+            if refused is not None:
+                return refused
         if settings.allowed_origins:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in settings.allowed_origins:
@@ -204,6 +227,25 @@ class Gateway:
             return session_cls(self, dev_user=params["user"][0],
                                dev_device=params.get("device", [None])[0])
         return session_cls(self)
+
+    def _check_connect_rate(self, request: WSUpgradeRequest, protocol: Any) -> Any:
+        """429 for a client address over CONNECT_RATE_PER_IP, else None."""
+        limiter = self.connect_limiter
+        try:
+            peer = protocol.transport.underlying_transport.get_extra_info("peername")[0]
+        except (AttributeError, IndexError, TypeError):
+            return None  # no IP peer (e.g. a Unix socket): nothing to count
+        address = limiter.client_address(peer, request.headers.get("X-Forwarded-For"))
+        wait = limiter.check(address, self.loop.time())
+        if not wait:
+            return None
+        self.stats.refused["connect_rate"] = self.stats.refused.get("connect_rate", 0) + 1
+        retry_after = max(1, math.ceil(wait))
+        return _json_response(429, {"error": "rate_limited",
+                                    "message": "too many connections from your address; "
+                                               "retry after Retry-After seconds",
+                                    "retry_after": retry_after},
+                              {"Retry-After": str(retry_after)})
 
     def _admin_drain(self, request: WSUpgradeRequest) -> Any:
         """``GET /admin/drain`` with ``X-Admin-Token``: start draining this gateway."""
@@ -401,6 +443,71 @@ class Gateway:
         while len(self.table) and self.loop.time() < end:
             await asyncio.sleep(0.05)
         log.warning("drain finished: %d connections left", len(self.table))
+
+
+class _Accept:
+    """The listener factory of one connection: the gateway's, plus picows's protocol."""
+
+    __slots__ = ("connection_log", "gateway", "protocol")
+
+    def __init__(self, gateway: Gateway, connection_log: ConnectionLog | None) -> None:
+        self.gateway = gateway
+        self.connection_log = connection_log
+        self.protocol: Any = None
+
+    def __call__(self, request: WSUpgradeRequest) -> Any:
+        protocol, self.protocol = self.protocol, None  # no cycle left after the handshake
+        if self.connection_log is not None:
+            self.connection_log.watch(protocol.transport)
+            self.connection_log = None
+        return self.gateway._listener_factory(request, protocol)
+
+
+def _protocol_factory(gw: Gateway) -> Any:
+    """A protocol factory for ``loop.create_server``, or None if this picows has none.
+
+    Two things ``picows.ws_create_server`` cannot do: tell the listener factory
+    the client address (the per-IP connect limit answers 429 before any
+    upgrade), and give each connection a logger that can answer the peer's
+    CLOSE when picows is about to fail the frame after it (frames.ConnectionLog).
+    So the gateway builds picows's ``WSProtocol`` itself, with the arguments
+    ``ws_create_server`` gives it, one :class:`_Accept` as listener factory and one
+    :class:`~imfast.gateway.frames.ConnectionLog` as logger per connection.
+    ``WSProtocol`` and its constructor are not public API: this is tried once
+    at start-up and, if this picows differs, the gateway falls back to
+    ``ws_create_server`` without the two (and says so).
+    """
+    try:
+        from picows.picows import WSProtocol  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    s = gw.settings
+    picows_log = logging.getLogger("picows.server")
+
+    def make() -> Any:
+        connection_log = ConnectionLog(picows_log)
+        accept = _Accept(gw, connection_log)
+        protocol = WSProtocol(
+            None, None, False,   # host+port, ws_path, is_client_side
+            accept, connection_log,
+            True,                # disconnect_on_exception
+            s.auth_timeout,      # websocket_handshake_timeout
+            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto-ping
+            False,               # enable_auto_pong: the frame layer answers pings, with a limit
+            gw.max_frame_size,
+            None,                # extra_headers
+            _READ_BUFFER_INIT,
+        )
+        accept.protocol = protocol
+        return protocol
+
+    try:
+        probe = make()
+    except Exception:  # noqa: BLE001 - another picows: fall back, the caller logs it
+        return None
+    if not hasattr(probe, "transport"):
+        return None
+    return make
 
 
 def _check_upgrade(request: WSUpgradeRequest) -> Any:

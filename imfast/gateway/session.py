@@ -544,9 +544,29 @@ class Session(FramedListener):
         code = CloseCode.TOKEN_EXPIRED if reason == "token expired" else CloseCode.AUTH_FAILED
         self.close(code, reason)
 
+    def _too_many_devices(self, identity: Identity) -> bool:
+        """True if binding would pass MAX_DEVICES_PER_USER (a reconnecting device replaces)."""
+        limit = self.gw.settings.max_devices_per_user
+        if not limit:
+            return False
+        others = self.gw.table.sessions_of(identity.user)
+        if len(others) < limit:
+            return False
+        return not any(s.device == identity.device for s in others)
+
     def _bind(self, identity: Identity, rid: Any) -> None:
         gw = self.gw
         self.dev_user = self.dev_device = None
+        if self._too_many_devices(identity):
+            limit = gw.settings.max_devices_per_user
+            gw.stats.refused["devices_per_user"] = gw.stats.refused.get("devices_per_user", 0) + 1
+            log.info("connection refused: too many devices user_id=%s device=%s limit=%d",
+                     identity.user, identity.device, limit)
+            self.send_error("too_many_devices",
+                            f"{identity.user} already has {limit} devices connected "
+                            "(MAX_DEVICES_PER_USER); disconnect one first", rid=rid)
+            self.close(CloseCode.TOO_MANY_DEVICES, "too many devices connected for this user")
+            return
         self.identity = identity
         self.expires_at = self._deadline(identity.expires_at)
         replaced = gw.table.bind(self, identity.user, identity.device)

@@ -48,6 +48,7 @@ class CloseCode(enum.IntEnum):
     TOO_MANY_ERRORS = 4502
     RATE_LIMITED = 4503
     UNSUPPORTED_PROTOCOL = 4504
+    TOO_MANY_DEVICES = 4505
 
 
 CLOSE_CODES: dict[CloseCode, tuple[str, str]] = {
@@ -71,6 +72,8 @@ CLOSE_CODES: dict[CloseCode, tuple[str, str]] = {
     CloseCode.TOO_MANY_ERRORS: ("terminal", "too many bad frames (MAX_PROTOCOL_ERRORS)"),
     CloseCode.RATE_LIMITED: ("terminal", "kept sending past the rate limit"),
     CloseCode.UNSUPPORTED_PROTOCOL: ("terminal", "unsupported protocol version"),
+    CloseCode.TOO_MANY_DEVICES: ("terminal", "the user already has MAX_DEVICES_PER_USER other "
+                                 "devices connected here: close one first"),
 }
 
 
@@ -95,6 +98,8 @@ ERRORS: dict[str, str] = {
     "not_found": "no such user, group or message (also for things you may not see)",
     "forbidden": "not a member of that group, or not allowed to do this",
     "rate_limited": "slow down; repeated abuse closes the connection",
+    "too_many_devices": "too many devices of this user connected (also sent just before "
+                        "close 4505)",
     "feature_disabled": "this feature is switched off on this server",
     "unavailable": "a backend is unavailable; retry the same frame later (safe: deduplicated)",
     "recall_window_passed": "the message is too old to recall",

@@ -214,6 +214,31 @@ def test_frames_after_close_are_ignored(endpoint: Endpoint) -> None:
         assert ws.closed_by_server(1.0)
 
 
+@pytest.mark.parametrize("first,answer", [(close_payload(1000), 1000),
+                                          (close_payload(4321, b"bye"), 4321),
+                                          (b"", 1000),
+                                          (close_payload(5000), 1002)])
+def test_two_close_frames_back_to_back_get_the_answer_to_the_first(
+        endpoint: Endpoint, first: bytes, answer: int) -> None:
+    """Autobahn 7.1.2: picows parses the second CLOSE (an error) before it hands us the
+    first; frames.ConnectionLog answers the first before picows can send 1002."""
+    with endpoint.open() as ws:
+        ws.send_raw(frame_bytes(CLOSE, first) + frame_bytes(CLOSE, close_payload(1001)))
+        got, before = ws.expect_close(reply=False)
+        assert got == answer and before == []
+        assert ws.closed_by_server(1.0)
+
+
+def test_bytes_picows_refuses_after_the_close_get_the_answer_to_the_close(
+        endpoint: Endpoint) -> None:
+    """A frame picows fails while parsing (here a reserved opcode) after the peer's CLOSE."""
+    with endpoint.open() as ws:
+        ws.send_raw(frame_bytes(CLOSE, close_payload(1000)) + frame_bytes(0x3, b"reserved"))
+        got, before = ws.expect_close(reply=False)
+        assert got == 1000 and before == []
+        assert ws.closed_by_server(1.0)
+
+
 def test_server_waits_for_the_close_reply_then_drops_a_silent_peer(endpoint: Endpoint) -> None:
     with endpoint.open() as ws:
         ws.send(CONT, b"orphan")

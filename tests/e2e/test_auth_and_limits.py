@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 
 import jwt
 import pytest
 import websocket
 
+from tests.conformance.raw import upgrade_request
 from tests.helpers.node import Client, NodeThread, expect_close, wait_for
 
 
@@ -145,6 +147,115 @@ def test_capacity_refuses_upgrades_with_503(make_node) -> None:
     a.close()
     b.close()
     wait_for(lambda: node.http("/health")[0] == 200)
+
+
+def _upgrade(node: NodeThread, source: str = "127.0.0.1",
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One raw /ws upgrade from ``source``: (status, response headers, body); closes it."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(upgrade_request(f"/ws?token={node.token('u')}", extra=headers))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(fields.get("Content-Length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(lines[0].split()[1]), fields, body
+
+
+def test_connects_per_address_over_the_limit_get_429_with_retry_after(make_node) -> None:
+    node = make_node(connect_rate_per_ip=0.5, connect_burst_per_ip=3, connect_limit_exempt=())
+    assert [_upgrade(node)[0] for _ in range(3)] == [101, 101, 101]
+    status, headers, body = _upgrade(node)
+    assert status == 429
+    assert 1 <= int(headers["Retry-After"]) <= 2
+    answer = json.loads(body)
+    assert answer["error"] == "rate_limited" and answer["retry_after"] == int(
+        headers["Retry-After"])
+    # The websocket-client view: an HTTP status, no upgrade.
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        Client(node.url, node.token("alice"))
+    assert info.value.status_code == 429
+    # Another address has its own bucket; the HTTP endpoints are not counted.
+    assert _upgrade(node, source="127.0.0.2")[0] == 101
+    assert node.http("/health")[0] == 200
+    assert node.http("/stats")[1]["refused"]["connect_rate"] == 2
+    metrics = node.http("/metrics")[1]
+    assert 'im_gateway_connections_refused_total{reason="connect_rate"} 2.0' in metrics
+    # The bucket refills at CONNECT_RATE_PER_IP.
+    time.sleep(int(headers["Retry-After"]))
+    assert _upgrade(node)[0] == 101
+
+
+def test_loopback_and_private_addresses_are_exempt_by_default(make_node) -> None:
+    node = make_node(connect_burst_per_ip=5, connect_rate_per_ip=0.1)
+    assert node.settings.connect_rate_per_ip > 0
+    assert all(_upgrade(node, source=f"127.0.0.{1 + i % 3}")[0] == 101 for i in range(30))
+    assert "connect_rate" not in node.http("/stats")[1]["refused"]
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_address_is_counted(make_node) -> None:
+    node = make_node(connect_rate_per_ip=0.1, connect_burst_per_ip=2,
+                     trusted_proxies=("127.0.0.1",))
+
+    def via_proxy(client: str) -> int:
+        return _upgrade(node, headers={"X-Forwarded-For": f"{client}, 127.0.0.1"})[0]
+
+    assert [via_proxy("203.0.113.7") for _ in range(3)] == [101, 101, 429]
+    assert via_proxy("198.51.100.9") == 101  # another client behind the same proxy
+    assert via_proxy("10.1.2.3") == 101  # private: exempt, as when it connects directly
+    # From a peer that is not a trusted proxy the header is ignored (127.0.0.2 is exempt).
+    spoofed = {"X-Forwarded-For": "203.0.113.7"}
+    assert _upgrade(node, source="127.0.0.2", headers=spoofed)[0] == 101
+
+
+def test_devices_per_user_are_limited_and_a_reconnecting_device_still_replaces(
+        make_node) -> None:
+    node = make_node(max_devices_per_user=2)
+    phone = Client(node.url, node.token("alice", "phone"))
+    phone.welcome()
+    laptop = Client(node.url, node.token("alice", "laptop"))
+    laptop.welcome()
+    # A third device: an error frame naming the limit, then the terminal close 4505.
+    tablet = Client(node.url, node.token("alice", "tablet"))
+    code, frames = expect_close(tablet)
+    assert code == 4505
+    assert frames[-1]["code"] == "too_many_devices" and "MAX_DEVICES_PER_USER" in (
+        frames[-1]["message"])
+    # The same through an auth frame (the reply carries the request id).
+    late = Client(node.url)
+    late.send(type="auth", id="a1", token=node.token("alice", "tablet"))
+    code, frames = expect_close(late)
+    assert code == 4505 and frames[-1]["id"] == "a1"
+    # Other users are not affected; the phone reconnecting replaces its old connection.
+    bob = Client(node.url, node.token("bob", "tablet"))
+    bob.welcome()
+    phone2 = Client(node.url, node.token("alice", "phone"))
+    assert phone2.welcome()["device"] == "phone"
+    assert expect_close(phone)[0] == 4005
+    assert node.http("/stats")[1]["refused"]["devices_per_user"] == 2
+    assert 'im_gateway_connections_refused_total{reason="devices_per_user"} 2.0' in (
+        node.http("/metrics")[1])
+    # Once a device leaves there is room again.
+    laptop.close()
+    wait_for(lambda: len(node.call(_sessions_of(node, "alice"))) == 1)
+    Client(node.url, node.token("alice", "tablet")).welcome()
+
+
+def _sessions_of(node: NodeThread, user: str):  # type: ignore[no-untyped-def]
+    async def get() -> tuple:
+        return tuple(node.node.gateway.table.sessions_of(user))  # type: ignore[union-attr]
+    return get()
 
 
 def test_origin_allow_list(make_node) -> None:
