@@ -21,6 +21,11 @@ Guarantees:
   commit.  A crash between handling and committing redelivers the batch.
 * ``consume`` keeps (re)connecting while the broker is down; it ends only when
   cancelled or when the bus is closed.
+* A commit that does not complete within ``request_timeout_ms`` (aiokafka
+  retries some errors forever, e.g. a partition the broker no longer knows
+  after it came back without its data) restarts the consumer: it rejoins the
+  group and resumes from the committed offsets - or, on a broker that lost
+  them, from the earliest record - so the batch is redelivered, never skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import ConnectionGroup
 from aiokafka.errors import (
+    CommitFailedError,
     ConsumerStoppedError,
     IllegalStateError,
     KafkaConnectionError,
@@ -304,11 +310,16 @@ class KafkaBus:
                 continue
             offsets = {tp: recs[-1].offset + 1 for tp, recs in records.items()}
             try:
-                await consumer.commit(offsets)
-            except KafkaError as exc:
+                async with asyncio.timeout(self.request_timeout_ms / 1000):
+                    await consumer.commit(offsets)
+            except CommitFailedError as exc:
                 # Rebalanced meanwhile: the new owner gets these records again.
                 log.warning("kafka commit failed (records will be redelivered): %r", exc)
                 return
+            except (KafkaError, TimeoutError) as exc:
+                # Stuck or failing: start over from the last commit (consume() restarts us).
+                raise KafkaError(f"commit did not complete: {exc!r}; restarting the consumer "
+                                 "(records will be redelivered)") from exc
             self.batches_committed += 1
             positions = self._positions.get(consumer)
             if positions is not None:

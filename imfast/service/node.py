@@ -60,6 +60,9 @@ class _ServiceCollector(Collector):  # type: ignore[misc]
                                   value=n.router.duplicates_total)
         yield CounterMetricFamily("im_service_route_failures", "Pushes/publishes that failed",
                                   value=n.pusher.route_failures)
+        yield GaugeMetricFamily("im_service_kafka_spooled",
+                                "Kafka records held while the broker is down",
+                                value=n.pusher.spooled)
         yield GaugeMetricFamily("im_service_gateway_links", "Connected gateway links",
                                 value=len(n.link_server.connections))
         for name, help_text, hist in n.router.histograms:
@@ -127,6 +130,7 @@ class ServiceNode:
             "duplicates": self.router.duplicates_total,
             "routed": dict(self.pusher.routed),
             "route_failures": self.pusher.route_failures,
+            "kafka_spooled": self.pusher.spooled,
             "gateway_links": len(self.link_server.connections),
             "route_all_offline": self.settings.route_all_offline,
         }

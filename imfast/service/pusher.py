@@ -16,6 +16,15 @@
 Nothing here can lose an acknowledged message: entries are durable before
 they get here, and a client that missed a push gets the entry by sync or
 resume (its session detects the gap at the next entry).
+
+Kafka records are not dropped when the broker is down: a publish that fails
+puts its records in a spool (in memory, per topic, up to ``SPOOL_MAX``), and
+a background task publishes the spool, oldest first, until the broker takes
+it.  While a topic's spool is not empty, new records for it join the end of
+the spool without a publish attempt, so per-key order is kept and senders
+are not held up by a broker that is known to be down.  The spool does not
+survive an im-service crash; the entries themselves are in the store, so
+online members still get them at their next entry or reconnect.
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ log = logging.getLogger("imfast.service")
 
 TOPIC_GROUP = "group_msg"
 TOPIC_OFFLINE = "offline_msg"
+#: Records held per topic while Kafka is down; beyond it the oldest are dropped (logged).
+SPOOL_MAX = 100_000
+SPOOL_RETRY = 0.25  # first wait between attempts to publish the spool; doubles up to 5 s
+SPOOL_RETRY_MAX = 5.0
+SPOOL_BATCH = 500
 
 
 class ClusterPusher:
@@ -51,8 +65,18 @@ class ClusterPusher:
         self._offline: list[tuple[bytes, bytes]] = []
         self._pushes: dict[str, list[Any]] = defaultdict(list)
         self._flushing: asyncio.Task[None] | None = None
+        self._spool: dict[str, list[tuple[bytes, bytes]]] = {TOPIC_GROUP: [], TOPIC_OFFLINE: []}
+        self._spooling: asyncio.Task[None] | None = None
         self.routed = {"online": 0, "offline": 0, "group": 0}
         self.route_failures = 0
+        #: Records that went through the spool / were dropped from a full spool.
+        self.spooled_total = 0
+        self.spool_dropped = 0
+
+    @property
+    def spooled(self) -> int:
+        """Records waiting in the spool now (Kafka was down)."""
+        return sum(len(v) for v in self._spool.values())
 
     def routed_all(self) -> asyncio.Future[None]:
         """Done once everything routed so far has been pushed or published (or failed)."""
@@ -122,9 +146,49 @@ class ClusterPusher:
                 if not items:
                     continue
                 setattr(self, attr, [])
+                if self._spool[topic]:  # the broker is known to be down: keep the order
+                    self._to_spool(topic, items)
+                    continue
                 try:
                     await self.bus.publish_many(topic, items)
-                except Exception as exc:  # noqa: BLE001 - entries are durable; sync recovers
+                except Exception as exc:  # noqa: BLE001 - spooled, published when it is back
                     self.route_failures += 1
-                    log.error("route failed: publish to %s failed (%d records): %s",
-                              topic, len(items), exc)
+                    log.error("publish to %s failed (%d records): %s; spooling until Kafka "
+                              "is back", topic, len(items), exc)
+                    self._to_spool(topic, items)
+
+    def _to_spool(self, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+        spool = self._spool[topic]
+        spool.extend(items)
+        self.spooled_total += len(items)
+        if len(spool) > SPOOL_MAX:
+            dropped = len(spool) - SPOOL_MAX
+            del spool[:dropped]
+            self.spool_dropped += dropped
+            log.error("route failed: Kafka spool for %s full, dropped the %d oldest records; "
+                      "clients will sync", topic, dropped)
+        if self._spooling is None or self._spooling.done():
+            self._spooling = asyncio.get_running_loop().create_task(self._drain_spool())
+
+    async def _drain_spool(self) -> None:
+        """Publish spooled records, oldest first, until every spool is empty."""
+        delay = SPOOL_RETRY
+        published = 0
+        while any(self._spool.values()):
+            progress = False
+            for topic, spool in self._spool.items():
+                while spool:
+                    items = spool[:SPOOL_BATCH]
+                    try:
+                        await self.bus.publish_many(topic, items)
+                    except Exception as exc:  # noqa: BLE001 - still down: wait, try again
+                        log.warning("Kafka still unavailable (%d records spooled): %s",
+                                    self.spooled, exc)
+                        break
+                    del spool[:len(items)]  # only what was published; more may have joined
+                    published += len(items)
+                    progress = True
+            if any(self._spool.values()):
+                delay = SPOOL_RETRY if progress else min(delay * 2, SPOOL_RETRY_MAX)
+                await asyncio.sleep(delay)
+        log.info("Kafka is back: published %d spooled records", published)

@@ -10,8 +10,10 @@ rule for "exactly once as the client sees it").
 :func:`check` compares what senders were told (``sent``) with what
 recipients saw, and with a final full sync from the store, and returns the
 figures the fault tests print: sent, acknowledged, delivered, duplicates
-(entries the client had to drop), lost (acknowledged but never seen), and
-order violations.
+dropped (retransmits of a seq the client already had: allowed, at least once
+on the wire), duplicated (one message under two seqs, in the store or as
+delivered: never allowed), lost (acknowledged but never seen), and order
+violations.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ChatClient:
         self._last_seen: dict[str, int] = {}
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
+        self._requests = 0
 
     async def connect(self, deadline: float = 30.0) -> None:
         """Connect (trying every URL, with backoff) until welcomed."""
@@ -101,6 +104,10 @@ class ChatClient:
             fut = self._waiters[frame["cmid"]]
             if not fut.done():
                 fut.set_result(frame)
+        elif "id" in frame and f"id:{frame['id']}" in self._waiters:
+            fut = self._waiters[f"id:{frame['id']}"]
+            if not fut.done():
+                fut.set_result(frame)
         elif ftype == "msg":
             conv, seq = frame["conv"], frame["seq"]
             if seq <= self._last_seen.get(conv, 0):
@@ -113,8 +120,13 @@ class ChatClient:
                 self._transport.send(WSMsgType.TEXT, json.dumps(
                     {"type": "ack", "conv": conv, "seq": seq}).encode())
 
-    async def send(self, to: str, cmid: str, body: str, deadline: float = 60.0) -> dict[str, Any]:
-        """Send until acknowledged (same cmid on every try); returns the `sent` frame."""
+    async def send(self, to: str, cmid: str, body: str, deadline: float = 60.0,
+                   group: str | None = None) -> dict[str, Any]:
+        """Send until acknowledged (same cmid on every try); returns the `sent` frame.
+
+        To a user (``to``), or to a group (``group``; ``to`` is then ignored).
+        """
+        target = {"group": group} if group is not None else {"to": to}
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         while True:
@@ -130,7 +142,7 @@ class ChatClient:
             self._waiters[cmid] = fut
             try:
                 self._transport.send(WSMsgType.TEXT, json.dumps(
-                    {"type": "send", "cmid": cmid, "to": to, "body": body}).encode())
+                    {"type": "send", "cmid": cmid, **target, "body": body}).encode())
                 reply = await asyncio.wait_for(fut, 3.0)
                 if reply["type"] == "sent":
                     return reply
@@ -141,6 +153,20 @@ class ChatClient:
                 await asyncio.sleep(0.1)
             finally:
                 self._waiters.pop(cmid, None)
+
+    async def request(self, frame: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send a frame with a fresh ``id``; return the reply carrying that id (no retry)."""
+        if self._transport is None or not self._connected.is_set():
+            await self.connect()
+        self._requests += 1
+        rid = f"{self.user}-{self._requests}"
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[f"id:{rid}"] = fut
+        try:
+            self._transport.send(WSMsgType.TEXT, json.dumps({**frame, "id": rid}).encode())
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiters.pop(f"id:{rid}", None)
 
     async def sync_all(self, conv: str) -> list[dict[str, Any]]:
         """Every stored entry of ``conv`` (paged), for the final check."""
@@ -189,6 +215,7 @@ class Figures:
     acknowledged: int = 0
     delivered: int = 0
     duplicates: int = 0
+    duplicated: int = 0
     lost: int = 0
     stored: int = 0
     order_violations: int = 0
@@ -196,6 +223,7 @@ class Figures:
     def line(self, scenario: str) -> str:
         return (f"{scenario}: sent={self.sent} acknowledged={self.acknowledged} "
                 f"delivered={self.delivered} duplicates_dropped={self.duplicates} "
+                f"duplicated={self.duplicated} "
                 f"lost={self.lost} stored={self.stored} order_violations={self.order_violations}")
 
 
@@ -219,6 +247,12 @@ async def check(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, Cha
             f.order_violations += sum(1 for x, y in zip(seen, seen[1:]) if y <= x)
             f.delivered += len(seqs & set(seen))
             f.lost += len(seqs - set(seen))
-            stored = {e["seq"] for e in await client.sync_all(conv)}
+            entries = await client.sync_all(conv)
+            stored = {e["seq"] for e in entries}
             f.stored += len(seqs & stored)
+            # One message under two seqs (bodies are unique per message in the workloads).
+            bodies = [e.get("body") for e in entries if e.get("kind", "msg") == "msg"]
+            f.duplicated += len(bodies) - len(set(bodies))
+            seen_bodies = [b for q in seen if (b := client.bodies.get((conv, q)))]  # events: ""
+            f.duplicated += len(seen_bodies) - len(set(seen_bodies))
     return f

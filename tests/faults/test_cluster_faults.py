@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,12 @@ import pytest
 import redis
 
 from imfast.auth import mint_token
-from imfast.config import Settings
-from tests.faults.checker import ChatClient, Figures, check
+from tests.faults.checker import ChatClient
+from tests.faults.workload import SETTINGS, assert_clean, run_workload
 from tests.harness.services import ServiceSet
-from tests.helpers.cluster import JWT_SECRET, Cluster
+from tests.helpers.cluster import Cluster
 
 pytestmark = pytest.mark.integration
-
-SETTINGS = Settings(jwt_secret=JWT_SECRET)
-PER_SENDER = 30
-
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Any]]:
@@ -51,46 +47,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
         services.stop()
 
 
-async def run_workload(cluster: Cluster, tag: str,
-                       fault: Callable[[], Awaitable[None]]) -> Figures:
-    urls = [cluster.url(0), cluster.url(1)]
-    senders = [ChatClient(urls, mint_token(SETTINGS, f"{tag}s{i}"), f"{tag}s{i}")
-               for i in range(4)]
-    recipients = {f"{tag}r{i}": ChatClient(urls, mint_token(SETTINGS, f"{tag}r{i}"),
-                                           f"{tag}r{i}") for i in range(4)}
-    for c in [*senders, *recipients.values()]:
-        await c.connect()
-    acks: dict[str, list[dict[str, Any]]] = {u: [] for u in recipients}
-
-    async def stream(i: int) -> None:
-        to = f"{tag}r{i}"
-        for n in range(PER_SENDER):
-            acks[to].append(await senders[i].send(to, f"{tag}-{i}-{n}", f"{i}:{n}"))
-            await asyncio.sleep(0.02)
-
-    async def inject() -> None:
-        await asyncio.sleep(0.3)
-        await fault()
-
-    await asyncio.gather(*(stream(i) for i in range(4)), inject())
-    figures = await check(acks, recipients, sent=4 * PER_SENDER)
-    print("\n" + figures.line(tag))
-    for c in [*senders, *recipients.values()]:
-        await c.close()
-    # The bodies arrived as sent, once each.
-    for i, (user, frames) in enumerate(sorted(acks.items())):
-        seen = recipients[user].bodies
-        assert sorted(seen[(a["conv"], a["seq"])] for a in frames) == \
-            sorted(f"{i}:{n}" for n in range(PER_SENDER))
-    return figures
-
-
-def assert_clean(f: Figures) -> None:
-    assert f.acknowledged == f.sent, f
-    assert f.lost == 0 and f.order_violations == 0, f
-    assert f.delivered == f.acknowledged and f.stored == f.acknowledged, f
-
-
 async def test_sigkill_a_gateway(deployment: tuple[Cluster, Any]) -> None:
     cluster, _ = deployment
 
@@ -98,7 +54,7 @@ async def test_sigkill_a_gateway(deployment: tuple[Cluster, Any]) -> None:
         cluster.gateways[1].kill()
 
     try:
-        assert_clean(await run_workload(cluster, "gk", fault))
+        assert_clean((await run_workload(cluster, "gk", fault)).figures)
     finally:
         cluster.gateways[1].start()
         cluster.gateways[1].wait_healthy()
@@ -112,7 +68,7 @@ async def test_sigkill_im_service_then_restart(deployment: tuple[Cluster, Any]) 
         await asyncio.sleep(1.0)
         cluster.service.start()
 
-    assert_clean(await run_workload(cluster, "sk", fault))
+    assert_clean((await run_workload(cluster, "sk", fault)).figures)
 
 
 async def test_redis_flushed_sequences_never_reused(deployment: tuple[Cluster, Any]) -> None:
@@ -121,8 +77,7 @@ async def test_redis_flushed_sequences_never_reused(deployment: tuple[Cluster, A
     async def fault() -> None:
         redis.Redis.from_url(services.redis.url).flushall()
 
-    figures = await run_workload(cluster, "rf", fault)
-    assert_clean(figures)
+    assert_clean((await run_workload(cluster, "rf", fault)).figures)
 
 
 async def test_mysql_stopped_and_restarted(deployment: tuple[Cluster, Any]) -> None:
@@ -133,7 +88,7 @@ async def test_mysql_stopped_and_restarted(deployment: tuple[Cluster, Any]) -> N
         await asyncio.sleep(1.5)
         await asyncio.to_thread(services.mariadb.restart)
 
-    assert_clean(await run_workload(cluster, "my", fault))
+    assert_clean((await run_workload(cluster, "my", fault)).figures)
 
 
 async def test_etcd_restarted(deployment: tuple[Cluster, Any]) -> None:
@@ -142,7 +97,7 @@ async def test_etcd_restarted(deployment: tuple[Cluster, Any]) -> None:
     async def fault() -> None:
         await asyncio.to_thread(services.etcd.restart)
 
-    assert_clean(await run_workload(cluster, "et", fault))
+    assert_clean((await run_workload(cluster, "et", fault)).figures)
 
 
 async def test_offline_worker_killed_records_still_stored(deployment: tuple[Cluster, Any]) -> None:
@@ -186,3 +141,61 @@ async def test_resend_after_redis_lost_the_dedup_key_is_still_one_message(
     assert [e["body"] for e in stored].count("only once") == 1
     await alice.close()
     await bob.close()
+
+
+def offline_seqs(services: Any, user: str) -> list[int]:
+    """Seqs of the offline_messages rows of ``user`` (one per record stored)."""
+    out = services.mariadb.execute(
+        f"SELECT seq FROM im_chat.offline_messages WHERE user_id='{user}' ORDER BY seq")
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "tansu keeps no data: it comes back empty, re-creates the topics on the first "
+    "metadata request and then refuses consumer offset commits on them "
+    "(UnknownTopicOrPartition); the gateway consumer group sometimes never syncs again. "
+    "Needs a broker that keeps its data (tansu's postgres:// engine), see docs/reliability.md"))
+async def test_kafka_broker_down_and_back(deployment: tuple[Cluster, Any]) -> None:
+    """The broker dies while group entries flow through group_msg and offline_msg.
+
+    tansu keeps topics and committed offsets in memory only (it has no data
+    dir), so it comes back empty on the same port: the harshest restart.
+    Runs last in this module: the others do not need the topics' history.
+    """
+    cluster, services = deployment
+    # Both consumer groups joined and consuming (a join on tansu takes seconds): a record
+    # reaches the offline worker's table.
+    warm = ChatClient([cluster.url(0)], mint_token(SETTINGS, "kbw"), "kbw")
+    await warm.connect()
+    await warm.request({"type": "group_create", "group": "kbw", "members": ["kbwo"]})
+    await warm.send("", "kbw-1", "warm-up", group="kbw")
+    end = time.monotonic() + 30
+    while len(offline_seqs(services, "kbwo")) < 2 and time.monotonic() < end:
+        await asyncio.sleep(0.2)
+    await warm.close()
+
+    async def fault() -> None:
+        services.kafka.kill()
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(services.kafka.start)
+
+    run = await run_workload(cluster, "kb", fault, per_sender=60, pace=0.05, fault_at=0.5,
+                             groups=True, offline_members=True)
+    assert_clean(run.figures)
+    # After the restart the pipeline works end to end again: a new entry for a member who
+    # is offline reaches the offline worker's table (group_msg -> gateway -> offline_msg).
+    probe = ChatClient([cluster.url(1)], mint_token(SETTINGS, "kbp"), "kbp")
+    await probe.connect()
+    await probe.request({"type": "group_create", "group": "kbp", "members": ["kbpo"]})
+    sent = await probe.send("", "kbp-1", "after the restart", group="kbp")
+    end = time.monotonic() + 40
+    while sent["seq"] not in offline_seqs(services, "kbpo") and time.monotonic() < end:
+        await asyncio.sleep(0.2)
+    await probe.close()
+    rows = {i: set(offline_seqs(services, f"kbo{i}")) for i in range(4)}
+    acked = sum(len(frames) for frames in run.acks.values())
+    stored = sum(len({a["seq"] for a in run.acks[f"kbr{i}"]} & rows[i]) for i in range(4))
+    print(f"kb: offline_msg rows for acknowledged entries: {stored} of {acked} "
+          f"(records the empty broker lost are not recoverable from Kafka); "
+          f"probe after restart stored: {sent['seq'] in offline_seqs(services, 'kbpo')}")
+    assert sent["seq"] in offline_seqs(services, "kbpo")

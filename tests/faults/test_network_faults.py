@@ -1,0 +1,105 @@
+"""Network faults between components, through our TCP fault proxy (tc netem is not available).
+
+The deployment is the one of test_cluster_faults.py, except that three kinds
+of links go through :class:`tests.harness.faultproxy.FaultProxy` (``pass``
+until a test switches it): gateway -> im-service calls (``SERVICE_ADDR``),
+im-service/gateway -> gateway pushes (each gateway advertises a proxy in
+front of its push port), and im-service -> Redis.  Each test streams the
+usual workload, switches a mode mid-traffic, switches back, and checks with
+the set checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.workload import assert_clean, run_workload
+from tests.harness.faultproxy import FaultProxy, ProxyThread
+from tests.harness.services import ServiceSet
+from tests.helpers.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Proxied:
+    cluster: Cluster
+    services: Any
+    internal: list[FaultProxy]  # the service link and both push links
+    redis: FaultProxy
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
+    services = ServiceSet("redis", "mariadb", "etcd", "kafka").start()
+    dsn = services.mariadb.create_app_database()
+    with ProxyThread() as proxies:
+        redis_proxy = proxies.start(FaultProxy((services.redis.host, services.redis.port)))
+        cluster = Cluster({"redis": services.redis, "etcd": services.etcd,
+                           "kafka": services.kafka, "mysql_dsn": dsn},
+                          Path(tmp_path_factory.mktemp("netfaults")), gateways=2)
+        cluster.service.env["REDIS_URL"] = f"redis://{redis_proxy.addr}/0"
+        service_proxy = proxies.start(FaultProxy(("127.0.0.1", cluster.service_port)))
+        internal = [service_proxy]
+        for gw in cluster.gateways:
+            push = proxies.start(FaultProxy(("127.0.0.1", int(gw.env["PUSH_PORT"]))))
+            gw.env["SERVICE_ADDR"] = service_proxy.addr
+            gw.env["GATEWAY_ADVERTISE_ADDR"] = push.addr
+            internal.append(push)
+        try:
+            cluster.start()
+            yield Proxied(cluster, services, internal, redis_proxy)
+        except Exception:
+            print(cluster.logs())
+            raise
+        finally:
+            cluster.stop()
+            services.stop()
+
+
+async def test_internal_link_delayed_200ms_then_back(proxied: Proxied) -> None:
+    async def fault() -> None:
+        for p in proxied.internal:
+            p.delay(200)
+        await asyncio.sleep(2.0)
+        for p in proxied.internal:
+            p.pass_through()
+
+    run = await run_workload(proxied.cluster, "nd", fault)
+    print(f"nd: streamed in {run.seconds:.1f} s")
+    assert_clean(run.figures)
+
+
+async def test_internal_link_reset_mid_traffic(proxied: Proxied) -> None:
+    async def fault() -> None:
+        for p in proxied.internal:
+            p.reset()
+        await asyncio.sleep(1.0)
+        for p in proxied.internal:
+            p.pass_through()
+
+    before = sum(p.accepted for p in proxied.internal)
+    run = await run_workload(proxied.cluster, "nr", fault)
+    print(f"nr: streamed in {run.seconds:.1f} s; "
+          f"{sum(p.accepted for p in proxied.internal) - before} link (re)connections")
+    assert_clean(run.figures)
+
+
+async def test_redis_blackholed_for_3s_then_back(proxied: Proxied) -> None:
+    async def fault() -> None:
+        proxied.redis.blackhole()
+        await asyncio.sleep(3.0)
+        proxied.redis.pass_through()
+
+    swallowed = proxied.redis.swallowed
+    run = await run_workload(proxied.cluster, "nb", fault)
+    print(f"nb: streamed in {run.seconds:.1f} s; "
+          f"{proxied.redis.swallowed - swallowed} bytes to/from Redis swallowed")
+    assert proxied.redis.swallowed > swallowed  # the fault did hit traffic
+    assert_clean(run.figures)
