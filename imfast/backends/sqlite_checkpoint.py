@@ -28,7 +28,7 @@ log = logging.getLogger("imfast.store")
 class BackgroundCheckpointer:
     """Checkpoints ``path``'s WAL when told that commits happened."""
 
-    def __init__(self, path: str, interval: float = 0.25,
+    def __init__(self, path: str, interval: float = 1.0,
                  restart_bytes: int = 8 * 1024 * 1024) -> None:
         self.path = path
         self.interval = interval
