@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,47 @@ class LocalCluster:
         return (f"distributed: {roles}; Redis, MariaDB, etcd, Kafka-compatible broker "
                 f"(tansu) on free ports; logs in {self.report_dir}")
 
+    def hop_figures(self) -> list[str]:
+        """P50/P99 of every duration histogram each role exposes (where the time went).
+
+        Also saves each role's /metrics text in the report directory.
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+
+        lines = []
+        for proc in self.cluster.procs:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/metrics",
+                                            timeout=5) as r:
+                    text = r.read().decode()
+            except OSError as exc:
+                lines.append(f"{proc.role} :{proc.http_port}: /metrics unavailable ({exc})")
+                continue
+            (self.report_dir / f"metrics-{proc.role}-{proc.http_port}.txt").write_text(text)
+            for family in text_string_to_metric_families(text):
+                if family.type != "histogram" or not family.name.endswith("_seconds"):
+                    continue
+                buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples
+                                 if s.name.endswith("_bucket"))
+                total = buckets[-1][1] if buckets else 0
+                if not total:
+                    continue
+                p50, p99 = (_quantile(buckets, q) for q in (0.5, 0.99))
+                lines.append(f"{proc.role} :{proc.http_port} {family.name}: n={int(total)} "
+                             f"p50<={p50} p99<={p99}")
+        return lines
+
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
         if self.services is not None:
             self.services.stop()
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> str:
+    """Upper bound of the cumulative bucket holding quantile ``q``, in ms."""
+    total = buckets[-1][1]
+    for upper, count in buckets:
+        if count >= q * total:
+            return "inf" if upper == float("inf") else f"{upper * 1000:g} ms"
+    return "inf"

@@ -144,9 +144,15 @@ class Config:
         if self.steps:
             self.duration = self.step_duration * len(self.steps)
         if not self.stats_url:
-            parts = urlsplit(self.url)
+            parts = urlsplit(self.urls[0])
             self.stats_url = f"http://{parts.hostname}:{parts.port or 80}/stats"
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """``--url`` may list several gateways (comma-separated): connection i uses
+        ``urls[i % len(urls)]``, so users spread over them and messages cross."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
 
     def rate_at(self, t: float) -> float:
         if self.steps:
@@ -570,6 +576,7 @@ class Worker:
         if rec is None or rec[2]:
             return
         rec[2] = True
+        rec.append((conv, seq))  # rec[5]: where it was stored, for the lost sample
         self.c.acknowledged += 1
         self.ack_hist.record((time.time_ns() - rec[0]) // 1000)
         if rec[1] <= 0:
@@ -733,7 +740,8 @@ class Worker:
 
     # ------------------------------------------------------------ connecting
     def url_for(self, conn: Any) -> str:
-        base = self.cfg.url
+        urls = self.cfg.urls
+        base = urls[conn.i % len(urls)]
         sep = "&" if "?" in base else "?"
         if self.cfg.auth == "dev" or not self.imfast:
             return f"{base}{sep}user={conn.user}"
@@ -762,7 +770,7 @@ class Worker:
         if spec == "none":
             return None
         if spec == "auto":
-            if self.cfg.connections <= 10_000 or not is_loopback_url(self.cfg.url):
+            if self.cfg.connections <= 10_000 or not is_loopback_url(self.cfg.urls[0]):
                 return None
             return f"127.0.0.{2 + g // CONNS_PER_SOURCE_ADDR}"
         addrs = [a.strip() for a in spec.split(",") if a.strip()]
@@ -1015,13 +1023,21 @@ class Worker:
 
     def finish(self) -> dict[str, Any]:
         lost = unacked = lost_deliveries = 0
-        for rec in self.pending.values():
+        lost_sample: list[dict[str, Any]] = []
+        for cmid, rec in self.pending.items():
             if self.imfast and not rec[2]:
                 unacked += 1
                 lost_deliveries += max(0, rec[1])
             elif rec[1] > 0:
                 lost += 1
                 lost_deliveries += rec[1]
+                if len(lost_sample) < 20:
+                    conv, seq = rec[5] if len(rec) > 5 else (None, None)
+                    lost_sample.append({
+                        "cmid": cmid, "sender": self.conns[rec[3]].user
+                        if rec[3] is not None and rec[3] < len(self.conns) else rec[3],
+                        "conv": conv, "seq": seq, "missing_deliveries": rec[1],
+                        "sent_at": time.strftime("%H:%M:%S", time.localtime(rec[0] / 1e9))})
         self.c.gaps = len(self.holes)
         counters = self.c.as_dict()
         counters["lost"] = lost
@@ -1029,6 +1045,7 @@ class Worker:
         counters["lost_deliveries"] = lost_deliveries
         counters["connected_at_end"] = sum(1 for c in self.conns if c.ready)
         return {"counters": counters, "errors": self.errors, "closes": self.closes,
+                "lost_sample": lost_sample,
                 "hist": self.hist.__getstate__(), "resume_hist": self.resume_hist.__getstate__(),
                 "ack_hist": self.ack_hist.__getstate__(),
                 "reconnect_hist": self.reconnect_hist.__getstate__(),
@@ -1072,15 +1089,15 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
     print a progress line to stderr unless ``cfg.quiet``).
     """
     cfg.finish()
-    if not cfg.allow_remote and not is_loopback_url(cfg.url):
+    if not cfg.allow_remote and not all(is_loopback_url(u) for u in cfg.urls):
         raise SystemExit(f"gen: refusing non-loopback target {cfg.url} (use --allow-remote)")
     if cfg.protocol == "imfast" and cfg.auth == "token" and not cfg.jwt_secret:
         raise SystemExit("gen: token auth needs --jwt-secret (or JWT_SECRET), the server's")
     if progress is None:
         progress = (lambda row: None) if cfg.quiet else _print_progress
     server_pid = max(0, cfg.server_pid)  # -1: do not look for it
-    if cfg.server_pid == 0 and is_loopback_url(cfg.url):
-        server_pid = find_listening_pid(urlsplit(cfg.url).port or 80)
+    if cfg.server_pid == 0 and is_loopback_url(cfg.urls[0]):
+        server_pid = find_listening_pid(urlsplit(cfg.urls[0]).port or 80)
     server_pids = proc_tree(server_pid) if server_pid else []
     stats_before = fetch_json(cfg.stats_url)
     rss_before = rss_bytes(server_pids) if server_pids else 0
@@ -1243,6 +1260,7 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
     counters: dict[str, int] = {}
     errors: dict[str, int] = {}
     closes: dict[str, int] = {}
+    lost_sample: list[dict[str, Any]] = []
     hists = {name: Histogram() for name in ("hist", "resume_hist", "ack_hist", "reconnect_hist",
                                             "connect_hist", "ping_hist")}
     for f in finals.values():
@@ -1252,6 +1270,7 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
             errors[k2] = errors.get(k2, 0) + v
         for k2, v in f["closes"].items():
             closes[k2] = closes.get(k2, 0) + v
+        lost_sample.extend(f.get("lost_sample", [])[: 20 - len(lost_sample)])
         for name, h in hists.items():
             h.merge(_hist(f[name]))
     load_rows = [r for r in timeline if r["phase"] == "load"]
@@ -1265,7 +1284,7 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
         "workers": {"started": P, "finished": len(finals), "crashes": crashes},
         "connect_seconds": round(load_started_at, 2) if load_started_at else None,
         "load_seconds": round(load_s, 2),
-        "totals": counters, "errors": errors, "closes": closes,
+        "totals": counters, "errors": errors, "closes": closes, "lost_sample": lost_sample,
         "latency_ms": hists["hist"].summary(),
         "latency_hist": hists["hist"].to_dict(),
         "ack_latency_ms": hists["ack_hist"].summary(),
@@ -1442,6 +1461,8 @@ def print_summary(result: dict[str, Any], out: Any = sys.stdout) -> None:
           f"{t.get('expected_deliveries', 0)}  duplicates {t.get('duplicates', 0)}  lost "
           f"{t.get('lost', 0)}  unacknowledged {t.get('unacknowledged', 0)}  gaps "
           f"{t.get('gaps', 0)}", file=out)
+    for lost in result.get("lost_sample", [])[:5]:
+        print(f"  lost: {lost}", file=out)
     print(f"  rates: {result['rates']}", file=out)
     if lat.get("count"):
         print(f"  delivery latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "

@@ -255,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="embedded node: gateway processes (default: 1, capacity: enough "
                         f"for {WORKER_CONNECTIONS} sockets each)")
+    p.add_argument("--distributed", type=int, default=0, metavar="GATEWAYS",
+                   help="start a local distributed deployment instead of the embedded node: "
+                        "real Redis, MariaDB, etcd and Kafka-compatible servers on free ports, "
+                        "im-service, offline worker and GATEWAYS gateways; connections are "
+                        "spread over the gateways, so messages cross between them")
     p.add_argument("--jwt-secret", default=os.environ.get("JWT_SECRET", ""),
                    help="--target's JWT_SECRET (default $JWT_SECRET)")
     p.add_argument("--dev-auth", action="store_true",
@@ -292,8 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg.connect_timeout = 180.0
 
     node: EmbeddedNode | None = None
+    cluster: Any = None
     try:
-        if args.target:
+        if args.distributed:
+            from cluster import LocalCluster
+
+            log(f"starting a distributed deployment with {args.distributed} gateways "
+                f"(services, im-service, offline worker) ...")
+            cluster = LocalCluster(report_dir, args.distributed)
+            cluster.start()
+            cfg.url = ",".join(cluster.urls)
+            cfg.jwt_secret = cluster.secret
+            cfg.server_pid = cluster.gateway_pids[0]
+            log(cluster.describe())
+            log(f"gateways {cfg.url}; server CPU/RSS figures are the first gateway's")
+        elif args.target:
             target = args.target
             if target.startswith("http"):
                 target = "ws" + target[4:]
@@ -333,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if node is not None:
             node.stop()
+        if cluster is not None:
+            try:
+                for line in cluster.hop_figures():
+                    log(f"hop {line}")
+            finally:
+                cluster.stop()
 
     slo = gen.SLO.from_env()
     if args.mode == "stress":
@@ -360,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, fh, indent=1)
         extra = {"mode": args.mode,
                  "server": (f"embedded imfast serve ({node.workers} gateway process"
-                            f"{'es' if node.workers > 1 else ''})" if node else cfg.url)}
+                            f"{'es' if node.workers > 1 else ''})" if node
+                            else f"distributed, {args.distributed} gateways: {cfg.url}"
+                            if cluster else cfg.url)}
         write_report(result, verdict, os.path.join(report_dir, "report.html"),
                      f"imfast load test: {args.mode}", extra)
         log(f"report {os.path.join(report_dir, 'report.html')}")

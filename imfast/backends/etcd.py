@@ -229,6 +229,27 @@ class EtcdRegistry:
             if b"/" not in kv.key[len(prefix):]
         }
 
+    async def refresh(self, user: str) -> None:
+        """Read ``user``'s registrations from etcd into the cache now (not via the watch).
+
+        Used before a device's resume: once this returns, every entry routed
+        from here finds a registration that was written before the call, so an
+        entry either reaches the device by push or is already stored for the
+        resume to read.  Revision-guarded like the watch, so it never puts back
+        something older than what the cache knows; best effort when etcd is
+        out of reach (the cache stays as it is).
+        """
+        if self._client is None or self._unreachable:
+            return
+        prefix = f"{PREFIX}{user}/".encode()
+        try:
+            resp = await asyncio.wait_for(self._client.get_prefix(prefix), self.rpc_timeout)
+        except (TimeoutError, ClientError, OSError):
+            return
+        for kv in resp.kvs:
+            if b"/" not in kv.key[len(prefix):]:
+                self._apply(kv.key.decode(), kv.value.decode(), kv.mod_revision)
+
     def cached_lookup(self, user: str) -> dict[str, str]:
         """device -> gateway from the local cache only (no I/O; for hot paths)."""
         return dict(self._cache.get(user, ()))

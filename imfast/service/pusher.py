@@ -78,6 +78,18 @@ class ClusterPusher:
         """Records waiting in the spool now (Kafka was down)."""
         return sum(len(v) for v in self._spool.values())
 
+    async def before_resume(self, user: str) -> None:
+        """Make this process's registry cache know ``user``'s devices as etcd does now.
+
+        The router calls it before reading a resume plan: the device registered
+        before asking, and the watch may not have told this process yet; an
+        entry routed in that window would go to ``offline_msg`` and reach the
+        online device only at its next entry in that conversation.
+        """
+        refresh = getattr(self.registry, "refresh", None)
+        if refresh is not None:
+            await refresh(user)
+
     def routed_all(self) -> asyncio.Future[None]:
         """Done once everything routed so far has been pushed or published (or failed)."""
         task = self._flushing

@@ -10,9 +10,11 @@ process, the distributed gateway over the internal link.  Guarantees:
 * **Once**: the same (sender, cmid) always yields the same ``msg_id`` and
   ``seq``; a retry never creates a second message, also while the first is
   still being written.
-* **Order**: appends run one batch at a time in reservation order, and
-  deliveries are handed to the :class:`Pusher` after each batch commits, so
-  every conversation's pushes leave in seq order.
+* **Order**: a conversation's reservations are made one at a time, each
+  entry queued for the store before the next seq is asked for; appends run
+  one batch at a time in that order, and deliveries are handed to the
+  :class:`Pusher` after each batch commits, so every conversation's pushes
+  leave this process in seq order.
 * **Membership**: sends to a group, reads and acks are checked against the
   current membership; a removed member neither sends nor receives.
 """
@@ -226,6 +228,7 @@ class Router:
         self._committer = GroupCommitter(store, self._route_committed,
                                          routed=getattr(pusher, "routed_all", None))
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._conv_turns: dict[str, asyncio.Future[None]] = {}  # see submit_entry
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -315,7 +318,25 @@ class Router:
                     pass  # the first attempt failed and was undone: this one may proceed
         ts = int(time.time() * 1000)
         msg_id = self._ids(ts)
-        res = await self.store.reserve(conv, dedup_key or msg_id, msg_id, 0)
+        # One reservation per conversation at a time, each submitted to the committer
+        # before the next is asked for: a networked counter (a Redis pool) may answer
+        # concurrent calls out of order, and an entry routed after a higher seq of its
+        # conversation would look like a duplicate to the gateway and never be pushed.
+        previous = self._conv_turns.get(conv)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._conv_turns[conv] = turn
+        try:
+            if previous is not None:
+                await previous
+            res = await self.store.reserve(conv, dedup_key or msg_id, msg_id, 0)
+            if not res.duplicate:
+                message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts,
+                                        kind)
+                stored = self._committer.submit(message)
+        finally:
+            turn.set_result(None)
+            if self._conv_turns.get(conv) is turn:
+                del self._conv_turns[conv]
         if res.duplicate:
             self.duplicates_total += 1
             log.info("duplicate message detected dedup_key=%s user_id=%s msg_id=%s seq=%s",
@@ -329,9 +350,7 @@ class Router:
             # Sessions drop seqs they already have, so a second push is harmless.
             self._route_committed([original])
             return SendResult(original.msg_id, conv, original.seq, original.ts, True)
-        message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind)
         result = SendResult(msg_id, conv, res.seq, ts, False)
-        stored = self._committer.submit(message)
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[SendResult] = loop.create_future()
         if dedup_key:
@@ -422,7 +441,15 @@ class Router:
         return convs
 
     async def resume_plan(self, user: str, device: str) -> list[tuple[str, int, int]]:
-        """(conv, cursor, latest) for every conversation with unacknowledged entries."""
+        """(conv, cursor, latest) for every conversation with unacknowledged entries.
+
+        The pusher first learns the device's registration (``before_resume``):
+        an entry stored after the plan is read is then pushed to the device,
+        and one stored before is in the plan.
+        """
+        before_resume = getattr(self.pusher, "before_resume", None)
+        if before_resume is not None:
+            await before_resume(user)
         cursors = await self.store.cursors(user, device)
         plan = []
         for conv, latest in (await self.conversations(user)).items():

@@ -212,3 +212,20 @@ async def test_start_fails_clearly_when_etcd_is_unreachable() -> None:
     reg = EtcdRegistry([f"http://127.0.0.1:{free_port()}"], rpc_timeout=0.5)
     with pytest.raises(BackendUnavailable, match="etcd unavailable"):
         await reg.start()
+
+
+async def test_refresh_reads_a_registration_the_watch_has_not_delivered(
+        registries: Any, user: str) -> None:
+    """im-service refreshes a user before its resume plan (a lagging watch loses nothing)."""
+    gateway = await registries(owner="gw-a:9093")
+    service = await registries(owner="im-service")
+    service._on_event = lambda event: None  # type: ignore[method-assign] # a watch that lags
+    await gateway.register(user, "phone", "10.0.0.1:9093")
+    await asyncio.sleep(0.2)
+    assert service.cached_lookup(user) == {}  # the watch told it nothing
+    await service.refresh(user)
+    assert service.cached_lookup(user) == {"phone": "10.0.0.1:9093"}
+    # revision-guarded: a refresh never brings back a registration the cache saw deleted
+    service._apply(f"/registry/users/{user}/phone", None, 10**12)
+    await service.refresh(user)
+    assert service.cached_lookup(user) == {}
