@@ -696,6 +696,46 @@ class MySQLStore:
             "WHERE user_id=%s AND device_id=%s AND conversation_id=%s", (user, device, conv))
         return int(rows[0][0]) if rows else seq
 
+    async def advance_many(self, moves: list[tuple[str, str, str, int]]) -> list[int]:
+        """Many cursor moves in one transaction; returns each cursor now, in order.
+
+        Also drops the offline rows each move covers (what ``clear_offline``
+        does per move).  Three statements for the whole batch instead of up to
+        three round trips per ack; keys are sorted so concurrent batches from
+        several im-service replicas take row locks in the same order.
+        """
+        best: dict[tuple[str, str, str], int] = {}
+        for user, device, conv, seq in moves:
+            key = (user, device, conv)
+            if seq > best.get(key, -1):
+                best[key] = seq
+        keys = sorted(best)
+
+        async def body(cur: Any) -> dict[tuple[str, str, str], int]:
+            rows = ",".join(["(%s,%s,%s,%s)"] * len(keys))
+            await cur.execute(
+                "INSERT INTO device_cursors (user_id, device_id, conversation_id, seq) "
+                f"VALUES {rows} ON DUPLICATE KEY UPDATE seq=GREATEST(seq, VALUES(seq))",
+                [v for key in keys for v in (*key, best[key])])
+            triples = ",".join(["(%s,%s,%s)"] * len(keys))
+            await cur.execute(
+                "SELECT user_id, device_id, conversation_id, seq FROM device_cursors "
+                f"WHERE (user_id, device_id, conversation_id) IN ({triples})",
+                [v for key in keys for v in key])
+            now = {(str(u), str(d), str(c)): int(q) for u, d, c, q in await cur.fetchall()}
+            covered: dict[tuple[str, str], int] = {}
+            for (user, _device, conv), seq in now.items():
+                covered[(user, conv)] = max(covered.get((user, conv), 0), seq)
+            if covered:
+                conds = " OR ".join(["(user_id=%s AND conversation_id=%s AND seq<=%s)"]
+                                    * len(covered))
+                await cur.execute(f"DELETE FROM offline_messages WHERE {conds}",
+                                  [v for (u, c), q in sorted(covered.items()) for v in (u, c, q)])
+            return now
+
+        now = await self._transaction("advance", body)
+        return [now.get((user, device, conv), seq) for user, device, conv, seq in moves]
+
     # ------------------------------------------------------------ GroupStore
 
     async def create(self, group: str, owner: str, name: str) -> bool:

@@ -41,6 +41,7 @@ from imfast.backends.base import (
 )
 from imfast.config import Settings
 from imfast.protocol.codes import ImfastError
+from imfast.service.cursors import CursorBatcher
 from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
 
 __all__ = ["Router", "Pusher", "SendResult", "MsgIdGenerator", "GroupCommitter"]
@@ -48,6 +49,7 @@ __all__ = ["Router", "Pusher", "SendResult", "MsgIdGenerator", "GroupCommitter"]
 log = logging.getLogger("imfast.service")
 
 _ROLE_RANK = {"owner": 3, "admin": 2, "member": 1}
+_COMMITTED_MEMORY = 200_000  # conversations whose latest stored seq the router remembers
 
 
 class Pusher(Protocol):
@@ -229,6 +231,10 @@ class Router:
                                          routed=getattr(pusher, "routed_all", None))
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._conv_turns: dict[str, asyncio.Future[None]] = {}  # see submit_entry
+        #: conv -> highest seq this process stored: an ack at or below it needs no read.
+        self._committed: dict[str, int] = {}
+        self._cursor_batcher = (CursorBatcher(store) if callable(
+            getattr(store, "advance_many", None)) else None)
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -265,6 +271,12 @@ class Router:
 
     def _route_committed(self, messages: list[StoredMessage]) -> None:
         """Runs right after a batch is durable, in commit order."""
+        committed = self._committed
+        if len(committed) > _COMMITTED_MEMORY:
+            committed.clear()  # only a shortcut: acks beyond it read the store
+        for m in messages:
+            if m.seq > committed.get(m.conv, 0):
+                committed[m.conv] = m.seq
         if self.settings.route_all_offline:
             return  # emergency switch: clients get everything by sync instead
         for m in messages:
@@ -421,15 +433,23 @@ class Router:
     async def ack(self, user: str, device: str, conv: str, seq: int) -> int:
         """Advance the device's delivery cursor; returns the cursor now."""
         await self.conversation_users(user, conv)
-        latest = await self.store.latest_seq(conv)
-        if seq > latest:
-            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq",
-                              code="bad_request")
+        await self._check_seq_exists(conv, seq)
+        if self._cursor_batcher is not None:
+            return await self._cursor_batcher.advance(user, device, conv, seq)
         cursor = await self.store.advance(user, device, conv, seq)
         clear_offline = getattr(self.store, "clear_offline", None)
         if clear_offline is not None:
             await clear_offline(user, conv, cursor)
         return cursor
+
+    async def _check_seq_exists(self, conv: str, seq: int) -> None:
+        """``bad_request`` if ``seq`` is beyond ``conv``'s latest entry."""
+        if seq <= self._committed.get(conv, 0):
+            return  # this process stored it: no read
+        latest = await self.store.latest_seq(conv)
+        if seq > latest:
+            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq",
+                              code="bad_request")
 
     async def conversations(self, user: str) -> dict[str, int]:
         """Every conversation of ``user`` -> latest seq (for resume)."""
@@ -487,9 +507,7 @@ class Router:
         if not self.settings.feature_enabled("receipts"):
             raise ImfastError("read receipts are switched off", code="feature_disabled")
         users = await self.conversation_users(user, conv)
-        latest = await self.store.latest_seq(conv)
-        if seq > latest:
-            raise ImfastError(f"seq {seq} is beyond the latest ({latest})", field="seq", code="bad_request")
+        await self._check_seq_exists(conv, seq)
         moved = await self.store.mark_read(conv, user, seq)
         if moved:
             self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},

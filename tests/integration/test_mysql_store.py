@@ -394,3 +394,43 @@ async def test_backend_unavailable_when_the_server_is_down(
     finally:
         private_mariadb.start()
         await store.close()
+
+
+async def test_advance_many_moves_cursors_forward_only_and_clears_offline_rows(
+        store: MySQLStore) -> None:
+    conv, other = "p:a:b", "p:a:c"
+    await store.add_offline([("b", conv, s, f"m{s}") for s in (1, 2, 3)]
+                            + [("c", other, 1, "x1")])
+    assert await store.advance("b", "phone", conv, 5) == 5
+    moves = [("b", "phone", conv, 2),    # behind the stored 5: stays 5
+             ("b", "laptop", conv, 2),   # new
+             ("b", "laptop", conv, 1),   # an older move in the same batch: 2 wins
+             ("c", "phone", other, 1)]
+    assert await store.advance_many(moves) == [5, 2, 2, 1]
+    assert await store.cursors("b", "phone") == {conv: 5}
+    assert await store.cursors("b", "laptop") == {conv: 2}
+    # b's rows up to its furthest cursor (5) and c's row up to 1 are gone
+    assert await store.offline_count("b") == 0
+    assert await store.offline_count("c") == 0
+
+
+async def test_router_acks_go_through_one_batch_per_loop_iteration(store: MySQLStore) -> None:
+    from imfast.backends.composite import CompositeStore
+    from imfast.backends.memory import MemoryStore
+    from imfast.service.router import Router
+
+    class _Pusher:
+        def deliver(self, *args: Any) -> None:
+            pass
+
+        def event(self, *args: Any) -> None:
+            pass
+
+    router = Router(load_settings({}), CompositeStore(MemoryStore(), store), _Pusher())
+    for i in range(3):
+        await router.send("a", "d", f"c{i}", "b", None, "hi")
+    cursors = await asyncio.gather(*(router.ack("b", f"dev{i}", "p:a:b", 1 + i % 3)
+                                     for i in range(9)))
+    assert cursors == [1 + i % 3 for i in range(9)]
+    assert router._cursor_batcher is not None and router._cursor_batcher.batches == 1
+    assert await store.cursors("b", "dev2") == {"p:a:b": 3}
