@@ -283,6 +283,11 @@ class Settings:
     kafka_brokers: tuple[str, ...] = _setting(
         "KAFKA_BROKERS", _parse_list, (), "distributed mode: host:9092,host:9092"
     )
+    kafka_fetch_max_wait_ms: int = _setting(
+        "KAFKA_FETCH_MAX_WAIT_MS", _positive_int, 25,
+        "longest a consumer's fetch waits for records: bounds group-message delay on "
+        "brokers that hold fetches (tansu); Kafka answers as records arrive",
+    )
     etcd_endpoints: tuple[str, ...] = _setting(
         "ETCD_ENDPOINTS", _parse_list, (), "distributed mode: http://host:2379,..."
     )

@@ -90,6 +90,7 @@ class KafkaBus:
         client_id: str,
         request_timeout_ms: int = 5000,
         linger_ms: int = 2,
+        fetch_max_wait_ms: int = 25,
     ) -> None:
         if not brokers:
             raise ValueError("at least one Kafka broker is required")
@@ -97,6 +98,11 @@ class KafkaBus:
         self.client_id = client_id
         self.request_timeout_ms = request_timeout_ms
         self.linger_ms = linger_ms
+        # How long the broker may hold a fetch with nothing new.  Kafka answers as
+        # soon as a record arrives, so for it this only sets how often an idle
+        # consumer polls; some compatible brokers (tansu) always wait it out, so it
+        # bounds the delay a group message spends in the topic.
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self._producer: AIOKafkaProducer | None = None
         self._consumers: dict[AIOKafkaConsumer, str] = {}  # -> group
         # (topic, partition) -> next offset not yet handled+committed, per consumer
@@ -189,6 +195,7 @@ class KafkaBus:
                 group_id=group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                fetch_max_wait_ms=self.fetch_max_wait_ms,
                 session_timeout_ms=session_timeout_ms,
                 heartbeat_interval_ms=heartbeat_interval_ms,
                 request_timeout_ms=max(self.request_timeout_ms, session_timeout_ms + 1000),

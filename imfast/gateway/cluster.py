@@ -130,7 +130,8 @@ class GatewayNode:
         registry = EtcdRegistry(list(s.etcd_endpoints), owner=s.display_hostname)
         await registry.start()
         self._closers.append(registry)
-        self.bus = KafkaBus(list(s.kafka_brokers), client_id=f"gateway-{s.display_hostname}")
+        self.bus = KafkaBus(list(s.kafka_brokers), client_id=f"gateway-{s.display_hostname}",
+                            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
         self._closers.append(self.bus)
         push_server = LinkServer(None, None)

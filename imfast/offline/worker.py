@@ -63,7 +63,8 @@ class OfflineWorker:
 
         s = self.settings
         self.mysql = await MySQLStore.open(s.mysql_dsn, s.db_max_open_conns)
-        self.bus = KafkaBus(list(s.kafka_brokers), client_id="offline-worker")
+        self.bus = KafkaBus(list(s.kafka_brokers), client_id="offline-worker",
+                            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
         await self.bus.ensure_topics([TOPIC_OFFLINE])
         loop = asyncio.get_running_loop()

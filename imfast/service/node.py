@@ -97,7 +97,8 @@ class ServiceNode:
         self.registry = EtcdRegistry(list(s.etcd_endpoints), owner="im-service")
         await self.registry.start()
         self._closers.append(self.registry)
-        self.bus = KafkaBus(list(s.kafka_brokers), client_id="im-service")
+        self.bus = KafkaBus(list(s.kafka_brokers), client_id="im-service",
+                            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
         await self.bus.ensure_topics([TOPIC_GROUP, TOPIC_OFFLINE])
         self._closers.append(self.bus)

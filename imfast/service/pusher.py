@@ -165,8 +165,8 @@ class ClusterPusher:
                     await self.bus.publish_many(topic, items)
                 except Exception as exc:  # noqa: BLE001 - spooled, published when it is back
                     self.route_failures += 1
-                    log.error("publish to %s failed (%d records): %s; spooling until Kafka "
-                              "is back", topic, len(items), exc)
+                    log.error("route failed: publish to %s failed (%d records): %s; spooling "
+                              "until Kafka is back", topic, len(items), exc)
                     self._to_spool(topic, items)
 
     def _to_spool(self, topic: str, items: list[tuple[bytes, bytes]]) -> None:
