@@ -219,22 +219,38 @@ class Figures:
     lost: int = 0
     stored: int = 0
     order_violations: int = 0
+    converged: float = 0.0  # seconds from the last acknowledgement until all were delivered
 
     def line(self, scenario: str) -> str:
         return (f"{scenario}: sent={self.sent} acknowledged={self.acknowledged} "
                 f"delivered={self.delivered} duplicates_dropped={self.duplicates} "
                 f"duplicated={self.duplicated} "
-                f"lost={self.lost} stored={self.stored} order_violations={self.order_violations}")
+                f"lost={self.lost} stored={self.stored} order_violations={self.order_violations} "
+                f"converged_in={self.converged:.1f}s")
+
+
+def _missing(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, ChatClient]) -> int:
+    """Acknowledged messages a recipient has not seen (yet)."""
+    return sum(1 for user, frames in acks.items() for a in frames
+               if a["seq"] not in recipients[user].received.get(a["conv"], ()))
 
 
 async def check(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, ChatClient],
-                sent: int, settle: float = 3.0) -> Figures:
+                sent: int, settle: float = 3.0, deadline: float = 60.0) -> Figures:
     """Compare acknowledgements with deliveries and the store (see module docstring).
 
     ``acks`` maps recipient user -> the `sent` frames of messages addressed to it.
+    Waits until every acknowledged message was delivered (or ``deadline``
+    seconds passed: then the missing ones count as lost), then ``settle``
+    seconds more for retransmits and duplicates to show up.
     """
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while _missing(acks, recipients) and loop.time() - began < deadline:
+        await asyncio.sleep(0.1)
+    converged = loop.time() - began
     await asyncio.sleep(settle)  # let retransmits and catch-ups arrive
-    f = Figures(sent=sent)
+    f = Figures(sent=sent, converged=converged)
     for user, frames in acks.items():
         client = recipients[user]
         f.acknowledged += len(frames)
