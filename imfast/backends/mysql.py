@@ -28,9 +28,10 @@ Guarantees beyond the contract:
   reply, a write statement or transaction at most ``write_timeout`` seconds
   (``DB_WRITE_TIMEOUT``); then its connection is closed (a reply may still be
   on its way, so it is out of step) and the pool opens a new one.  A read is
-  retried once on another connection; a write whose outcome is unknown raises
-  BackendUnavailable (the sender is told ``unavailable`` and resends the same
-  cmid, which the log's (sender, cmid) lookup resolves).  Without this, a
+  retried once on another connection; a write or transaction is not (it
+  took its whole budget already) and raises BackendUnavailable (the sender
+  is told ``unavailable`` and resends the same cmid, which the log's
+  (sender, cmid) lookup resolves).  Without this, a
   connection whose server vanished without a FIN or RST (a partition, a
   dead host) would hold its caller - and the group committer's one batch in
   flight - until TCP gives up, minutes later.
@@ -266,6 +267,10 @@ _DUPLICATE_ENTRY = re.compile(r"Duplicate entry '(.*)' for key '(?:[^'.]*\.)?([^
 _DEADLOCK_RETRIES = 3
 
 
+class _NoReply(OperationalError):
+    """No reply within DB_READ_TIMEOUT / DB_WRITE_TIMEOUT; the connection was closed."""
+
+
 def _errno(exc: BaseException) -> int | None:
     """MySQL error number of ``exc``; 0 for a connection closed on our side; None if not MySQL."""
     if isinstance(exc, MySQLError):
@@ -432,7 +437,7 @@ class MySQLStore:
                 self.timeouts += 1
                 log.warning("database connection dropped: no reply within %g s op=%s host=%s "
                             "port=%s", timeout, op, self.dsn.host, self.dsn.port)
-                raise OperationalError(
+                raise _NoReply(
                     2013, f"Lost connection to MySQL server: no reply within {timeout:g} s "
                     "(DB_READ_TIMEOUT / DB_WRITE_TIMEOUT)") from None
         finally:
@@ -536,7 +541,9 @@ class MySQLStore:
                         raise BackendUnavailable(
                             "mysql", f"connection lost during commit of {op}; outcome unknown: "
                             f"{_describe(exc)}") from exc
-                    if lost_retries > 0:
+                    # Not after a timeout: that took the whole budget already, and
+                    # the caller (a sender's resend) retries sooner than a second one.
+                    if lost_retries > 0 and not isinstance(exc, _NoReply):
                         lost_retries -= 1
                         log.warning("database connection lost, retrying op=%s: %s",
                                     op, _describe(exc))

@@ -54,6 +54,8 @@ class ChatClient:
     bodies: dict[tuple[str, int], str] = field(default_factory=dict)
     dropped: int = 0
     reconnects: int = 0
+    refused: int = 0  # sends answered with an error (`unavailable`...), then resent
+    timeouts: int = 0  # sends with no answer within 3 s (or cut by a disconnect), resent
 
     def __post_init__(self) -> None:
         self._transport: Any = None
@@ -146,8 +148,10 @@ class ChatClient:
                 reply = await asyncio.wait_for(fut, 3.0)
                 if reply["type"] == "sent":
                     return reply
+                self.refused += 1
                 await asyncio.sleep(0.2)  # `unavailable` and the like: retry the same cmid
             except Exception:  # noqa: BLE001 - disconnected or timed out: retry
+                self.timeouts += 1
                 if loop.time() > end:
                     raise
                 await asyncio.sleep(0.1)
