@@ -12,7 +12,9 @@ acknowledged = sent.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import pytest
 import redis
 
 from imfast.auth import mint_token
-from tests.faults.checker import ChatClient
+from tests.conformance.raw import RawWS
+from tests.faults.checker import ChatClient, check
 from tests.faults.workload import SETTINGS, assert_clean, run_workload
 from tests.harness.services import ServiceSet
 from tests.helpers.cluster import Cluster
@@ -40,6 +43,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
     cluster = Cluster({"redis": services.redis, "etcd": services.etcd,
                        "kafka": services.kafka, "mysql_dsn": dsn},
                       Path(tmp_path_factory.mktemp("faults")), gateways=2)
+    for gw in cluster.gateways:
+        # Small write buffers and a short stall timeout, for the stalled-client scenario
+        # (clients that read are not affected).
+        gw.env.update({"WRITE_BUFFER_HIGH": str(16 * 1024), "WRITE_BUFFER_LIMIT": str(256 * 1024),
+                       "WRITE_STALL_TIMEOUT": "2"})
     try:
         cluster.start()
         yield cluster, services
@@ -145,6 +153,69 @@ async def test_resend_after_redis_lost_the_dedup_key_is_still_one_message(
     assert [e["body"] for e in stored].count("only once") == 1
     await alice.close()
     await bob.close()
+
+
+def gateway_stats(cluster: Cluster, gateway: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{cluster.gateways[gateway].http_port}/stats"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return dict(json.loads(r.read()))
+
+
+async def test_a_stalled_client_under_load_is_closed_4002_and_resumes(
+        deployment: tuple[Cluster, Any]) -> None:
+    """One client stops reading (socket open, never read) while the others chat.
+
+    It sits on gateway 0 with a 4 KiB receive buffer; four flooders on
+    gateway 1 send it 4 x 80 entries of 16 KB (more than the kernel's socket
+    buffers take: up to 4 MiB).  The others' workload must come out clean;
+    gateway 0 closes the stalled socket with 4002 (SLOW_CONSUMER) once its
+    write buffer stayed full for WRITE_STALL_TIMEOUT (2 s here) or passed
+    WRITE_BUFFER_LIMIT; after reconnecting, the client gets every entry once.
+    """
+    cluster, _ = deployment
+    before = gateway_stats(cluster, 0)["closes"].get("4002", 0)
+    path = f"/ws?token={mint_token(SETTINGS, 'stl-slow')}"
+    stalled = await asyncio.to_thread(RawWS, cluster.gateways[0].http_port, path, rcvbuf=4096)
+    await asyncio.to_thread(stalled.recv_json_until, "resumed")  # ... and never reads again
+    flooders = [ChatClient([cluster.url(1)], mint_token(SETTINGS, f"stl-f{i}"), f"stl-f{i}")
+                for i in range(4)]
+    for f in flooders:
+        await f.connect()
+    flood: list[dict[str, Any]] = []
+    pad = "z" * 16000
+    began = time.monotonic()
+
+    async def one(i: int) -> None:
+        for n in range(80):
+            flood.append(await flooders[i].send("stl-slow", f"stl-{i}-{n}", f"{i}:{n}:{pad}"))
+
+    async def fault() -> None:
+        await asyncio.gather(*(one(i) for i in range(4)))
+
+    try:
+        run = await run_workload(cluster, "st", fault)
+        assert_clean(run.figures)  # the others were not held up
+        end = time.monotonic() + 30
+        while gateway_stats(cluster, 0)["closes"].get("4002", 0) == before:
+            assert time.monotonic() < end, "the stalled client was never closed"
+            await asyncio.sleep(0.2)
+        closed = time.monotonic() - began
+    finally:
+        stalled.close()
+    # Reconnect (any gateway) and resume: every flood entry, once.
+    slow = ChatClient([cluster.url(0), cluster.url(1)], mint_token(SETTINGS, "stl-slow"),
+                      "stl-slow")
+    await slow.connect()
+    figures = await check({"stl-slow": flood}, {"stl-slow": slow}, sent=320)
+    print(figures.line("st-stalled") + f" closed_4002_within={closed:.1f}s_of_the_flood")
+    assert_clean(figures)
+    # Exactly once on the wire too: the resumed connection stayed up (it acked all 320).
+    assert figures.duplicates == 0 and slow.reconnects == 0, (figures, slow.reconnects)
+    assert sorted(slow.bodies.values()) == sorted(f"{i}:{n}:{pad}" for i in range(4)
+                                                  for n in range(80))
+    await slow.close()
+    for f in flooders:
+        await f.close()
 
 
 def offline_seqs(services: Any, user: str) -> list[int]:
