@@ -1,12 +1,12 @@
 """Network faults between components, through our TCP fault proxy (tc netem is not available).
 
-The deployment is the one of test_cluster_faults.py, except that three kinds
+The deployment is the one of test_cluster_faults.py, except that four kinds
 of links go through :class:`tests.harness.faultproxy.FaultProxy` (``pass``
 until a test switches it): gateway -> im-service calls (``SERVICE_ADDR``),
 im-service/gateway -> gateway pushes (each gateway advertises a proxy in
-front of its push port), im-service -> Redis and im-service -> MariaDB.  Each test streams the
-usual workload, switches a mode mid-traffic, switches back, and checks with
-the set checker.
+front of its push port), im-service -> Redis and im-service -> MariaDB.
+Each test streams the usual workload, switches a mode mid-traffic, switches
+back, and checks with the set checker.
 """
 
 from __future__ import annotations

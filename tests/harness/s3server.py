@@ -103,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: object_store pools connections
     store: ObjectStore
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # one line per request would drown the broker's own log
 
     def _target(self) -> tuple[str, str, dict[str, str]]:
@@ -133,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def do_GET(self, head: bool = False) -> None:  # noqa: N802
+    def do_GET(self, head: bool = False) -> None:
         bucket, key, query = self._target()
         if not key and query.get("list-type") == "2":
             self._list(bucket, query)
@@ -158,10 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(200, data, headers, head)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET(head=True)
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         bucket, key, _ = self._target()
         data = self._body()
         source = self.headers.get("x-amz-copy-source")
@@ -184,12 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(200, headers={"ETag": etag})
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         bucket, key, _ = self._target()
         self.store.delete(bucket, key)
         self._reply(204)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._body()
         self._error(501, "NotImplemented")
 
