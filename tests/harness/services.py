@@ -32,6 +32,7 @@ MariaDBServer, restart       ~0.15 s (also after kill(): InnoDB recovery is quic
 EtcdServer, first start      ~0.15 s
 EtcdServer, restart          ~0.4 s (waits one election; timeout cut to 250 ms)
 KafkaBroker (tansu)          ~0.05 s
+KafkaBroker, storage="s3"    ~0.2 s with its ObjectServer; a restart ~0.1 s
 ServiceSet, all four         ~1.0-1.1 s (concurrent, bounded by MariaDB's init)
 stop(), any server           <0.15 s (graceful SIGTERM)
 ============================ ==================================================
