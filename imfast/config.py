@@ -45,6 +45,8 @@ DEFAULT_MAX_DEVICES_PER_USER = 10
 DEFAULT_MAX_GROUP_MEMBERS = 1000
 DEFAULT_RECALL_WINDOW = 120.0
 DEFAULT_DB_MAX_OPEN_CONNS = 20
+DEFAULT_DB_READ_TIMEOUT = 5.0
+DEFAULT_DB_WRITE_TIMEOUT = 10.0
 
 #: Features that can be switched off by configuration (``FEATURES_DISABLED``).
 FEATURES = ("typing", "presence", "receipts", "groups", "recall", "history")
@@ -296,6 +298,15 @@ class Settings:
     )
     db_max_open_conns: int = _setting(
         "DB_MAX_OPEN_CONNS", _positive_int, DEFAULT_DB_MAX_OPEN_CONNS, "MySQL pool size"
+    )
+    db_read_timeout: float = _setting(
+        "DB_READ_TIMEOUT", _positive_float, DEFAULT_DB_READ_TIMEOUT,
+        "seconds a MySQL query waits for its reply; then the connection is dropped",
+    )
+    db_write_timeout: float = _setting(
+        "DB_WRITE_TIMEOUT", _positive_float, DEFAULT_DB_WRITE_TIMEOUT,
+        "seconds a MySQL write or transaction may take; then the connection is dropped "
+        "and the sender told 'unavailable'",
     )
 
     def feature_enabled(self, name: str) -> bool:

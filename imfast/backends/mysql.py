@@ -24,6 +24,17 @@ Guarantees beyond the contract:
   COMMIT was sent, or when the request never left this process.
 * At most ``pool_size`` connections (``DB_MAX_OPEN_CONNS``) are open; a
   caller waits up to ``acquire_timeout`` seconds for a free one.
+* A query waits at most ``read_timeout`` seconds (``DB_READ_TIMEOUT``) for its
+  reply, a write statement or transaction at most ``write_timeout`` seconds
+  (``DB_WRITE_TIMEOUT``); then its connection is closed (a reply may still be
+  on its way, so it is out of step) and the pool opens a new one.  A read is
+  retried once on another connection; a write or transaction is not (it
+  took its whole budget already) and raises BackendUnavailable (the sender
+  is told ``unavailable`` and resends the same cmid, which the log's
+  (sender, cmid) lookup resolves).  Without this, a
+  connection whose server vanished without a FIN or RST (a partition, a
+  dead host) would hold its caller - and the group committer's one batch in
+  flight - until TCP gives up, minutes later.
 * The schema is created and upgraded at :meth:`MySQLStore.open` by numbered
   migrations recorded in ``schema_migrations``; opening twice, or several
   instances at once (``GET_LOCK``), is safe.  ``mysql_schema.sql`` next to
@@ -52,7 +63,7 @@ from imfast.protocol.ids import conv_members_private
 
 try:
     import asyncmy
-    from asyncmy.errors import IntegrityError, InterfaceError, MySQLError
+    from asyncmy.errors import IntegrityError, InterfaceError, MySQLError, OperationalError
 except ImportError as _exc:  # pragma: no cover - depends on the install
     raise ImportError(
         "the MySQL backend needs asyncmy: pip install 'imfast[mysql]' (or asyncmy>=0.2.9)"
@@ -256,6 +267,10 @@ _DUPLICATE_ENTRY = re.compile(r"Duplicate entry '(.*)' for key '(?:[^'.]*\.)?([^
 _DEADLOCK_RETRIES = 3
 
 
+class _NoReply(OperationalError):
+    """No reply within DB_READ_TIMEOUT / DB_WRITE_TIMEOUT; the connection was closed."""
+
+
 def _errno(exc: BaseException) -> int | None:
     """MySQL error number of ``exc``; 0 for a connection closed on our side; None if not MySQL."""
     if isinstance(exc, MySQLError):
@@ -303,12 +318,17 @@ class MySQLStore:
     connection pool) and :meth:`close` it at shutdown.
     """
 
-    def __init__(self, pool: Any, dsn: MySQLDSN, pool_size: int, acquire_timeout: float) -> None:
+    def __init__(self, pool: Any, dsn: MySQLDSN, pool_size: int, acquire_timeout: float,
+                 read_timeout: float | None = None, write_timeout: float | None = None) -> None:
         self._pool = pool
         self.dsn = dsn
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
+        self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
         self._closed = False
+        #: Connections dropped because a reply did not come within its timeout.
+        self.timeouts = 0
 
     @classmethod
     async def open(
@@ -317,15 +337,18 @@ class MySQLStore:
         pool_size: int,
         *,
         connect_timeout: float = 5.0,
-        read_timeout: float | None = 30.0,
+        read_timeout: float | None = 5.0,
+        write_timeout: float | None = 10.0,
         acquire_timeout: float = 10.0,
     ) -> MySQLStore:
         """Connect a pool of at most ``pool_size`` connections and migrate the schema.
 
         ``dsn`` is ``mysql://user:pass@host:port/db`` (``MYSQL_DSN``);
-        ``pool_size`` is ``DB_MAX_OPEN_CONNS``.  ``read_timeout`` bounds one
-        query (None: no bound).  Raises :class:`BackendUnavailable` if the
-        server cannot be reached, ``ValueError`` for a malformed DSN.
+        ``pool_size`` is ``DB_MAX_OPEN_CONNS``.  ``read_timeout`` bounds the
+        wait for one query's reply (``DB_READ_TIMEOUT``), ``write_timeout``
+        one write statement or transaction (``DB_WRITE_TIMEOUT``); None: no
+        bound.  Raises :class:`BackendUnavailable` if the server cannot be
+        reached, ``ValueError`` for a malformed DSN.
         """
         if pool_size < 1:
             raise ValueError(f"DB_MAX_OPEN_CONNS must be at least 1, got {pool_size}")
@@ -342,7 +365,9 @@ class MySQLStore:
                 charset="utf8mb4",
                 autocommit=True,
                 connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
+                # Also bounds what the per-operation timeouts do not cover: the
+                # handshake of a new connection, the migrations.
+                read_timeout=max(read_timeout or 0, write_timeout or 0) or None,
                 # Strict mode: a too-long value is an error, never truncated.
                 # UTC: the TIMESTAMPs we read back do not depend on the host.
                 init_command="SET SESSION sql_mode='TRADITIONAL', time_zone='+00:00'",
@@ -352,7 +377,7 @@ class MySQLStore:
             if unavailable is None:
                 raise
             raise unavailable from exc
-        store = cls(pool, parsed, pool_size, acquire_timeout)
+        store = cls(pool, parsed, pool_size, acquire_timeout, read_timeout, write_timeout)
         try:
             await store._migrate()
         except BaseException:
@@ -383,8 +408,13 @@ class MySQLStore:
     # ------------------------------------------------------------ plumbing
 
     @contextlib.asynccontextmanager
-    async def _connection(self, op: str) -> AsyncIterator[Any]:
-        """A pooled connection; BackendUnavailable if none frees up in time."""
+    async def _connection(self, op: str, timeout: float | None = None) -> AsyncIterator[Any]:
+        """A pooled connection; BackendUnavailable if none frees up in time.
+
+        With ``timeout``, the block using the connection must finish within
+        that many seconds; otherwise the connection is closed and the block
+        fails with a lost-connection error (2013).
+        """
         try:
             async with asyncio.timeout(self._acquire_timeout):
                 conn = await self._pool.acquire()
@@ -395,7 +425,21 @@ class MySQLStore:
                 "mysql", f"no free connection within {self._acquire_timeout:g} s "
                 f"(pool of DB_MAX_OPEN_CONNS={self._pool_size} busy)") from None
         try:
-            yield conn
+            if timeout is None:
+                yield conn
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    yield conn
+            except TimeoutError:
+                # A late reply would answer the next query on it: never reuse it.
+                conn.close()
+                self.timeouts += 1
+                log.warning("database connection dropped: no reply within %g s op=%s host=%s "
+                            "port=%s", timeout, op, self.dsn.host, self.dsn.port)
+                raise _NoReply(
+                    2013, f"Lost connection to MySQL server: no reply within {timeout:g} s "
+                    "(DB_READ_TIMEOUT / DB_WRITE_TIMEOUT)") from None
         finally:
             # A connection that died or still holds a transaction is dropped here.
             self._pool.release(conn)
@@ -412,7 +456,8 @@ class MySQLStore:
         """Run one SELECT; retried once on a lost connection."""
         for attempt in (1, 2):
             try:
-                async with self._connection(op) as conn, conn.cursor() as cur:
+                async with self._connection(op, self._read_timeout) as conn, \
+                        conn.cursor() as cur:
                     await cur.execute(sql, args)
                     return list(await cur.fetchall())
             except BackendUnavailable:  # a ConnectionError, hence an OSError: already final
@@ -434,7 +479,8 @@ class MySQLStore:
         lost_retries, deadlock_retries = 1, _DEADLOCK_RETRIES
         while True:
             try:
-                async with self._connection(op) as conn, conn.cursor() as cur:
+                async with self._connection(op, self._write_timeout) as conn, \
+                        conn.cursor() as cur:
                     return int(await cur.execute(sql, args))
             except BackendUnavailable:  # a ConnectionError, hence an OSError: already final
                 raise
@@ -466,7 +512,7 @@ class MySQLStore:
         while True:
             committing = False
             try:
-                async with self._connection(op) as conn:
+                async with self._connection(op, self._write_timeout) as conn:
                     await conn.begin()
                     try:
                         async with conn.cursor() as cur:
@@ -495,7 +541,9 @@ class MySQLStore:
                         raise BackendUnavailable(
                             "mysql", f"connection lost during commit of {op}; outcome unknown: "
                             f"{_describe(exc)}") from exc
-                    if lost_retries > 0:
+                    # Not after a timeout: that took the whole budget already, and
+                    # the caller (a sender's resend) retries sooner than a second one.
+                    if lost_retries > 0 and not isinstance(exc, _NoReply):
                         lost_retries -= 1
                         log.warning("database connection lost, retrying op=%s: %s",
                                     op, _describe(exc))
@@ -510,10 +558,17 @@ class MySQLStore:
         op = "migrate"
         try:
             async with self._connection(op) as conn, conn.cursor() as cur:
-                await cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
-                got = await cur.fetchone()
-                if not got or got[0] != 1:
-                    raise BackendUnavailable("mysql", "schema migration lock busy for 60 s")
+                # Polled rather than waited for on the server: a reply must come
+                # within the connections' read timeout.
+                end = asyncio.get_running_loop().time() + 60
+                while True:
+                    await cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
+                    got = await cur.fetchone()
+                    if got and got[0] == 1:
+                        break
+                    if asyncio.get_running_loop().time() > end:
+                        raise BackendUnavailable("mysql", "schema migration lock busy for 60 s")
+                    await asyncio.sleep(0.1)
                 try:
                     # Looked up first: CREATE ... IF NOT EXISTS on an existing
                     # table leaves a note the driver logs as a warning.

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Session", "EchoSession"]
 
+#: Largest frame that is decoded before the rate limit looks at it (an ``ack`` is ~60 bytes).
+_FREE_ACK_MAX_BYTES = 256
+
 log = logging.getLogger("imfast.gateway")
 
 PROTOCOL_VERSION = 1
@@ -50,7 +53,7 @@ class Session(FramedListener):
         "gw", "user", "device", "bound", "out", "identity", "expires_at", "last_seen",
         "pushed", "behind", "resuming", "inbox", "worker", "catchup", "errors",
         "tokens", "tokens_ts", "writable", "pinged", "query_token", "dev_user", "dev_device",
-        "acked", "unacked_since", "timer_at", "own_acks",
+        "acked", "unacked_since", "timer_at", "own_acks", "ack_claims",
     )
 
     def __init__(self, gw: Gateway, query_token: str | None = None,
@@ -69,6 +72,7 @@ class Session(FramedListener):
         self.unacked_since = 0.0  # when the oldest unacknowledged push happened (0: none)
         self.timer_at = 0.0  # deadline of the wheel entry that counts
         self.own_acks: dict[str, int] | None = None  # cursor moves for our own messages
+        self.ack_claims: dict[str, int] | None = None  # conv -> highest seq an ack frame named
         self.behind: set[str] | None = None  # convs to catch up from the store
         self.resuming: set[str] | None = None  # convs offered while resuming
         self.inbox: list[dict[str, Any]] | None = None
@@ -439,7 +443,9 @@ class Session(FramedListener):
     def on_message(self, payload: bytes, is_text: bool, validated: bool) -> None:
         gw = self.gw
         gw.stats.frames_in += 1
-        if not self._rate_ok():
+        # Small frames are decoded first, so that an ack of what we pushed can go free;
+        # anything larger is counted before it costs a decode.
+        if not (is_text and len(payload) <= _FREE_ACK_MAX_BYTES) and not self._rate_ok():
             return
         if not is_text:
             # Reserved for a compact encoding negotiated by Sec-WebSocket-Protocol.
@@ -450,6 +456,8 @@ class Session(FramedListener):
         try:
             frame = decode_client_frame(payload, gw.settings.max_body_bytes)
         except ProtocolError as exc:
+            if len(payload) <= _FREE_ACK_MAX_BYTES and not self._rate_ok():
+                return
             if is_text and not validated and exc.code == "bad_json":
                 try:
                     payload.decode("utf-8")
@@ -458,11 +466,41 @@ class Session(FramedListener):
                     return
             self._protocol_error(exc, None)
             return
+        if len(payload) <= _FREE_ACK_MAX_BYTES and not self._acks_a_push(frame) \
+                and not self._rate_ok():
+            return
         if self.inbox is None:
             self.inbox = [frame]
             self.worker = gw.loop.create_task(self._drain_inbox())
         else:
             self.inbox.append(frame)
+
+    def _acks_a_push(self, frame: dict[str, Any]) -> bool:
+        """True for an ``ack`` that moves past entries this connection pushed (it costs no token).
+
+        A client that acknowledges every entry of a long resume would otherwise
+        be rate limited, then closed with 4503 - a terminal code - for doing what
+        the protocol asks.  Free acks are bounded by the entries pushed: each
+        must name a higher seq than any ack before it in that conversation.
+        """
+        if frame.get("type") != "ack" or self.pushed is None:
+            return False
+        conv, seq = frame.get("conv"), frame.get("seq")
+        if not isinstance(conv, str) or not isinstance(seq, int):
+            return False
+        last = self.pushed.get(conv)
+        if last is None or seq > last:
+            return False
+        claims = self.ack_claims
+        if claims is None:
+            claims = self.ack_claims = {}
+        floor = claims.get(conv)
+        if floor is None:
+            floor = self.acked.get(conv, 0) if self.acked is not None else 0
+        if seq <= floor:
+            return False
+        claims[conv] = seq
+        return True
 
     def _rate_ok(self) -> bool:
         settings = self.gw.settings

@@ -62,7 +62,9 @@ class OfflineWorker:
         from imfast.backends.mysql import MySQLStore
 
         s = self.settings
-        self.mysql = await MySQLStore.open(s.mysql_dsn, s.db_max_open_conns)
+        self.mysql = await MySQLStore.open(
+            s.mysql_dsn, s.db_max_open_conns, read_timeout=s.db_read_timeout,
+            write_timeout=s.db_write_timeout)
         self.bus = KafkaBus(list(s.kafka_brokers), client_id="offline-worker",
                             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()

@@ -85,7 +85,9 @@ class ServiceNode:
         from imfast.backends.redis import RedisSequenceStore
 
         s = self.settings
-        mysql = await MySQLStore.open(s.mysql_dsn, s.db_max_open_conns)
+        mysql = await MySQLStore.open(
+            s.mysql_dsn, s.db_max_open_conns, read_timeout=s.db_read_timeout,
+            write_timeout=s.db_write_timeout)
         self._closers.append(mysql)
         sequences = RedisSequenceStore(s.redis_url, dedup_ttl=s.dedup_ttl,
                                        floor_source=mysql.latest_seq)

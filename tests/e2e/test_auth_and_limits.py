@@ -135,6 +135,35 @@ def test_rate_limit_errors_then_closes(make_node) -> None:
     assert any(f.get("code") == "rate_limited" for f in frames)
 
 
+def test_acknowledging_every_entry_of_a_long_resume_is_not_rate_limited(make_node) -> None:
+    """A device back to 40 pending entries acks each one, as the protocol invites.
+
+    With RATE_BURST 10 those 40 acks used to be answered ``rate_limited`` and
+    then closed with 4503 (terminal).  Acks of entries this connection pushed
+    cost no token; other frames still do, and a repeated ack is not free.
+    """
+    node = make_node(rate_msgs_per_sec=1.0, rate_burst=10)
+    senders = [Client(node.url, node.token(f"s{i}")) for i in range(4)]
+    for i, s in enumerate(senders):
+        s.welcome()
+        for n in range(10):
+            s.send(type="send", cmid=f"{i}-{n}", to="back", body=f"{i}:{n}")
+            s.recv_until("sent", cmid=f"{i}-{n}")
+    back = Client(node.url, node.token("back"))
+    frames = back.recv_until("resumed", limit=200)
+    entries = [f for f in frames if f["type"] == "msg"]
+    assert len(entries) == 40
+    for f in entries:
+        back.send(type="ack", conv=f["conv"], seq=f["seq"])
+    back.send(type="ping", id="after")
+    got = back.recv_until("pong", id="after")
+    assert not [f for f in got if f["type"] == "error"], got
+    # A repeated ack acknowledges nothing new: it counts like any frame.
+    for _ in range(12):
+        back.send(type="ack", conv=entries[-1]["conv"], seq=entries[-1]["seq"])
+    back.recv_until("error", code="rate_limited")
+
+
 def test_capacity_refuses_upgrades_with_503(make_node) -> None:
     node = make_node(max_connections=2)
     a = Client(node.url, node.token("a"))

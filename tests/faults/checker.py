@@ -54,6 +54,8 @@ class ChatClient:
     bodies: dict[tuple[str, int], str] = field(default_factory=dict)
     dropped: int = 0
     reconnects: int = 0
+    refused: int = 0  # sends answered with an error (`unavailable`...), then resent
+    timeouts: int = 0  # sends with no answer within 3 s (or cut by a disconnect), resent
 
     def __post_init__(self) -> None:
         self._transport: Any = None
@@ -146,8 +148,10 @@ class ChatClient:
                 reply = await asyncio.wait_for(fut, 3.0)
                 if reply["type"] == "sent":
                     return reply
+                self.refused += 1
                 await asyncio.sleep(0.2)  # `unavailable` and the like: retry the same cmid
             except Exception:  # noqa: BLE001 - disconnected or timed out: retry
+                self.timeouts += 1
                 if loop.time() > end:
                     raise
                 await asyncio.sleep(0.1)
@@ -219,22 +223,38 @@ class Figures:
     lost: int = 0
     stored: int = 0
     order_violations: int = 0
+    converged: float = 0.0  # seconds from the last acknowledgement until all were delivered
 
     def line(self, scenario: str) -> str:
         return (f"{scenario}: sent={self.sent} acknowledged={self.acknowledged} "
                 f"delivered={self.delivered} duplicates_dropped={self.duplicates} "
                 f"duplicated={self.duplicated} "
-                f"lost={self.lost} stored={self.stored} order_violations={self.order_violations}")
+                f"lost={self.lost} stored={self.stored} order_violations={self.order_violations} "
+                f"converged_in={self.converged:.1f}s")
+
+
+def _missing(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, ChatClient]) -> int:
+    """Acknowledged messages a recipient has not seen (yet)."""
+    return sum(1 for user, frames in acks.items() for a in frames
+               if a["seq"] not in recipients[user].received.get(a["conv"], ()))
 
 
 async def check(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, ChatClient],
-                sent: int, settle: float = 3.0) -> Figures:
+                sent: int, settle: float = 3.0, deadline: float = 60.0) -> Figures:
     """Compare acknowledgements with deliveries and the store (see module docstring).
 
     ``acks`` maps recipient user -> the `sent` frames of messages addressed to it.
+    Waits until every acknowledged message was delivered (or ``deadline``
+    seconds passed: then the missing ones count as lost), then ``settle``
+    seconds more for retransmits and duplicates to show up.
     """
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while _missing(acks, recipients) and loop.time() - began < deadline:
+        await asyncio.sleep(0.1)
+    converged = loop.time() - began
     await asyncio.sleep(settle)  # let retransmits and catch-ups arrive
-    f = Figures(sent=sent)
+    f = Figures(sent=sent, converged=converged)
     for user, frames in acks.items():
         client = recipients[user]
         f.acknowledged += len(frames)

@@ -1,12 +1,12 @@
 """Network faults between components, through our TCP fault proxy (tc netem is not available).
 
-The deployment is the one of test_cluster_faults.py, except that three kinds
+The deployment is the one of test_cluster_faults.py, except that four kinds
 of links go through :class:`tests.harness.faultproxy.FaultProxy` (``pass``
 until a test switches it): gateway -> im-service calls (``SERVICE_ADDR``),
 im-service/gateway -> gateway pushes (each gateway advertises a proxy in
-front of its push port), and im-service -> Redis.  Each test streams the
-usual workload, switches a mode mid-traffic, switches back, and checks with
-the set checker.
+front of its push port), im-service -> Redis and im-service -> MariaDB.
+Each test streams the usual workload, switches a mode mid-traffic, switches
+back, and checks with the set checker.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Proxied:
     services: Any
     internal: list[FaultProxy]  # the service link and both push links
     redis: FaultProxy
+    mysql: FaultProxy  # im-service -> MariaDB (the offline worker connects directly)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,12 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
                            "kafka": services.kafka, "mysql_dsn": dsn},
                           Path(tmp_path_factory.mktemp("netfaults")), gateways=2)
         cluster.service.env["REDIS_URL"] = f"redis://{redis_proxy.addr}/0"
+        mysql_proxy = proxies.start(FaultProxy((services.mariadb.host, services.mariadb.port)))
+        cluster.service.env["MYSQL_DSN"] = dsn.replace(
+            f"@{services.mariadb.host}:{services.mariadb.port}/", f"@{mysql_proxy.addr}/")
+        # Short enough that the scenario sees connections dropped and replaced.
+        cluster.service.env["DB_READ_TIMEOUT"] = "1"
+        cluster.service.env["DB_WRITE_TIMEOUT"] = "2"
         service_proxy = proxies.start(FaultProxy(("127.0.0.1", cluster.service_port)))
         internal = [service_proxy]
         for gw in cluster.gateways:
@@ -54,7 +61,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
             internal.append(push)
         try:
             cluster.start()
-            yield Proxied(cluster, services, internal, redis_proxy)
+            yield Proxied(cluster, services, internal, redis_proxy, mysql_proxy)
         except Exception:
             print(cluster.logs())
             raise
@@ -102,4 +109,28 @@ async def test_redis_blackholed_for_3s_then_back(proxied: Proxied) -> None:
     print(f"nb: streamed in {run.seconds:.1f} s; "
           f"{proxied.redis.swallowed - swallowed} bytes to/from Redis swallowed")
     assert proxied.redis.swallowed > swallowed  # the fault did hit traffic
+    assert_clean(run.figures)
+
+
+async def test_mysql_blackholed_for_3s_then_back(proxied: Proxied) -> None:
+    """im-service's MariaDB link swallows everything for 3 s (a partition, no RST).
+
+    Appends in flight and new ones get no reply: after DB_WRITE_TIMEOUT (2 s
+    here) their connections are dropped and the senders are answered
+    ``unavailable``; they resend the same cmid, and once the link passes
+    again new connections serve.  Nothing acknowledged may be lost or doubled.
+    """
+    async def fault() -> None:
+        proxied.mysql.blackhole()
+        await asyncio.sleep(3.0)
+        proxied.mysql.pass_through()
+
+    swallowed = proxied.mysql.swallowed
+    accepted = proxied.mysql.accepted
+    run = await run_workload(proxied.cluster, "mb", fault)
+    print(f"mb: streamed in {run.seconds:.1f} s; "
+          f"{proxied.mysql.swallowed - swallowed} bytes to/from MariaDB swallowed; "
+          f"{proxied.mysql.accepted - accepted} new MariaDB connections; sends answered "
+          f"with an error {run.refused}, unanswered in 3 s {run.timeouts} (then resent)")
+    assert proxied.mysql.swallowed > swallowed  # the fault did hit traffic
     assert_clean(run.figures)

@@ -31,6 +31,8 @@ class Run:
     acks: dict[str, list[dict[str, Any]]]  # recipient -> `sent` frames addressed to it
     groups: dict[str, str] = field(default_factory=dict)  # recipient -> group conv
     seconds: float = 0.0  # from the first send to the last acknowledgement
+    refused: int = 0  # send attempts answered with an error (`unavailable`), then resent
+    timeouts: int = 0  # send attempts without an answer in 3 s, then resent
 
 
 async def run_workload(cluster: Cluster, tag: str, fault: Callable[[], Awaitable[None]], *,
@@ -86,7 +88,8 @@ async def run_workload(cluster: Cluster, tag: str, fault: Callable[[], Awaitable
         seen = recipients[user].bodies
         assert sorted(seen[(a["conv"], a["seq"])] for a in frames) == \
             sorted(f"{i}:{n}" for n in range(per_sender))
-    return Run(figures, acks, convs, seconds)
+    return Run(figures, acks, convs, seconds, sum(c.refused for c in senders),
+               sum(c.timeouts for c in senders))
 
 
 def assert_clean(f: Figures) -> None:

@@ -18,6 +18,8 @@ MariaDBServer   ``mariadb -e 'SELECT 1'`` over TCP   ``mysql://root@127.0.0.1:P/
                                                      ``mysql://im_service:PW@127.0.0.1:P/im_chat``
 EtcdServer      ``GET /health`` -> ``"true"``        ``http://127.0.0.1:P`` (+ a peer port)
 KafkaBroker     Kafka Metadata v0 lists this broker  ``127.0.0.1:P`` (bootstrap servers)
+ObjectServer    S3 ``ListObjectsV2`` -> 200          ``http://127.0.0.1:P`` (tansu's storage
+                                                     with ``KafkaBroker(storage="s3")``)
 =============== ==================================== =====================================
 
 Measured start times (2-core Debian 12 VM, warm page cache, median of 3;
@@ -30,6 +32,7 @@ MariaDBServer, restart       ~0.15 s (also after kill(): InnoDB recovery is quic
 EtcdServer, first start      ~0.15 s
 EtcdServer, restart          ~0.4 s (waits one election; timeout cut to 250 ms)
 KafkaBroker (tansu)          ~0.05 s
+KafkaBroker, storage="s3"    ~0.2 s with its ObjectServer; a restart ~0.1 s
 ServiceSet, all four         ~1.0-1.1 s (concurrent, bounded by MariaDB's init)
 stop(), any server           <0.15 s (graceful SIGTERM)
 ============================ ==================================================
@@ -43,7 +46,10 @@ Semantics worth knowing:
 
 * ``restart()`` keeps the port and the working directory. Redis runs without
   persistence unless ``RedisServer(appendonly=True)``; tansu keeps everything
-  in memory, so a restarted broker is empty. MariaDB and etcd keep their data.
+  in memory, so a restarted broker is empty, unless
+  ``KafkaBroker(storage="s3")`` (``ServiceSet(..., kafka_storage="s3")``):
+  then topics, records and committed offsets survive. MariaDB and etcd keep
+  their data.
 * ``kill()`` is SIGKILL (a crash); ``stop()`` is SIGTERM, then SIGKILL after a
   timeout (tansu: SIGKILL at once, see KafkaBroker). Both are no-ops on a
   server that is not running.
@@ -87,6 +93,7 @@ __all__ = [
     "EtcdServer",
     "KafkaBroker",
     "MariaDBServer",
+    "ObjectServer",
     "RedisServer",
     "Service",
     "ServiceError",
@@ -403,6 +410,10 @@ class Service:
         """One readiness round-trip; True when the server really answers."""
         raise NotImplementedError
 
+    def _env(self) -> dict[str, str]:
+        """Variables added to the child's environment (after scrubbing)."""
+        return {}
+
     # -- lifecycle ----------------------------------------------------------
 
     @property
@@ -483,7 +494,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                env=_child_env(self.scrub_env),
+                env={**_child_env(self.scrub_env), **self._env()},
                 start_new_session=True,
             )
         with _live_lock:
@@ -801,17 +812,65 @@ class EtcdServer(Service):
         return response.status == 200 and json.loads(body).get("health") == "true"
 
 
+class ObjectServer(Service):
+    """Our small S3-compatible object server (``tests/harness/s3server.py``) on a data dir.
+
+    It is what lets tansu keep its data: see :class:`KafkaBroker` ``storage="s3"``.
+    Needs nothing but this Python; the data dir survives ``kill()`` and ``restart()``.
+    """
+
+    name = "s3"
+    default_timeout = 15.0
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        startup_timeout: float | None = None,
+    ) -> None:
+        super().__init__(workdir, startup_timeout=startup_timeout)
+        self.datadir = self.workdir / "data"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _command(self) -> list[str]:
+        script = Path(__file__).with_name("s3server.py")
+        return [sys.executable, str(script), f"--host={self.host}", f"--port={self.port}",
+                f"--dir={self.datadir}"]
+
+    def _probe(self) -> bool:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
+        try:
+            conn.request("GET", "/probe?list-type=2")
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        return response.status == 200
+
+
 class KafkaBroker(Service):
-    """tansu (Kafka-compatible broker) with in-memory storage.
+    """tansu (Kafka-compatible broker), in memory or on S3-compatible storage.
+
+    ``storage="memory"`` (the default): fast, and a restart starts empty.
+    ``storage="s3"``: tansu keeps topics, records, consumer groups and
+    committed offsets in an :class:`ObjectServer` (started and stopped with
+    the broker; ``kill()`` kills tansu only), so a restarted broker comes back
+    with its data, as a Kafka broker with its log dirs does.  (The tansu we
+    install is built with only these two engines; ``postgres://`` and
+    ``sqlite://`` answer ``FeatureNotEnabled``.)
 
     tansu has no idempotent or transactional producer support: producers must
-    use ``enable_idempotence=False``. A restart starts empty.
+    use ``enable_idempotence=False``.
     """
 
     name = "kafka"
     default_timeout = 15.0
     # Memory-only, so there is nothing to flush, yet after consumer-group
-    # activity tansu lingers ~0.5 s on SIGTERM.
+    # activity tansu lingers ~0.5 s on SIGTERM.  On S3 every write is a PUT
+    # that completed before the broker answered: nothing to flush either.
     graceful_stop = False
     # tansu reads each flag from an env var too (clap `env`); these would leak in.
     scrub_env = (
@@ -821,6 +880,7 @@ class KafkaBroker(Service):
         "STORAGE_ENGINE",
         "SCHEMA_REGISTRY",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "AWS_",
     )
 
     _CORRELATION_ID: ClassVar[int] = 0x1A5E
@@ -830,9 +890,35 @@ class KafkaBroker(Service):
         workdir: str | os.PathLike[str] | None = None,
         *,
         startup_timeout: float | None = None,
+        storage: str = "memory",
     ) -> None:
+        if storage not in ("memory", "s3"):
+            raise ValueError(f"storage must be 'memory' or 's3', not {storage!r}")
         self.binary = find_tansu()
         super().__init__(workdir, startup_timeout=startup_timeout)
+        self.storage = storage
+        self.objects = ObjectServer(self.workdir / "s3") if storage == "s3" else None
+
+    def start(self) -> Self:
+        if self.objects is not None:
+            self.objects.start()
+        return super().start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self.objects is not None:
+            self.objects.stop(timeout)
+
+    def _env(self) -> dict[str, str]:
+        if self.objects is None:
+            return {}
+        return {
+            "AWS_ENDPOINT": self.objects.url,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "harness",
+            "AWS_SECRET_ACCESS_KEY": "harness",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     @property
     def url(self) -> str:
@@ -850,7 +936,7 @@ class KafkaBroker(Service):
             "broker",
             f"--listener-url={listener}",
             f"--advertised-listener-url={listener}",
-            "--storage-engine=memory://tansu/",
+            "--storage-engine=" + ("s3://tansu/" if self.objects else "memory://tansu/"),
         ]
 
     def _probe(self) -> bool:
@@ -914,7 +1000,8 @@ class ServiceSet:
     the temp dir (kept when ``$IMFAST_KEEP_SERVICE_DIRS`` is set).
     """
 
-    def __init__(self, *names: str, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, *names: str, workdir: str | os.PathLike[str] | None = None,
+                 kafka_storage: str = "memory") -> None:
         names = names or tuple(SERVICE_CLASSES)
         unknown = sorted(set(names) - set(SERVICE_CLASSES))
         if unknown:
@@ -924,7 +1011,10 @@ class ServiceSet:
         self.services: dict[str, Service] = {}
         try:
             for name in dict.fromkeys(names):  # de-duplicate, keep order
-                self.services[name] = SERVICE_CLASSES[name](self.workdir / name)
+                if name == "kafka":
+                    self.services[name] = KafkaBroker(self.workdir / name, storage=kafka_storage)
+                else:
+                    self.services[name] = SERVICE_CLASSES[name](self.workdir / name)
         except BaseException:
             self._remove_workdir()
             raise

@@ -29,6 +29,7 @@ from imfast.backends.mysql import (
     schema_sql,
 )
 from imfast.config import load_settings
+from tests.harness.faultproxy import FaultProxy
 from tests.harness.services import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -434,3 +435,45 @@ async def test_router_acks_go_through_one_batch_per_loop_iteration(store: MySQLS
     assert cursors == [1 + i % 3 for i in range(9)]
     assert router._cursor_batcher is not None and router._cursor_batcher.batches == 1
     assert await store.cursors("b", "dev2") == {"p:a:b": 3}
+
+
+async def test_a_silent_connection_is_dropped_after_the_timeout(
+        private_mariadb: MariaDBServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stops answering (a partition: no FIN, no RST) holds no one for long.
+
+    Through a fault proxy in ``blackhole`` mode, a read gives up after
+    DB_READ_TIMEOUT (one retry on another connection) and a write after
+    DB_WRITE_TIMEOUT, both as BackendUnavailable, and the connections are
+    dropped; once the link passes again, new connections serve.
+    """
+    dsn = parse_dsn(private_mariadb.create_app_database())
+    async with FaultProxy((private_mariadb.host, private_mariadb.port)) as proxy:
+        host, port = proxy.addr.split(":")
+        store = await MySQLStore.open(
+            f"mysql://{dsn.user}:{dsn.password}@{host}:{port}/{dsn.database}", 3,
+            read_timeout=0.3, write_timeout=0.6, acquire_timeout=1.0)
+        caplog.set_level(logging.WARNING, logger="imfast.mysql")
+        try:
+            await store.truncate_all()
+            await store.append([msg("p:a:b", 1)])
+            proxy.blackhole()
+            began = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await store.latest_seq("p:a:b")
+            read_took = time.monotonic() - began
+            began = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await store.append([msg("p:a:b", 2)])
+            write_took = time.monotonic() - began
+            # Lower bounds are the timeouts; the upper ones are generous (a new
+            # connection's handshake into the blackhole waits for the pool too).
+            assert 0.3 <= read_took < 5 and 0.6 <= write_took < 5, (read_took, write_took)
+            assert store.timeouts >= 1  # then new connections time out in their handshake
+            assert "database connection dropped: no reply within" in caplog.text
+            proxy.pass_through()
+            assert await store.latest_seq("p:a:b") == 1  # the dead connections are gone
+            await store.append([msg("p:a:b", 2)])
+            assert [m.seq for m in await store.fetch("p:a:b", 0, 10)] == [1, 2]
+        finally:
+            proxy.pass_through()
+            await store.close()

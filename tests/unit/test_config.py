@@ -24,11 +24,16 @@ def test_environment_parsing() -> None:
     assert s.kafka_brokers == ("k1:9092", "k2:9092")
     assert s.db_max_open_conns == 50 and s.route_all_offline is True
     assert not s.feature_enabled("typing") and s.feature_enabled("groups")
+    s = load_settings({"DB_READ_TIMEOUT": "1.5", "DB_WRITE_TIMEOUT": "3"})
+    assert (s.db_read_timeout, s.db_write_timeout) == (1.5, 3.0)
+    assert (Settings().db_read_timeout, Settings().db_write_timeout) == (5.0, 10.0)
 
 
 @pytest.mark.parametrize("env,needle", [
     ({"DB_MAX_OPEN_CONNS": "lots"}, "DB_MAX_OPEN_CONNS='lots'"),
     ({"DB_MAX_OPEN_CONNS": "0"}, "positive"),
+    ({"DB_READ_TIMEOUT": "0"}, "DB_READ_TIMEOUT='0'"),
+    ({"DB_WRITE_TIMEOUT": "soon"}, "DB_WRITE_TIMEOUT"),
     ({"HTTP_PORT": "70000"}, "HTTP_PORT"),
     ({"FEATURES_DISABLED": "teleport"}, "teleport"),
     ({"ROUTE_ALL_OFFLINE": "maybe"}, "ROUTE_ALL_OFFLINE"),
