@@ -146,7 +146,8 @@ class Settings:
         "SERVICE_PORT", _port, DEFAULT_SERVICE_PORT, "im-service internal port (gateway -> service)"
     )
     service_addr: str = _setting(
-        "SERVICE_ADDR", str, "127.0.0.1:9094", "host:port where gateways reach im-service"
+        "SERVICE_ADDR", str, "127.0.0.1:9094", "host:port where gateways reach im-service; a comma list, or a name that "
+        "resolves to every replica (a headless Service), for several replicas"
     )
     advertise_addr: str = _setting(
         "GATEWAY_ADVERTISE_ADDR", str, "", "host:port of this gateway's push port, as registered"

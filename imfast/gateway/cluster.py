@@ -34,6 +34,7 @@ from imfast.gateway.server import Gateway
 from imfast.gateway.session import Session
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
 from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
+from imfast.link.replicas import ServiceLinks
 from imfast.service.remote import RemoteRouter, entry_from_wire
 
 __all__ = ["ClusterGateway", "GatewayNode", "GROUP_GATEWAYS"]
@@ -125,8 +126,9 @@ class GatewayNode:
         verifier = TokenVerifier(s, embedded=False)
         self.links = LinkPool()
         self._closers.append(self.links)
-        service = LinkClient(s.service_addr)
+        service = ServiceLinks(s.service_addr)
         self._closers.append(service)
+        await service.resolve_now()  # the replicas, before any client is served
         registry = EtcdRegistry(list(s.etcd_endpoints), owner=s.display_hostname)
         await registry.start()
         self._closers.append(registry)

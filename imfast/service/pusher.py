@@ -64,6 +64,7 @@ class ClusterPusher:
         self._group: list[tuple[bytes, bytes]] = []
         self._offline: list[tuple[bytes, bytes]] = []
         self._pushes: dict[str, list[Any]] = defaultdict(list)
+        self._private: list[tuple[list[str], StoredMessage, list[Any], Any]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._spool: dict[str, list[tuple[bytes, bytes]]] = {TOPIC_GROUP: [], TOPIC_OFFLINE: []}
         self._spooling: asyncio.Task[None] | None = None
@@ -111,6 +112,30 @@ class ClusterPusher:
             self._group.append((message.conv.encode(), record))
             self.routed["group"] += 1
         else:
+            # Looked up at flush time, in routing order (see _route_private).
+            self._private.append((list(users), message, entry, skip))
+        self._schedule()
+
+    async def _route_private(self) -> None:
+        """Turn the queued private deliveries into pushes and offline records, in order.
+
+        A user the registry cache does not know is read from etcd first
+        (``registry.refresh``): the watch may lag a registration made on
+        another replica's behalf (a device's resume plan may have been read
+        by another im-service, which refreshed only its own cache), and an
+        entry routed as offline would reach the online device only at its next
+        entry, sync or resume.  The flush waits for those reads, so pushes
+        keep their routing order.
+        """
+        private, self._private = self._private, []
+        refresh = getattr(self.registry, "refresh", None)
+        if refresh is not None and self.bus is not None:
+            unknown = {u for users, _, _, _ in private for u in users
+                       if not self.registry.cached_lookup(u)}
+            if unknown:
+                await asyncio.gather(*(refresh(u) for u in sorted(unknown)),
+                                     return_exceptions=True)
+        for users, message, entry, skip in private:
             by_gateway: dict[str, list[str]] = defaultdict(list)
             for user in users:
                 devices = self.registry.cached_lookup(user)
@@ -128,7 +153,6 @@ class ClusterPusher:
             for gateway, gw_users in by_gateway.items():
                 self._pushes[gateway].append(["deliver", {"e": entry, "u": gw_users, "s": skip}])
                 self.routed["online"] += 1
-        self._schedule()
 
     def event(self, users: Iterable[str], payload: dict[str, Any],
               skip: tuple[str, str] | None) -> None:
@@ -143,7 +167,9 @@ class ClusterPusher:
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # gather everything routed in this loop iteration
-        while self._group or self._offline or self._pushes:
+        while self._group or self._offline or self._pushes or self._private:
+            if self._private:
+                await self._route_private()
             pushes, self._pushes = self._pushes, defaultdict(list)
             # Concurrently: one unreachable gateway must not delay the healthy ones.
             results = await asyncio.gather(*(self.links.push(gateway, "batch", items)

@@ -16,7 +16,9 @@ from typing import Any
 
 from imfast.backends.base import StoredMessage
 from imfast.link.endpoints import LinkClient
+from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
+from imfast.protocol.ids import group_conv, private_conv
 from imfast.service.router import Router, SendResult
 
 __all__ = ["RemoteRouter", "serve_router", "entry_to_wire", "entry_from_wire"]
@@ -28,6 +30,9 @@ _PLAIN = {"ack", "presence", "conversations", "resume_plan", "cursors", "cursor"
           "receipts", "group_create", "group_join", "group_invite", "group_remove",
           "group_leave", "group_role", "group_list_members", "groups_of"}
 ALLOWED = _ENTRIES | _RESULTS | _PLAIN | {"send"}
+#: Calls that add an entry (a membership event) to the group's conversation.
+_GROUP_CHANGES = {"group_create", "group_join", "group_invite", "group_remove", "group_leave",
+                  "group_role"}
 
 
 def entry_to_wire(m: StoredMessage) -> list[Any]:
@@ -67,15 +72,25 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
 
 
 class RemoteRouter:
-    """Router methods as calls over a :class:`LinkClient` (see module docstring)."""
+    """Router methods as calls over a :class:`LinkClient` (see module docstring).
 
-    def __init__(self, link: LinkClient) -> None:
+    With a :class:`~imfast.link.replicas.ServiceLinks`, every call that adds an
+    entry to a conversation (send, recall, group changes) goes to the replica
+    that owns the conversation, so one router orders its entries.
+    """
+
+    def __init__(self, link: LinkClient | ServiceLinks) -> None:
         self.link = link
+
+    def _owner(self, conv: str) -> LinkClient | ServiceLinks:
+        link = self.link
+        return link.for_key(conv) if isinstance(link, ServiceLinks) else link
 
     async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
                           group: str | None, body: str) -> asyncio.Future[SendResult]:
         # Queued now, in frame order; the reply comes once the message is durable.
-        call = self.link.call_nowait("send", [user, device, cmid, to, group, body])
+        conv = private_conv(user, to) if to is not None else group_conv(group or "")
+        call = self._owner(conv).call_nowait("send", [user, device, cmid, to, group, body])
         out: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -100,7 +115,8 @@ class RemoteRouter:
         return [entry_from_wire(w) for w in rows]
 
     async def recall(self, user: str, device: str, conv: str, seq: int) -> SendResult:
-        return _result_from_wire(await self.link.call("recall", [user, device, conv, seq]))
+        return _result_from_wire(await self._owner(conv).call("recall",
+                                                             [user, device, conv, seq]))
 
     async def resume_plan(self, user: str, device: str) -> list[tuple[str, int, int]]:
         return [tuple(p) for p in await self.link.call("resume_plan", [user, device])]  # type: ignore[misc]
@@ -108,6 +124,11 @@ class RemoteRouter:
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         if method not in _PLAIN:
             raise AttributeError(method)
+
+        if method in _GROUP_CHANGES:
+            async def call(*args: Any) -> Any:  # (user, device, group, ...)
+                return await self._owner(group_conv(args[2])).call(method, list(args))
+            return call
 
         async def call(*args: Any) -> Any:
             return await self.link.call(method, list(args))

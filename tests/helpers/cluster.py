@@ -77,10 +77,12 @@ class Proc:
 class Cluster:
     """service + offline worker + gateways; see module docstring."""
 
-    def __init__(self, services: Any, workdir: Path, gateways: int = 2) -> None:
+    def __init__(self, services: Any, workdir: Path, gateways: int = 2,
+                 replicas: int = 1) -> None:
         self.services = services
         self.workdir = workdir
-        self.service_port = free_port()
+        self.service_ports = [free_port() for _ in range(replicas)]
+        self.service_port = self.service_ports[0]
         self.common = {
             "REDIS_URL": services["redis"].url,
             "KAFKA_BROKERS": services["kafka"].bootstrap_servers,
@@ -88,11 +90,13 @@ class Cluster:
             "MYSQL_DSN": services["mysql_dsn"],
             "DB_MAX_OPEN_CONNS": "5",
             "JWT_SECRET": JWT_SECRET,
-            "SERVICE_ADDR": f"127.0.0.1:{self.service_port}",
+            "SERVICE_ADDR": ",".join(f"127.0.0.1:{p}" for p in self.service_ports),
             "HOST": "127.0.0.1",
         }
         self.procs: list[Proc] = []
-        self.service = self._proc("service", {"SERVICE_PORT": str(self.service_port)})
+        self.replicas = [self._proc("service", {"SERVICE_PORT": str(p)})
+                         for p in self.service_ports]
+        self.service = self.replicas[0]
         self.worker = self._proc("offline-worker", {})
         self.gateways = [self._proc("gateway", {"PUSH_PORT": str(free_port()),
                                                 "POD_NAME": f"gw{i}"}) for i in range(gateways)]
@@ -107,8 +111,10 @@ class Cluster:
         return p
 
     def start(self) -> Cluster:
-        self.service.start()
-        self.service.wait_healthy()
+        for p in self.replicas:
+            p.start()
+        for p in self.replicas:
+            p.wait_healthy()
         for p in [self.worker, *self.gateways]:
             p.start()
         for p in [self.worker, *self.gateways]:

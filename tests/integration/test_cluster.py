@@ -35,7 +35,8 @@ def cluster(redis_server: Any, etcd_server: Any, kafka_broker: Any, mariadb_app_
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     services = {"redis": redis_server, "etcd": etcd_server, "kafka": kafka_broker,
                 "mysql_dsn": mariadb_app_dsn}
-    c = Cluster(services, Path(tmp_path_factory.mktemp("cluster")), gateways=2)
+    # Two im-service replicas: gateways send each conversation through one of them.
+    c = Cluster(services, Path(tmp_path_factory.mktemp("cluster")), gateways=2, replicas=2)
     try:
         c.start()
     except Exception:
@@ -70,6 +71,35 @@ def test_private_message_between_users_on_different_gateways(cluster: Cluster) -
     alice.send(type="send", cmid="x1", to="bob", body="across gateways")
     again = alice.recv_until("sent")[-1]
     assert again["duplicate"] is True and again["seq"] == ack["seq"]
+
+
+def test_both_sides_sending_at_once_through_two_replicas_get_everything_live(
+        cluster: Cluster) -> None:
+    """Pairs on different gateways send bursts to each other at the same moment: every
+    entry reaches the other side live, in seq order, once (each conversation's entries
+    go through one im-service replica, which numbers and pushes them in order)."""
+    pairs = [(connect(cluster, 0, f"ra{i}"), connect(cluster, 1, f"rb{i}")) for i in range(6)]
+    burst = 15
+    for k in range(burst):
+        for i, (a, b) in enumerate(pairs):
+            a.send(type="send", cmid=f"a{i}-{k}", to=f"rb{i}", body=f"a{k}")
+            b.send(type="send", cmid=f"b{i}-{k}", to=f"ra{i}", body=f"b{k}")
+    for i, (a, b) in enumerate(pairs):
+        for me, other_prefix in ((a, "b"), (b, "a")):
+            got: list[dict[str, Any]] = []
+            sent = 0
+            while len(got) < burst or sent < burst:
+                frame = me.recv()
+                if frame["type"] == "msg":
+                    got.append(frame)
+                elif frame["type"] == "sent":
+                    sent += 1
+            assert [m["body"] for m in got] == [f"{other_prefix}{k}" for k in range(burst)]
+            seqs = [m["seq"] for m in got]
+            assert seqs == sorted(seqs) and len(set(seqs)) == burst
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) -> None:
