@@ -287,9 +287,9 @@ class Settings:
         "KAFKA_BROKERS", _parse_list, (), "distributed mode: host:9092,host:9092"
     )
     kafka_fetch_max_wait_ms: int = _setting(
-        "KAFKA_FETCH_MAX_WAIT_MS", _positive_int, 25,
-        "longest a consumer's fetch waits for records: bounds group-message delay on "
-        "brokers that hold fetches (tansu); Kafka answers as records arrive",
+        "KAFKA_FETCH_MAX_WAIT_MS", _positive_int, 500,
+        "longest a consumer's fetch waits for records; Kafka answers as soon as records "
+        "arrive, but brokers that hold every fetch this long (tansu) add it to group delivery",
     )
     etcd_endpoints: tuple[str, ...] = _setting(
         "ETCD_ENDPOINTS", _parse_list, (), "distributed mode: http://host:2379,..."

@@ -38,7 +38,10 @@ class LocalCluster:
 
         # The roles inherit this process's environment (Cluster adds the addresses).
         os.environ.update({"JWT_SECRET": self.secret, "RATE_MSGS_PER_SEC": "100000",
-                           "RATE_BURST": "100000", "MAX_CONNECTIONS": "18000"})
+                           "RATE_BURST": "100000", "MAX_CONNECTIONS": "18000",
+                           # tansu (memory storage here) holds every fetch for the full
+                           # wait; real Kafka answers as records arrive.
+                           "KAFKA_FETCH_MAX_WAIT_MS": "25"})
         self.services = ServiceSet("redis", "mariadb", "etcd", "kafka").start()
         dsn = self.services.mariadb.create_app_database()
         self.cluster = Cluster({"redis": self.services.redis, "etcd": self.services.etcd,

@@ -90,7 +90,7 @@ class KafkaBus:
         client_id: str,
         request_timeout_ms: int = 5000,
         linger_ms: int = 2,
-        fetch_max_wait_ms: int = 25,
+        fetch_max_wait_ms: int = 500,
     ) -> None:
         if not brokers:
             raise ValueError("at least one Kafka broker is required")

@@ -54,8 +54,8 @@ def test_file_then_env(tmp_path: Path) -> None:
         load_settings({}, str(f))
 
 
-def test_kafka_fetch_wait_is_short_by_default_and_must_be_positive() -> None:
-    assert load_settings({}).kafka_fetch_max_wait_ms == 25
+def test_kafka_fetch_wait_is_kafkas_default_and_must_be_positive() -> None:
+    assert load_settings({}).kafka_fetch_max_wait_ms == 500
     assert load_settings({"KAFKA_FETCH_MAX_WAIT_MS": "100"}).kafka_fetch_max_wait_ms == 100
     with pytest.raises(ConfigError, match="KAFKA_FETCH_MAX_WAIT_MS"):
         load_settings({"KAFKA_FETCH_MAX_WAIT_MS": "0"})
