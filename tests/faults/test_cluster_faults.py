@@ -27,7 +27,7 @@ from tests.conformance.raw import RawWS
 from tests.faults.checker import ChatClient, check
 from tests.faults.workload import SETTINGS, assert_clean, run_workload
 from tests.harness.services import ServiceSet
-from tests.helpers.cluster import Cluster
+from tests.helpers.cluster import Cluster, running
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +48,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
         # (clients that read are not affected).
         gw.env.update({"WRITE_BUFFER_HIGH": str(16 * 1024), "WRITE_BUFFER_LIMIT": str(256 * 1024),
                        "WRITE_STALL_TIMEOUT": "2"})
-    try:
-        cluster.start()
+    with running(cluster, services):
         yield cluster, services
-    except Exception:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-        services.stop()
 
 
 async def test_sigkill_a_gateway(deployment: tuple[Cluster, Any]) -> None:

@@ -22,7 +22,7 @@ import pytest
 from tests.faults.workload import assert_clean, run_workload
 from tests.harness.faultproxy import FaultProxy, ProxyThread
 from tests.harness.services import ServiceSet
-from tests.helpers.cluster import Cluster
+from tests.helpers.cluster import Cluster, running
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,8 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
             gw.env["SERVICE_ADDR"] = service_proxy.addr
             gw.env["GATEWAY_ADVERTISE_ADDR"] = push.addr
             internal.append(push)
-        try:
-            cluster.start()
+        with running(cluster, services):
             yield Proxied(cluster, services, internal, redis_proxy, mysql_proxy)
-        except Exception:
-            print(cluster.logs())
-            raise
-        finally:
-            cluster.stop()
-            services.stop()
 
 
 async def test_internal_link_delayed_200ms_then_back(proxied: Proxied) -> None:

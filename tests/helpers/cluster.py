@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 import subprocess
 import sys
 import time
@@ -144,3 +146,20 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.role} ---\n{p.tail()}" for p in self.procs)
+
+
+@contextmanager
+def running(cluster: Cluster, services: Any) -> Iterator[Cluster]:
+    """Start ``cluster``; on the way out stop it and its private ``services``.
+
+    If anything fails meanwhile, the roles' last log lines are printed first.
+    """
+    try:
+        cluster.start()
+        yield cluster
+    except Exception:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        services.stop()
