@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.connect_concurrency = 128
     if args.mode == "full":
         cfg.connect_timeout = 180.0
+    # ~300-1,500 connects/s were seen here: give large runs the time to connect.
+    cfg.connect_timeout = max(cfg.connect_timeout, connections / 100)
 
     node: EmbeddedNode | None = None
     cluster: Any = None
