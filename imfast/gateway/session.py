@@ -533,7 +533,11 @@ class Session(FramedListener):
                 try:
                     await self._handle(frame)
                 except ImfastError as exc:
-                    self._protocol_error(exc, frame)
+                    if exc.code == "unavailable":  # ours, not the client's: not counted
+                        self.send_error(exc.code, exc.message, exc.field, frame.get("id"),
+                                        frame.get("cmid") if frame["type"] == "send" else None)
+                    else:
+                        self._protocol_error(exc, frame)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

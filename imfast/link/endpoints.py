@@ -110,7 +110,13 @@ class LinkClient:
     async def call(self, method: str, args: Any) -> Any:
         """A request/response round trip (see :meth:`LinkProtocol.call`)."""
         proto = await self.connection()
-        return await asyncio.wait_for(proto.call(method, args), self.timeout)
+        try:
+            return await asyncio.wait_for(proto.call(method, args), self.timeout)
+        except TimeoutError:
+            # The far side is overloaded or stuck: the client may retry (sends are
+            # deduplicated by cmid), so this is `unavailable`, not `internal`.
+            raise ImfastError(f"{self.addr} did not answer {method} within "
+                              f"{self.timeout:g} s; retry", code="unavailable") from None
 
     def call_nowait(self, method: str, args: Any) -> asyncio.Future[Any]:
         """Queue a call now if connected (keeps call order); else connect first."""
