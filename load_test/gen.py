@@ -23,9 +23,10 @@ reconnect) goes to a separate ``resume`` histogram, not the delivery one.
 
 Accounting (JSON ``totals``): ``sent`` send frames, ``acknowledged`` (got
 ``sent``), ``delivered`` messages that reached every recipient, ``deliveries``
-per recipient and ``expected_deliveries``, ``duplicates`` (an entry seen
-twice by one connection, or a seq at or below one already processed outside a
-resume), ``redelivered`` (the protocol's allowed re-push after a reconnect),
+per recipient and ``expected_deliveries``, ``duplicates`` (a message delivered
+again after it reached every recipient: under a new seq, i.e. stored twice),
+``redelivered`` (a seq at or below one already processed: the protocol's
+allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
 ``lost`` (acknowledged but not delivered to every recipient after the drain
 period), ``unacknowledged``, ``errors`` by code.
 
@@ -505,10 +506,10 @@ class Worker:
         seq = obj["seq"]
         last = conn.last_seq.get(conv, 0)
         if seq <= last:
-            if conn.resuming:
-                self.c.redelivered += 1
-            else:
-                self.c.duplicates += 1
+            # The same seq again: a resume or a retransmit after ACK_TIMEOUT, which the
+            # protocol allows (clients drop it by seq). A message seen twice under two
+            # seqs is a real duplicate: counted by cmid in _delivered.
+            self.c.redelivered += 1
             self._want_ack(conn, conv, last)
             return
         own = conn.own.get(conv) if conn.own is not None else None
