@@ -40,7 +40,7 @@ services: install
 
 # The whole suite with the Cython core, then the core-dependent suites again on the
 # pure-Python twins (IMFAST_NO_EXTENSIONS=1).
-test: build services
+test: build services lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	IMFAST_NO_EXTENSIONS=1 $(PY) -m pytest -q tests/unit tests/contract tests/e2e $(PYTEST_ARGS)
 

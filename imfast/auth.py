@@ -28,7 +28,7 @@ import jwt
 from imfast.config import ConfigError, Settings
 from imfast.protocol.ids import is_valid_id
 
-__all__ = ["Identity", "AuthError", "TokenVerifier", "mint_token", "dev_secret", "DEFAULT_DEVICE"]
+__all__ = ["DEFAULT_DEVICE", "AuthError", "Identity", "TokenVerifier", "dev_secret", "mint_token"]
 
 DEFAULT_DEVICE = "default"
 DEV_SECRET_FILE = "jwt_secret"
@@ -109,7 +109,7 @@ class TokenVerifier:
             raise AuthError("invalid token: `sub` is not a valid user id")
         if not is_valid_id(device):
             raise AuthError("invalid token: `device` is not a valid device id")
-        return Identity(user, device, float(claims["exp"]))
+        return Identity(str(user), str(device), float(claims["exp"]))
 
     def dev_identity(self, user: str, device: str | None) -> Identity:
         """INSECURE_DEV_AUTH only: trust a user name given in the URL."""

@@ -70,12 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="print a ready ws:// URL with the token instead of the bare token")
 
     for name, helptext in (
-        ("gateway", "im-gateway-service: client sockets on HTTP_PORT, pushes on PUSH_PORT; "
-                    "needs SERVICE_ADDR, ETCD_ENDPOINTS, KAFKA_BROKERS, JWT_SECRET"),
-        ("service", "im-service: routing on SERVICE_PORT; needs REDIS_URL, MYSQL_DSN, "
-                    "ETCD_ENDPOINTS, KAFKA_BROKERS"),
-        ("offline-worker", "consumes offline_msg into MySQL offline_messages, 7-day TTL; "
-                           "needs KAFKA_BROKERS, MYSQL_DSN"),
+        ("gateway", ("im-gateway-service: client sockets on HTTP_PORT, pushes on PUSH_PORT; "
+                     "needs SERVICE_ADDR, ETCD_ENDPOINTS, KAFKA_BROKERS, JWT_SECRET")),
+        ("service", ("im-service: routing on SERVICE_PORT; needs REDIS_URL, MYSQL_DSN, "
+                     "ETCD_ENDPOINTS, KAFKA_BROKERS")),
+        ("offline-worker", ("consumes offline_msg into MySQL offline_messages, 7-day TTL; "
+                            "needs KAFKA_BROKERS, MYSQL_DSN")),
     ):
         role = sub.add_parser(name, help=helptext, description=helptext + ". Every setting is "
                               "an environment variable (`imfast config` lists them).")
@@ -116,7 +116,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]
 
     async def run() -> None:
         from imfast._core import USING_EXTENSIONS
@@ -133,16 +133,16 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
         data = settings.data_dir
         lines = [
-            f"imfast {__version__} embedded node (Cython core: "
-            f"{'yes' if USING_EXTENSIONS else 'no, pure Python'}; "
-            f"{settings.workers} gateway process{'es' if settings.workers > 1 else ''})",
-            f"  WebSocket   ws://{host}:{port}/ws?token=TOKEN   (or send {{\"type\":\"auth\","
-            f"\"token\":TOKEN}} first)",
+            (f"imfast {__version__} embedded node (Cython core: "
+             f"{'yes' if USING_EXTENSIONS else 'no, pure Python'}; "
+             f"{settings.workers} gateway process{'es' if settings.workers > 1 else ''})"),
+            (f"  WebSocket   ws://{host}:{port}/ws?token=TOKEN   (or send {{\"type\":\"auth\","
+             f"\"token\":TOKEN}} first)"),
             f"  Health      http://{host}:{port}/health   /stats   /metrics",
             f"  Data        {data if data == ':memory:' else data + '/imfast.db'}",
             f"  Get a token imfast token alice --data-dir {data}",
-            f"  Try it      wscat -c \"ws://{host}:{port}/ws?token=$(imfast token alice "
-            f"--data-dir {data})\"",
+            (f"  Try it      wscat -c \"ws://{host}:{port}/ws?token=$(imfast token alice "
+             f"--data-dir {data})\""),
         ]
         if settings.insecure_dev_auth:
             lines.append("  WARNING     --insecure-dev-auth: anyone can connect as anyone with "

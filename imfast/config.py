@@ -22,7 +22,7 @@ from typing import Any
 
 from imfast.gateway.limits import PRIVATE_NETWORKS, parse_networks
 
-__all__ = ["ConfigError", "Settings", "FEATURES", "load_settings"]
+__all__ = ["FEATURES", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_PUSH_PORT = 9093

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from picows import WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
-__all__ = ["serve_http", "http_response"]
+__all__ = ["http_response", "serve_http"]
 
 Route = Callable[[], tuple[Any, ...]]
 

@@ -15,7 +15,7 @@ import time
 
 import orjson
 
-__all__ = ["setup_logging", "JsonFormatter"]
+__all__ = ["JsonFormatter", "setup_logging"]
 
 _PAIR = re.compile(r"\b([a-z_]+)=(\S+)")
 

@@ -18,22 +18,22 @@ __all__ = [
     "WriteCoalescer",
     "decode_client_frame",
     "encode",
-    "ws_text_frame",
     "ws_frames",
+    "ws_text_frame",
 ]
 
 USING_EXTENSIONS = False
 
 if os.environ.get("IMFAST_NO_EXTENSIONS") != "1":
     try:
-        from imfast._core._codec import (  # type: ignore[import-not-found]
+        from imfast._core._codec import (
             decode_client_frame,
             encode,
             ws_frames,
             ws_text_frame,
         )
-        from imfast._core._fanout import WriteCoalescer  # type: ignore[import-not-found]
-        from imfast._core._table import ConnectionTable, TimerWheel  # type: ignore[import-not-found]
+        from imfast._core._fanout import WriteCoalescer
+        from imfast._core._table import ConnectionTable, TimerWheel
 
         USING_EXTENSIONS = True
     except ImportError:

@@ -26,8 +26,8 @@ __all__ = [
     "CLIENT_TYPES",
     "decode_client_frame",
     "encode",
-    "ws_text_frame",
     "ws_frames",
+    "ws_text_frame",
 ]
 
 _ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -151,7 +151,7 @@ def decode_client_frame(data: bytes | str, max_body: int) -> dict[str, Any]:
     # not a destination (the router would assert on it).
     if ftype == "send" and ((obj.get("to") is None) == (obj.get("group") is None)):
         raise ProtocolError("send needs exactly one of `to` (user) or `group`", field="to")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def encode(obj: Any) -> bytes:

@@ -28,7 +28,7 @@ __all__ = ["WriteCoalescer"]
 class WriteCoalescer:
     """Batches frames per session and flushes them once per loop iteration."""
 
-    __slots__ = ("_loop", "_dirty", "_scheduled", "writes", "frames")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "frames", "writes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

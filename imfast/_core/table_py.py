@@ -28,7 +28,7 @@ __all__ = ["ConnectionTable", "TimerWheel"]
 class ConnectionTable:
     """Sessions by user and device; ``session.user``/``session.device`` are read."""
 
-    __slots__ = ("_by_user", "_count", "_bound")
+    __slots__ = ("_bound", "_by_user", "_count")
 
     def __init__(self) -> None:
         self._by_user: dict[str, Any] = {}
@@ -107,7 +107,7 @@ class ConnectionTable:
         if current is None:
             return ()
         if type(current) is tuple:
-            return current  # type: ignore[no-any-return]
+            return current
         return (current,)
 
     def session_of(self, user: str, device: str) -> Any:
@@ -130,7 +130,7 @@ class ConnectionTable:
 class TimerWheel:
     """Deadlines bucketed by ``resolution`` seconds; see module docstring."""
 
-    __slots__ = ("_resolution", "_buckets", "_next_tick")
+    __slots__ = ("_buckets", "_next_tick", "_resolution")
 
     def __init__(self, resolution: float = 1.0, now: float = 0.0) -> None:
         self._resolution = resolution

@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "StoredMessage",
-    "Reservation",
-    "MessageLog",
-    "SequenceStore",
+    "KIND_EVENT",
+    "KIND_MESSAGE",
+    "KIND_RECALL",
     "CursorStore",
     "GroupStore",
+    "MessageLog",
     "ReceiptStore",
     "Registry",
+    "Reservation",
+    "SequenceStore",
     "Store",
-    "KIND_MESSAGE",
-    "KIND_EVENT",
-    "KIND_RECALL",
+    "StoredMessage",
 ]
 
 KIND_MESSAGE = "msg"  # a chat message written by a user

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-__all__ = ["BackendUnavailable", "BACKEND_ERRORS"]
+__all__ = ["BACKEND_ERRORS", "BackendUnavailable"]
 
 #: backend name -> how many BackendUnavailable errors this process has seen
 #: (exported as ``im_backend_errors_total{backend=...}``).

@@ -12,7 +12,7 @@ from collections import defaultdict
 from imfast.backends.base import Reservation, StoredMessage
 from imfast.protocol.ids import conv_members_private
 
-__all__ = ["MemoryStore", "MemoryRegistry"]
+__all__ = ["MemoryRegistry", "MemoryStore"]
 
 
 class MemoryStore:

@@ -22,7 +22,7 @@ __all__ = ["BackendCollector"]
 _BACKENDS = ("redis", "mysql", "etcd", "kafka")
 
 
-class BackendCollector(Collector):  # type: ignore[misc]
+class BackendCollector(Collector):
     """See module docstring; ``consumers`` is a list of (bus, group) pairs."""
 
     def __init__(self, consumers: list[tuple[Any, str]] | None = None) -> None:

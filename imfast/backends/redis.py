@@ -101,10 +101,10 @@ class _Script:
 
     async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             # Redis restarted (or SCRIPT FLUSH): EVAL runs it and caches it again.
-            return await client.eval(self.text, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.eval(self.text, len(keys), *keys, *args)
 
 
 _RESERVE = _Script(RESERVE_SCRIPT)
@@ -161,7 +161,7 @@ class RedisSequenceStore:
     async def start(self) -> None:
         """Check the connection and load the scripts (optional: calls connect lazily)."""
         try:
-            await self._client.ping()  # type: ignore[misc]
+            await self._client.ping()
             await self._client.script_load(RESERVE_SCRIPT)
             await self._client.script_load(REPAIR_SCRIPT)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

@@ -33,11 +33,11 @@ from imfast.config import Settings
 from imfast.gateway.server import Gateway
 from imfast.gateway.session import Session
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
-from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
 from imfast.link.replicas import ServiceLinks
+from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
 from imfast.service.remote import RemoteRouter, entry_from_wire
 
-__all__ = ["ClusterGateway", "GatewayNode", "GROUP_GATEWAYS"]
+__all__ = ["GROUP_GATEWAYS", "ClusterGateway", "GatewayNode"]
 
 log = logging.getLogger("imfast.gateway")
 
@@ -99,9 +99,9 @@ class ClusterGateway(Gateway):
         for kind, data in items:
             skip = tuple(data["s"]) if data.get("s") else None
             if kind == "deliver":
-                self.deliver(data["u"], entry_from_wire(data["e"]), skip)  # type: ignore[arg-type]
+                self.deliver(data["u"], entry_from_wire(data["e"]), skip)
             elif kind == "event":
-                self.event(data["u"], data["p"], skip)  # type: ignore[arg-type]
+                self.event(data["u"], data["p"], skip)
 
 
 class GatewayNode:
@@ -196,7 +196,7 @@ class GatewayNode:
                 # Also anyone connected here whose registration is still in flight.
                 local = list(dict.fromkeys(local + [u for u in record["u"]
                                                     if gw.table.sessions_of(u)]))
-            gw.deliver(local, entry, skip)  # type: ignore[arg-type]
+            gw.deliver(local, entry, skip)
             for address, users in by_gateway.items():
                 remote[address].append(["deliver", {"e": record["e"], "u": users,
                                                     "s": record.get("s")}])
@@ -218,5 +218,5 @@ class GatewayNode:
         for c in reversed(self._closers):
             try:
                 await c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("close failed")

@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["GatewayStats", "GatewayCollector", "Histogram", "LATENCY_BUCKETS"]
+__all__ = ["LATENCY_BUCKETS", "GatewayCollector", "GatewayStats", "Histogram"]
 
 #: Delivery latency buckets (seconds), dense around the 150/200 ms SLO lines.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
@@ -29,7 +29,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 class Histogram:
     """A latency histogram cheap enough for the hot path (plain ints, one bisect)."""
 
-    __slots__ = ("counts", "total", "n")
+    __slots__ = ("counts", "n", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -54,9 +54,24 @@ class Histogram:
 class GatewayStats:
     """Plain counters, cheap to bump from the hot path."""
 
-    __slots__ = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
-                 "errors", "closes", "auth_failures", "slow_consumers", "internal_errors",
-                 "refused", "lat_counts", "lat_sum", "lat_n", "retransmits", "send_ack")
+    __slots__ = (
+        "auth_failures",
+        "closes",
+        "connections_opened",
+        "delivered",
+        "dropped",
+        "errors",
+        "failed",
+        "frames_in",
+        "internal_errors",
+        "lat_counts",
+        "lat_n",
+        "lat_sum",
+        "refused",
+        "retransmits",
+        "send_ack",
+        "slow_consumers",
+    )
 
     def __init__(self) -> None:
         self.connections_opened = 0
@@ -95,7 +110,7 @@ class GatewayStats:
         return float("inf")
 
 
-class GatewayCollector(Collector):  # type: ignore[misc]
+class GatewayCollector(Collector):
     """Exposes one gateway's :class:`GatewayStats` and live gauges."""
 
     def __init__(self, stats: GatewayStats, gauges: Callable[[], dict[str, Any]]) -> None:

@@ -161,7 +161,7 @@ class Gateway:
             for session in self.wheel.expired(now):
                 try:
                     session.check_timers(now)
-                except Exception:  # noqa: BLE001 - one bad session must not stop the clock
+                except Exception:
                     log.exception("timer check failed")
             if annotations_file and not self.draining and _drain_requested(annotations_file):
                 log.warning("drain requested by pod annotation drain=true")

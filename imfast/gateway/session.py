@@ -36,7 +36,7 @@ from imfast.protocol.codes import CloseCode, ImfastError, ProtocolError
 if TYPE_CHECKING:
     from imfast.gateway.server import Gateway
 
-__all__ = ["Session", "EchoSession"]
+__all__ = ["EchoSession", "Session"]
 
 #: Largest frame that is decoded before the rate limit looks at it (an ``ack`` is ~60 bytes).
 _FREE_ACK_MAX_BYTES = 256
@@ -50,10 +50,33 @@ class Session(FramedListener):
     """A chat client connection; see the module docstring."""
 
     __slots__ = (
-        "gw", "user", "device", "bound", "out", "identity", "expires_at", "last_seen",
-        "pushed", "behind", "resuming", "inbox", "worker", "catchup", "errors",
-        "tokens", "tokens_ts", "writable", "pinged", "query_token", "dev_user", "dev_device",
-        "acked", "unacked_since", "timer_at", "own_acks", "ack_claims",
+        "ack_claims",
+        "acked",
+        "behind",
+        "bound",
+        "catchup",
+        "dev_device",
+        "dev_user",
+        "device",
+        "errors",
+        "expires_at",
+        "gw",
+        "identity",
+        "inbox",
+        "last_seen",
+        "out",
+        "own_acks",
+        "pinged",
+        "pushed",
+        "query_token",
+        "resuming",
+        "timer_at",
+        "tokens",
+        "tokens_ts",
+        "unacked_since",
+        "user",
+        "worker",
+        "writable",
     )
 
     def __init__(self, gw: Gateway, query_token: str | None = None,

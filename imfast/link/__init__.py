@@ -3,4 +3,4 @@
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
 from imfast.link.wire import LinkProtocol
 
-__all__ = ["LinkClient", "LinkPool", "LinkServer", "LinkProtocol"]
+__all__ = ["LinkClient", "LinkPool", "LinkProtocol", "LinkServer"]

@@ -20,7 +20,7 @@ from typing import Any
 from imfast.link.wire import Handler, LinkProtocol, PushHandler
 from imfast.protocol.codes import ImfastError
 
-__all__ = ["LinkServer", "LinkClient", "LinkPool", "split_addr"]
+__all__ = ["LinkClient", "LinkPool", "LinkServer", "split_addr"]
 
 log = logging.getLogger("imfast.link")
 

@@ -31,7 +31,7 @@ import orjson
 
 from imfast.protocol.codes import ImfastError
 
-__all__ = ["LinkProtocol", "REQUEST", "OK", "ERROR", "PUSH", "MAX_FRAME"]
+__all__ = ["ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
 
 log = logging.getLogger("imfast.link")
 
@@ -143,7 +143,7 @@ class LinkProtocol(asyncio.Protocol):
             if self._on_push is not None:
                 try:
                     self._on_push(frame[1], frame[2])
-                except Exception:  # noqa: BLE001 - one bad push must not kill the link
+                except Exception:
                     log.exception("link push %s failed", frame[1])
         elif kind == REQUEST and self._handler is not None:
             asyncio.get_running_loop().create_task(self._serve(frame[1], frame[2], frame[3]))
@@ -154,7 +154,7 @@ class LinkProtocol(asyncio.Protocol):
             result = await self._handler(method, args)
         except ImfastError as exc:
             reply: list[Any] = [ERROR, call_id, exc.code, exc.message, exc.field]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("link call %s failed", method)
             reply = [ERROR, call_id, "internal", f"internal error: {type(exc).__name__}", None]
         else:

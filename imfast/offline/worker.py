@@ -26,7 +26,7 @@ from imfast.httpd import serve_http
 from imfast.service.node import require
 from imfast.service.pusher import TOPIC_OFFLINE
 
-__all__ = ["OfflineWorker", "GROUP_OFFLINE"]
+__all__ = ["GROUP_OFFLINE", "OfflineWorker"]
 
 log = logging.getLogger("imfast.offline")
 
@@ -35,7 +35,7 @@ TTL_SECONDS = 7 * 24 * 3600
 PURGE_EVERY = 3600.0
 
 
-class _Collector(Collector):  # type: ignore[misc]
+class _Collector(Collector):
     def __init__(self, worker: OfflineWorker) -> None:
         self.worker = worker
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import enum
 
 __all__ = [
-    "CloseCode",
     "CLOSE_CODES",
     "ERRORS",
+    "CloseCode",
     "ImfastError",
     "ProtocolError",
     "is_reconnect_code",
@@ -72,8 +72,8 @@ CLOSE_CODES: dict[CloseCode, tuple[str, str]] = {
     CloseCode.TOO_MANY_ERRORS: ("terminal", "too many bad frames (MAX_PROTOCOL_ERRORS)"),
     CloseCode.RATE_LIMITED: ("terminal", "kept sending past the rate limit"),
     CloseCode.UNSUPPORTED_PROTOCOL: ("terminal", "unsupported protocol version"),
-    CloseCode.TOO_MANY_DEVICES: ("terminal", "the user already has MAX_DEVICES_PER_USER other "
-                                 "devices connected here: close one first"),
+    CloseCode.TOO_MANY_DEVICES: ("terminal", ("the user already has MAX_DEVICES_PER_USER other "
+                                              "devices connected here: close one first")),
 }
 
 

@@ -18,11 +18,11 @@ from functools import lru_cache
 
 __all__ = [
     "ID_PATTERN",
-    "is_valid_id",
-    "private_conv",
-    "group_conv",
-    "parse_conv",
     "conv_members_private",
+    "group_conv",
+    "is_valid_id",
+    "parse_conv",
+    "private_conv",
     "seq_key",
 ]
 

@@ -43,7 +43,7 @@ def require(settings: Settings, *names: str) -> None:
         raise ConfigError(f"{', '.join(missing)} must be set for this role")
 
 
-class _ServiceCollector(Collector):  # type: ignore[misc]
+class _ServiceCollector(Collector):
     def __init__(self, node: ServiceNode) -> None:
         self.node = node
 
@@ -147,5 +147,5 @@ class ServiceNode:
         for c in reversed(self._closers):
             try:
                 await c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("close failed")

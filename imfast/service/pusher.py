@@ -41,7 +41,7 @@ from imfast.backends.base import StoredMessage
 from imfast.link.endpoints import LinkPool
 from imfast.service.remote import entry_to_wire
 
-__all__ = ["ClusterPusher", "TOPIC_GROUP", "TOPIC_OFFLINE"]
+__all__ = ["TOPIC_GROUP", "TOPIC_OFFLINE", "ClusterPusher"]
 
 log = logging.getLogger("imfast.service")
 

@@ -21,7 +21,7 @@ from imfast.protocol.codes import ImfastError
 from imfast.protocol.ids import group_conv, private_conv
 from imfast.service.router import Router, SendResult
 
-__all__ = ["RemoteRouter", "serve_router", "entry_to_wire", "entry_from_wire"]
+__all__ = ["RemoteRouter", "entry_from_wire", "entry_to_wire", "serve_router"]
 
 #: Router methods a gateway may call, and how their results are encoded.
 _ENTRIES = {"fetch", "history"}
@@ -119,16 +119,16 @@ class RemoteRouter:
                                                              [user, device, conv, seq]))
 
     async def resume_plan(self, user: str, device: str) -> list[tuple[str, int, int]]:
-        return [tuple(p) for p in await self.link.call("resume_plan", [user, device])]  # type: ignore[misc]
+        return [tuple(p) for p in await self.link.call("resume_plan", [user, device])]
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         if method not in _PLAIN:
             raise AttributeError(method)
 
         if method in _GROUP_CHANGES:
-            async def call(*args: Any) -> Any:  # (user, device, group, ...)
+            async def change(*args: Any) -> Any:  # (user, device, group, ...)
                 return await self._owner(group_conv(args[2])).call(method, list(args))
-            return call
+            return change
 
         async def call(*args: Any) -> Any:
             return await self.link.call(method, list(args))

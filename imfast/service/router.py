@@ -41,10 +41,10 @@ from imfast.backends.base import (
 )
 from imfast.config import Settings
 from imfast.protocol.codes import ImfastError
-from imfast.service.cursors import CursorBatcher
 from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
+from imfast.service.cursors import CursorBatcher
 
-__all__ = ["Router", "Pusher", "SendResult", "MsgIdGenerator", "GroupCommitter"]
+__all__ = ["GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult"]
 
 log = logging.getLogger("imfast.service")
 
@@ -78,7 +78,7 @@ class SendResult:
 class MsgIdGenerator:
     """Unique, roughly time-ordered message ids: ms time, process tag, counter."""
 
-    __slots__ = ("_tag", "_counter")
+    __slots__ = ("_counter", "_tag")
 
     def __init__(self) -> None:
         self._tag = os.urandom(3).hex()
@@ -215,7 +215,7 @@ class GroupCommitter:
                 await self._store.repair(conv, floor)
                 log.error("sequence number already exists conv=%s: counter repaired to %s",
                           conv, floor)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("sequence repair failed conv=%s", conv)
 
 
@@ -229,7 +229,7 @@ class Router:
         self._ids = MsgIdGenerator()
         self._committer = GroupCommitter(store, self._route_committed,
                                          routed=getattr(pusher, "routed_all", None))
-        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._inflight: dict[str, asyncio.Future[SendResult]] = {}
         self._conv_turns: dict[str, asyncio.Future[None]] = {}  # see submit_entry
         #: conv -> highest seq this process stored: an ack at or below it needs no read.
         self._committed: dict[str, int] = {}
@@ -297,7 +297,7 @@ class Router:
                     users = list(dict.fromkeys([*users, *extra]))
             try:
                 self.pusher.deliver(users, m, (m.sender, m.sender_device))
-            except Exception:  # noqa: BLE001 - delivery is retried by sync
+            except Exception:
                 log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
 
     async def _route_late(self, m: StoredMessage) -> None:
@@ -306,7 +306,7 @@ class Router:
             users = list(dict.fromkeys([*users, *orjson.loads(m.body).get("users", [])]))
         try:
             self.pusher.deliver(users, m, (m.sender, m.sender_device))
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
 
     async def submit_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,

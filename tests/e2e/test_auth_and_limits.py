@@ -304,7 +304,6 @@ def test_same_device_connecting_again_replaces_the_old_connection(node: NodeThre
     second = Client(node.url, node.token("alice", "phone"))
     second.welcome()
     assert expect_close(first)[0] == 4005
-    status, stats = node.http("/stats")
     wait_for(lambda: node.http("/stats")[1]["authenticated_connections"] == 1)
 
 

@@ -14,7 +14,7 @@ CHECKED = ("type", "user", "cmid", "conv", "seq", "body", "from", "kind", "id", 
 
 def sessions() -> list[list[tuple[str, str]]]:
     """Each ```console block as [(direction, text)] for lines starting '> ' or '< '."""
-    blocks = re.findall(r"```console\n(.*?)```", DOC.read_text(), re.S)
+    blocks = re.findall(r"```console\n(.*?)```", DOC.read_text(), re.DOTALL)
     return [[(line[0], line[2:]) for line in b.splitlines() if line[:2] in ("> ", "< ")]
             for b in blocks]
 

@@ -26,7 +26,7 @@ SECRET = "workers-test-secret-0123456789abcdef01234"
 class Served:
     def __init__(self, tmp: Path, workers: int, **extra_env: str) -> None:
         self.port = free_port()
-        self.log = open(tmp / "serve.log", "wb")
+        self.log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - as long as the server runs
         env = {**os.environ, "JWT_SECRET": SECRET, "LOG_FORMAT": "text",
                "RATE_MSGS_PER_SEC": "10000", "RATE_BURST": "10000", **extra_env}
         self.proc = subprocess.Popen(
@@ -62,7 +62,7 @@ class Served:
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True).stdout
+                             text=True, check=False).stdout
         return [int(p) for p in out.split()]
 
 

@@ -19,6 +19,8 @@ violations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -80,7 +82,7 @@ class ChatClient:
                 self._transport = transport
                 await asyncio.wait_for(self._connected.wait(), 5)
                 return
-            except Exception:  # noqa: BLE001 - refused, reset, timed out: retry
+            except Exception:
                 if loop.time() > end:
                     raise
                 await asyncio.sleep(delay)
@@ -134,10 +136,8 @@ class ChatClient:
         while True:
             if self._transport is None or not self._connected.is_set():
                 if self._reconnecting is not None and not self._reconnecting.done():
-                    try:
+                    with contextlib.suppress(Exception):  # it failed: try ourselves below
                         await self._reconnecting
-                    except Exception:  # noqa: BLE001 - try ourselves below
-                        pass
                 if self._transport is None or not self._connected.is_set():
                     await self.connect(max(1.0, end - loop.time()))
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -150,7 +150,7 @@ class ChatClient:
                     return reply
                 self.refused += 1
                 await asyncio.sleep(0.2)  # `unavailable` and the like: retry the same cmid
-            except Exception:  # noqa: BLE001 - disconnected or timed out: retry
+            except Exception:
                 self.timeouts += 1
                 if loop.time() > end:
                     raise
@@ -183,7 +183,9 @@ class ChatClient:
             done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             previous = self._on_frame
 
-            def capture(frame: dict[str, Any]) -> None:
+            def capture(frame: dict[str, Any], got: list[dict[str, Any]] = got,
+                        done: asyncio.Future[dict[str, Any]] = done, after: int = after,
+                        previous: Any = previous) -> None:
                 if frame.get("type") == "msg" and frame.get("conv") == conv and \
                         frame["seq"] > after:
                     got.append(frame)
@@ -264,7 +266,7 @@ async def check(acks: dict[str, list[dict[str, Any]]], recipients: dict[str, Cha
             by_conv.setdefault(a["conv"], set()).add(a["seq"])
         for conv, seqs in by_conv.items():
             seen = client.received.get(conv, [])
-            f.order_violations += sum(1 for x, y in zip(seen, seen[1:]) if y <= x)
+            f.order_violations += sum(1 for x, y in itertools.pairwise(seen) if y <= x)
             f.delivered += len(seqs & set(seen))
             f.lost += len(seqs - set(seen))
             entries = await client.sync_all(conv)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class Proc:
 
     def start(self) -> Proc:
         full = {**os.environ, **self.env, "LOG_FORMAT": "text", "LOG_LEVEL": "INFO"}
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - as long as the role runs
         self.proc = subprocess.Popen([sys.executable, "-m", "imfast", self.role], env=full,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         return self

@@ -230,9 +230,11 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/stats") as r:
                 return json.loads(r.read())  # type: ignore[no-any-return]
 
-        s = until(lambda: (lambda s: s if s.get("workers") == 2 and
-                           s["active_connections"] == 4 else None)(stats()),
-                  what="aggregated /stats of both workers")
+        def both_workers() -> dict | None:
+            s = stats()
+            return s if s.get("workers") == 2 and s["active_connections"] == 4 else None
+
+        s = until(both_workers, what="aggregated /stats of both workers")
         assert s["authenticated_connections"] == 4
     finally:
         proc.stop()

@@ -44,9 +44,9 @@ def test_rs256_with_public_key_and_hs_confusion_refused(tmp_path: Path) -> None:
     good = jwt.encode(claims, key, algorithm="RS256")
     assert verifier.verify(good).user == "alice"
     # HS/RS confusion: an HS256 token signed with the public key as the HMAC secret.
+    import base64
     import hashlib
     import hmac
-    import base64
     import json
 
     def b64(b: bytes) -> str:
