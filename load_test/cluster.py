@@ -23,9 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class LocalCluster:
     """Real backing services + im-service + offline worker + ``gateways`` gateways."""
 
-    def __init__(self, report_dir: str, gateways: int) -> None:
+    def __init__(self, report_dir: str, gateways: int, workers: int = 1) -> None:
         self.report_dir = Path(report_dir)
         self.gateways = gateways
+        self.workers = workers  # processes per gateway (GATEWAY_WORKERS)
         self.secret = secrets.token_urlsafe(32)
         self.services: Any = None
         self.cluster: Any = None
@@ -38,7 +39,9 @@ class LocalCluster:
 
         # The roles inherit this process's environment (Cluster adds the addresses).
         os.environ.update({"JWT_SECRET": self.secret, "RATE_MSGS_PER_SEC": "100000",
-                           "RATE_BURST": "100000", "MAX_CONNECTIONS": "18000",
+                           "RATE_BURST": "100000",
+                           "MAX_CONNECTIONS": str(18_000 * self.workers),
+                           "GATEWAY_WORKERS": str(self.workers),
                            # tansu (memory storage here) holds every fetch for the full
                            # wait; real Kafka answers as records arrive.
                            "KAFKA_FETCH_MAX_WAIT_MS": "25"})

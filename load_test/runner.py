@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
             log(f"starting a distributed deployment with {args.distributed} gateways "
                 f"(services, im-service, offline worker) ...")
-            cluster = LocalCluster(report_dir, args.distributed)
+            cluster = LocalCluster(report_dir, args.distributed, workers=args.workers or (
+                max(1, math.ceil(connections / WORKER_CONNECTIONS)) if scenario == "hold"
+                else 1))
             cluster.start()
             cfg.url = ",".join(cluster.urls)
             cfg.jwt_secret = cluster.secret
