@@ -30,6 +30,7 @@ import orjson
 
 from imfast._core import decode_client_frame
 from imfast.auth import AuthError, Identity
+from imfast.backends.errors import BackendUnavailable
 from imfast.gateway.frames import FramedListener
 from imfast.protocol.codes import CloseCode, ImfastError, ProtocolError
 
@@ -563,6 +564,9 @@ class Session(FramedListener):
                         self._protocol_error(exc, frame)
                 except asyncio.CancelledError:
                     raise
+                except BackendUnavailable as exc:  # ours, passing: the client retries
+                    log.warning("%s user_id=%s: %s", frame.get("type"), self.user, exc)
+                    self.send_error("unavailable", f"{exc}; retry", rid=frame.get("id"))
                 except Exception:
                     log.exception("error handling %s user_id=%s", frame.get("type"), self.user)
                     self.gw.stats.internal_errors += 1

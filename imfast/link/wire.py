@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from imfast.backends.errors import BackendUnavailable
 from imfast.protocol.codes import ImfastError
 
 __all__ = ["ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
@@ -154,6 +155,9 @@ class LinkProtocol(asyncio.Protocol):
             result = await self._handler(method, args)
         except ImfastError as exc:
             reply: list[Any] = [ERROR, call_id, exc.code, exc.message, exc.field]
+        except BackendUnavailable as exc:  # passes without a code change: retry
+            log.warning("link call %s: %s", method, exc)
+            reply = [ERROR, call_id, "unavailable", f"{exc}; retry", None]
         except Exception as exc:
             log.exception("link call %s failed", method)
             reply = [ERROR, call_id, "internal", f"internal error: {type(exc).__name__}", None]

@@ -49,6 +49,8 @@ __all__ = ["GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult"]
 log = logging.getLogger("imfast.service")
 
 _ROLE_RANK = {"owner": 3, "admin": 2, "member": 1}
+_ABANDONED_AFTER = 30.0  # seconds after which a reserved, never stored entry is given up
+_TURN_WAIT = 1.0  # seconds a send waits for its conversation's previous reservation
 _COMMITTED_MEMORY = 200_000  # conversations whose latest stored seq the router remembers
 
 
@@ -73,6 +75,15 @@ class SendResult:
     seq: int
     ts: int
     duplicate: bool
+
+
+def _reserved_at(msg_id: str) -> float:
+    """When ``msg_id`` was made (seconds since the epoch; MsgIdGenerator's first 11 hex
+    digits are its milliseconds), or now if it is not one of ours."""
+    try:
+        return int(msg_id[:11], 16) / 1000.0
+    except ValueError:
+        return time.time()
 
 
 class MsgIdGenerator:
@@ -334,28 +345,60 @@ class Router:
         # before the next is asked for: a networked counter (a Redis pool) may answer
         # concurrent calls out of order, and an entry routed after a higher seq of its
         # conversation would look like a duplicate to the gateway and never be pushed.
+        # A turn is waited for at most _TURN_WAIT: behind a reservation stuck on a slow
+        # store, senders are answered `unavailable` at once (they retry the same cmid)
+        # instead of queueing - a queue that grows faster than a dead link times out.
         previous = self._conv_turns.get(conv)
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._conv_turns[conv] = turn
+
+        def release(_: object = None) -> None:
+            if not turn.done():
+                turn.set_result(None)
+            if self._conv_turns.get(conv) is turn:
+                del self._conv_turns[conv]
+
         try:
-            if previous is not None:
-                await previous
-            res = await self.store.reserve(conv, dedup_key or msg_id, msg_id, 0)
+            if previous is not None and not previous.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(previous), _TURN_WAIT)
+                except TimeoutError:
+                    raise ImfastError("the sequence store is slow for this conversation; "
+                                      "retry the same cmid", code="unavailable") from None
+            try:
+                res = await self.store.reserve(conv, dedup_key or msg_id, msg_id, 0)
+            except Exception:
+                if dedup_key:
+                    # The reply may be what was lost: the store may hold a reservation
+                    # nobody will ever write, and every retry of this cmid would be told
+                    # "still being stored". Forget it (the log's unique cmid key still
+                    # catches a real duplicate); the seq becomes a gap.
+                    self._forget_reservation(conv, dedup_key)
+                raise
             if not res.duplicate:
                 message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts,
                                         kind)
                 stored = self._committer.submit(message)
         finally:
-            turn.set_result(None)
-            if self._conv_turns.get(conv) is turn:
-                del self._conv_turns[conv]
+            if previous is not None and not previous.done():
+                # Gave up waiting (or was cancelled): whoever waits for us now waits
+                # for the stuck one, so no reservation overtakes it.
+                previous.add_done_callback(release)
+            else:
+                release()
         if res.duplicate:
             self.duplicates_total += 1
             log.info("duplicate message detected dedup_key=%s user_id=%s msg_id=%s seq=%s",
                      dedup_key, sender, res.msg_id, res.seq)
             original = await self.store.get(conv, res.seq)
             if original is None or original.msg_id != res.msg_id:
-                # Reserved elsewhere but not (yet) stored: the client retries later.
+                if _reserved_at(res.msg_id) < time.time() - _ABANDONED_AFTER:
+                    # Reserved long ago and never stored: an attempt that died between
+                    # reserving and storing. Forget it; the client's next retry stores.
+                    log.warning("abandoned reservation dedup_key=%s seq=%s: released",
+                                dedup_key, res.seq)
+                    self._forget_reservation(conv, dedup_key or res.msg_id)
+                # Reserved but not (yet) stored: the client retries later.
                 raise ImfastError("message is still being stored; retry", code="unavailable")
             # Route it again: if the first attempt died between storing and pushing (a
             # crashed im-service), this retry is what gets it to online devices now.
@@ -396,6 +439,22 @@ class Router:
 
         stored.add_done_callback(finished)
         return outcome
+
+    def _forget_reservation(self, conv: str, dedup_key: str) -> None:
+        """Release ``dedup_key`` in the background, retrying while the store is away."""
+        async def release() -> None:
+            for delay in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+                await asyncio.sleep(delay)
+                try:
+                    await self.store.release(conv, dedup_key)
+                    return
+                except Exception as exc:  # noqa: BLE001 - the store is still away: try again
+                    log.info("releasing reservation dedup_key=%s failed (%s); retrying",
+                             dedup_key, exc)
+            log.error("could not release reservation dedup_key=%s; it expires with its TTL",
+                      dedup_key)
+
+        asyncio.get_running_loop().create_task(release())
 
     async def _append_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
                             kind: str) -> SendResult:

@@ -66,3 +66,85 @@ async def test_other_conversations_do_not_wait_for_a_slow_one() -> None:
     await slow
     assert [o for o in pusher.order if o[0] == "p:carol:dave"] == [("p:carol:dave", 1),
                                                                      ("p:carol:dave", 2)]
+
+
+class _StuckFirstStore(MemoryStore):
+    """The first reservation hangs until released (a store link that went silent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = asyncio.Event()
+        self.calls = 0
+
+    async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        self.calls += 1
+        if self.calls == 1:
+            await self.unblock.wait()
+        return await super().reserve(conv, dedup_key, msg_id, floor)
+
+
+async def test_senders_behind_a_stuck_reservation_are_told_to_retry_not_queued() -> None:
+    from imfast.protocol.codes import ImfastError
+
+    store = _StuckFirstStore()
+    pusher = _RecordingPusher()
+    router = Router(load_settings({}), store, pusher)
+    first = asyncio.ensure_future(router.send("alice", "d1", "c1", "bob", None, "1"))
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    for i in range(3):  # each gives up after _TURN_WAIT instead of waiting its turn
+        started = loop.time()
+        try:
+            await router.send("bob", "d1", f"b{i}", "alice", None, "x")
+        except ImfastError as exc:
+            assert exc.code == "unavailable"
+        else:
+            raise AssertionError("a send overtook the stuck reservation")
+        assert loop.time() - started < 5
+    assert store.calls == 1  # none of them reserved: no seq can overtake the stuck one
+    store.unblock.set()
+    assert (await first).seq == 1
+    retry = await router.send("bob", "d1", "b0", "alice", None, "x")
+    assert retry.seq == 2
+    assert pusher.order == [("p:alice:bob", 1), ("p:alice:bob", 2)]
+    assert router._conv_turns == {}  # nothing left behind
+
+
+class _LostReplyStore(MemoryStore):
+    """Performs the first reservation, then loses its reply (a link that went silent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = False
+
+    async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        res = await super().reserve(conv, dedup_key, msg_id, floor)
+        if not self.lost:
+            self.lost = True
+            raise ConnectionError("reply lost")
+        return res
+
+
+async def test_a_reservation_whose_reply_was_lost_does_not_block_its_cmid() -> None:
+    from imfast.protocol.codes import ImfastError
+
+    store = _LostReplyStore()
+    router = Router(load_settings({}), store, _RecordingPusher())
+    try:
+        await router.send("alice", "d1", "c1", "bob", None, "hello")
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the lost reply was not reported")
+    for _ in range(50):  # the client retries the same cmid until it is stored
+        try:
+            result = await router.send("alice", "d1", "c1", "bob", None, "hello")
+            break
+        except ImfastError as exc:
+            assert exc.code == "unavailable"
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the cmid stayed blocked by the lost reservation")
+    assert not result.duplicate
+    stored = await store.fetch("p:alice:bob", 0, 10)
+    assert [m.cmid for m in stored] == ["c1"]  # once
