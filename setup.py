@@ -13,6 +13,13 @@ from setuptools import setup
 ext_modules = []
 if os.environ.get("IMFAST_NO_EXTENSIONS") != "1":
     sources = sorted(glob.glob("imfast/_core/*.pyx"))
+    # _wsbuffers cimports picows's declarations (picows.pxd; pyproject.toml lists picows
+    # among the build requirements): a build where picows is absent skips it, and its
+    # pure-Python twin stands in.
+    import importlib.util
+
+    if importlib.util.find_spec("picows") is None:
+        sources = [s for s in sources if not s.endswith("_wsbuffers.pyx")]
     if sources:
         from Cython.Build import cythonize
 

@@ -40,7 +40,13 @@ from picows import (
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from imfast._core import USING_EXTENSIONS, ConnectionTable, TimerWheel, WriteCoalescer
+from imfast._core import (
+    USING_EXTENSIONS,
+    ConnectionTable,
+    TimerWheel,
+    WriteCoalescer,
+    trim_read_buffer,
+)
 from imfast.auth import TokenVerifier
 from imfast.backends.base import KIND_EVENT, KIND_RECALL, StoredMessage
 from imfast.config import Settings
@@ -56,7 +62,9 @@ log = logging.getLogger("imfast.gateway")
 
 _JSON = {"Content-Type": "application/json"}
 
-#: Read buffer picows starts each connection with: chat frames are small, it grows on demand.
+#: Read buffer each connection starts with: chat frames and upgrade requests (a JWT in the
+#: query string included) fit; picows grows it for larger ones.  picows allocates at least
+#: 2,048 bytes: the gateway's own protocol factory trims it (imfast._core.trim_read_buffer).
 _READ_BUFFER_INIT = 1024
 
 
@@ -499,6 +507,7 @@ def _protocol_factory(gw: Gateway) -> Any:
             _READ_BUFFER_INIT,
         )
         accept.protocol = protocol
+        trim_read_buffer(protocol, _READ_BUFFER_INIT)  # nothing read yet: safe now only
         return protocol
 
     try:
