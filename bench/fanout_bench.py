@@ -278,6 +278,16 @@ async def bench(args: argparse.Namespace) -> None:
         cpu = cpu_us[name]
         print(f"{name:40} {rate:>13,.0f} {rate / base:>11.2f}x {cpu:>23.2f} "
               f"{base_cpu / cpu:>11.2f}x")
+    # The coalescing goal compares like with like: K messages per connection per
+    # tick, coalesced vs one write per delivery, measured in the same run.
+    print()
+    for k in (4, 8):
+        per_write = f"{k}/tick: one write per delivery"
+        for label, _cls in implementations:
+            name = f"{k}/tick: coalesced push [{label}]"
+            print(f"{k}/tick coalesced [{label}] vs one write per delivery: "
+                  f"{results[name] / results[per_write]:.2f}x deliveries/s, "
+                  f"{cpu_us[per_write] / cpu_us[name]:.2f}x by server CPU")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 BASELINE_SERVER = r"""
 import asyncio, sys, uvloop
@@ -72,6 +73,7 @@ def _client_proc(url_base: str, tokens: list[str] | None, n: int, offset: int,
                  ready: mp.Queue, done: mp.Event) -> None:  # type: ignore[type-arg]
     import uvloop
     from picows import WSListener, ws_connect
+    from picows.common import WSInvalidStatusError
 
     class Waiter(WSListener):  # type: ignore[misc]
         def __init__(self, fut: asyncio.Future[None] | None) -> None:
@@ -84,6 +86,7 @@ def _client_proc(url_base: str, tokens: list[str] | None, n: int, offset: int,
     async def run() -> None:
         loop = asyncio.get_running_loop()
         transports = []
+        reasons: Counter[str] = Counter()
         sem = asyncio.Semaphore(100)  # handshakes in flight per client process
 
         async def one(i: int) -> int:
@@ -91,26 +94,26 @@ def _client_proc(url_base: str, tokens: list[str] | None, n: int, offset: int,
             url = url_base + (f"?token={tokens[i]}" if tokens else "")
             src = f"127.0.0.{2 + (offset + i) // 20000}"
             for attempt in range(1, CONNECT_ATTEMPTS + 1):
+                fut = loop.create_future() if tokens else None
                 async with sem:
-                    fut = loop.create_future() if tokens else None
                     try:
-                        t, _ = await ws_connect(functools.partial(Waiter, fut), url, local_addr=(src, 0),
+                        t, _ = await ws_connect(functools.partial(Waiter, fut), url,
+                                                local_addr=(src, 0),
                                                 websocket_handshake_timeout=30)
-                    except (TimeoutError, OSError):
-                        await asyncio.sleep(0.5 * attempt)  # a loaded server: back off, retry
-                        continue
-                    if fut is not None:
-                        try:
+                        if fut is not None:
                             await asyncio.wait_for(fut, 30)
-                        except TimeoutError:
-                            t.disconnect()
-                            continue
-                    transports.append(t)
-                    return attempt
+                        transports.append(t)
+                        return attempt
+                    except (TimeoutError, OSError, WSInvalidStatusError) as exc:
+                        # Also 503 "over capacity": SO_REUSEPORT spreads connects unevenly
+                        # over worker processes; a new source port may hash to another.
+                        status = getattr(getattr(exc, "response", None), "status", None)
+                        reasons[f"{type(exc).__name__} {status or exc}"[:80]] += 1
+                await asyncio.sleep(0.5 * attempt)  # a loaded server: back off, then retry
             return 0
 
-        attempts = await asyncio.gather(*(one(i) for i in range(n)))
-        ready.put((len(transports), sum(a - 1 for a in attempts if a > 1)))
+        await asyncio.gather(*(one(i) for i in range(n)))
+        ready.put((len(transports), dict(reasons)))
         while not done.is_set():
             await asyncio.sleep(0.2)
 
@@ -121,6 +124,7 @@ def hold(url: str, n: int, tokens: list[str] | None, pids: list[int]) -> tuple[i
     """Open n connections from client processes; returns (rss before, rss after) in KB."""
     time.sleep(0.5)
     before = rss_kb(pids)
+    each_before = [rss_kb([pid]) for pid in pids]
     per_proc = 9000
     ready: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     done = mp.Event()
@@ -134,9 +138,15 @@ def hold(url: str, n: int, tokens: list[str] | None, pids: list[int]) -> tuple[i
     try:
         reports = [ready.get(timeout=900) for _ in procs]
         opened = sum(r[0] for r in reports)
-        retried = sum(r[1] for r in reports)
+        retried: Counter[str] = Counter()
+        for r in reports:
+            retried.update(r[1])
         time.sleep(2.0)  # let the server settle (allocator, buffers)
         after = rss_kb(pids)
+        growth = [rss_kb([pid]) - b for pid, b in zip(pids, each_before)]
+        if len(pids) > 1:  # where the bytes went: the main process vs each worker
+            print("# RSS growth per process (MB, main first): "
+                  + " ".join(f"{g / 1024:.1f}" for g in growth), flush=True)
     finally:
         done.set()
         for p in procs:
@@ -144,7 +154,8 @@ def hold(url: str, n: int, tokens: list[str] | None, pids: list[int]) -> tuple[i
             if p.is_alive():
                 p.kill()
     if retried:
-        print(f"# {retried} connects were retried (server busy)", flush=True)
+        print(f"# {sum(retried.values())} connects retried: {dict(retried.most_common(4))}",
+              flush=True)
     assert opened == n, f"only {opened}/{n} connections opened"
     return before, after
 
@@ -156,7 +167,8 @@ def main() -> None:
     args = parser.parse_args()
     n = args.connections
     env = {**os.environ, "JWT_SECRET": "bench-secret-0123456789abcdef0123456789",
-           "MAX_CONNECTIONS": str(n + 100), "LOG_LEVEL": "WARNING"}
+           # Per worker process (imfast serve divides it): the ~19,000 descriptors one may use.
+           "MAX_CONNECTIONS": str(max(n + 100, 19000 * args.workers)), "LOG_LEVEL": "WARNING"}
 
     # Baseline: plain picows, default settings.
     port = free_port()
