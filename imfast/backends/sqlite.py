@@ -154,6 +154,10 @@ class SQLiteStore:
 
     # SequenceStore
     async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        return self.reserve_now(conv, dedup_key, msg_id, floor)
+
+    def reserve_now(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        """:meth:`reserve` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         seen = self._recent.get(dedup_key)
         if seen is not None:
             return Reservation(seen.seq, seen.msg_id, True)
@@ -277,6 +281,10 @@ class SQLiteStore:
         return found
 
     async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+        return self.advance_now(user, device, conv, seq)
+
+    def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         key = (user, device, conv)
         cache = self._cursor_cache
         current = self._cursor_dirty.get(key)
