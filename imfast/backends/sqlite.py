@@ -37,7 +37,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 SCHEMA_VERSION = 2
 _DEDUP_CACHE = 100_000  # recent reservations kept in memory; older ones are read from the log
 _CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older ones are re-read
-_PAIR_CACHE = 200_000  # (user, private conv) pairs known to be recorded
+_PAIR_CACHE = 200_000  # private conversations known to be recorded for both users
 
 log = logging.getLogger("imfast.store")
 
@@ -122,7 +122,7 @@ class SQLiteStore:
         self._recent: OrderedDict[str, Reservation] = OrderedDict()
         # This object is the log's only writer, so what it stored is what the log holds.
         self._stored_latest: dict[str, int] = {}
-        self._pairs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._pairs: OrderedDict[str, None] = OrderedDict()  # private convs with both rows
         self._cursor_cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._cursor_dirty: dict[tuple[str, str, str], int] = {}
         self._cursor_flush: asyncio.Handle | None = None
@@ -188,19 +188,20 @@ class SQLiteStore:
 
     # MessageLog
     async def append(self, messages: list[StoredMessage]) -> None:
-        rows = [
-            (m.conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body, m.ts, m.kind,
-             f"{m.sender}:{m.cmid}" if m.cmid else None)
-            for m in messages
-        ]
+        rows = []
         pairs = self._pairs
-        convs: set[tuple[str, str]] = set()
+        new_convs: list[str] = []  # private conversations not known to be recorded
         for m in messages:
-            pair = conv_members_private(m.conv)
+            conv = m.conv
+            rows.append((conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body,
+                         m.ts, m.kind, f"{m.sender}:{m.cmid}" if m.cmid else None))
+            if conv not in pairs:
+                new_convs.append(conv)
+        convs: set[tuple[str, str]] = set()
+        for conv in new_convs:
+            pair = conv_members_private(conv)
             if pair is not None:
-                for user in pair:
-                    if (user, m.conv) not in pairs:
-                        convs.add((user, m.conv))
+                convs.update((user, conv) for user in pair)
         cursors = self._cursor_dirty
         self._cursor_dirty = {}
         db = self._db
@@ -223,8 +224,8 @@ class SQLiteStore:
         db.execute("COMMIT")
         if self._checkpointer is not None:
             self._checkpointer.committed()
-        for key in convs:
-            pairs[key] = None
+        for _, conv in convs:
+            pairs[conv] = None
         while len(pairs) > _PAIR_CACHE:
             pairs.popitem(last=False)
         latest = self._stored_latest

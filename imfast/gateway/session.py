@@ -746,15 +746,19 @@ class Session(FramedListener):
     def _acked(self, frame: dict[str, Any], rid: Any, cursor: int) -> None:
         """Bookkeeping once an ack moved the stored cursor to ``cursor``; ``acked`` reply."""
         acked = self.acked
-        if acked is not None and frame["conv"] in acked:
-            acked[frame["conv"]] = max(acked[frame["conv"]], cursor)
+        conv = frame["conv"]
+        if acked is not None and conv in acked:
+            acked[conv] = max(acked[conv], cursor)
             pushed = self.pushed or {}
-            if all(pushed.get(c, 0) <= a for c, a in acked.items()):
-                self.unacked_since = 0.0  # everything pushed is acknowledged
+            # A plain loop: this runs for every ack, over every conversation pushed to.
+            for c, a in acked.items():
+                if pushed.get(c, 0) > a:
+                    self.unacked_since = self.gw.now  # progress: restart the clock
+                    break
             else:
-                self.unacked_since = self.gw.now  # progress: restart the clock
+                self.unacked_since = 0.0  # everything pushed is acknowledged
         if rid is not None:
-            self.send_frame({"type": "acked", "id": rid, "conv": frame["conv"], "seq": cursor})
+            self.send_frame({"type": "acked", "id": rid, "conv": conv, "seq": cursor})
 
     async def _on_sync(self, frame: dict[str, Any], rid: Any) -> None:
         router = self.gw.router
