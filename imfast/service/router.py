@@ -27,9 +27,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -68,9 +67,8 @@ class Pusher(Protocol):
         """Push a droppable event (typing, receipt, presence) to online devices."""
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """What the sender is acknowledged with."""
+class SendResult(NamedTuple):
+    """What the sender is acknowledged with (immutable; a named tuple: one per message)."""
 
     msg_id: str
     conv: str
