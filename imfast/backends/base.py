@@ -12,7 +12,7 @@ group ``g:<id>``; every entry in it - chat message, recall, membership event
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "KIND_EVENT",
@@ -27,6 +27,8 @@ __all__ = [
     "SequenceStore",
     "Store",
     "StoredMessage",
+    "SyncFastPath",
+    "sync_twin",
 ]
 
 KIND_MESSAGE = "msg"  # a chat message written by a user
@@ -49,9 +51,12 @@ class StoredMessage:
     kind: str = KIND_MESSAGE
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """Result of :meth:`SequenceStore.reserve`."""
+class Reservation(NamedTuple):
+    """Result of :meth:`SequenceStore.reserve` (immutable).
+
+    A named tuple, not a frozen dataclass: one is made per message, and a
+    frozen dataclass costs twice as much to build.
+    """
 
     seq: int
     msg_id: str
@@ -182,6 +187,47 @@ class Registry(Protocol):
     async def lookup(self, user: str) -> dict[str, str]:
         """device -> gateway for every online device of ``user``."""
         ...
+
+
+@runtime_checkable
+class SyncFastPath(Protocol):
+    """Optional: synchronous twins of ``reserve`` and ``advance`` (embedded stores).
+
+    A store whose ``reserve`` and ``advance`` never wait (memory, SQLite) may
+    offer them as plain calls too, so the router can take a send or an ack in
+    the call that decoded its frame instead of in a task of its own.  Each
+    promises exactly what its coroutine twin promises, and the two share one
+    state: calling either is the same step.
+    """
+
+    def reserve_now(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        """:meth:`SequenceStore.reserve`, synchronously."""
+        ...
+
+    def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:meth:`CursorStore.advance`, synchronously."""
+        ...
+
+
+def sync_twin(store: Any, name: str) -> Any:
+    """``store.<name>_now`` (:class:`SyncFastPath`) if it is the step ``store.<name>`` runs.
+
+    The twin counts only where the class that defines ``<name>_now`` also
+    defines the ``<name>`` in use, and the instance has not replaced it: a
+    subclass or wrapper that overrides ``reserve`` (a test double, a store
+    adding a check) is never bypassed by an inherited twin, and a delegating
+    wrapper (``CompositeStore``) offers none.  (``isinstance(store,
+    SyncFastPath)`` cannot tell: it only looks for the names.)  None: use the
+    coroutine.
+    """
+    cls = type(store)
+    twin = f"{name}_now"
+    owner = next((c for c in cls.__mro__ if twin in vars(c)), None)
+    if owner is None or name in getattr(store, "__dict__", {}):
+        return None
+    if vars(owner).get(name) is not getattr(cls, name, None):
+        return None
+    return getattr(store, twin)
 
 
 class Store(MessageLog, SequenceStore, CursorStore, GroupStore, ReceiptStore, Protocol):

@@ -32,6 +32,10 @@ class MemoryStore:
 
     # SequenceStore
     async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        return self.reserve_now(conv, dedup_key, msg_id, floor)
+
+    def reserve_now(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
+        """:meth:`reserve` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         seen = self._dedup.get(dedup_key)
         if seen is not None:
             return Reservation(seen.seq, seen.msg_id, True)
@@ -101,6 +105,10 @@ class MemoryStore:
         return dict(self._cursors.get((user, device), {}))
 
     async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+        return self.advance_now(user, device, conv, seq)
+
+    def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         cur = self._cursors[(user, device)]
         if seq > cur.get(conv, 0):
             cur[conv] = seq

@@ -55,6 +55,7 @@ from imfast.gateway.limits import ConnectLimiter
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.gateway.session import EchoSession, Session
 from imfast.protocol.codes import CloseCode
+from imfast.service.router import Router
 
 __all__ = ["Gateway"]
 
@@ -90,6 +91,7 @@ class Gateway:
                  *, role: str = "embedded") -> None:
         self.settings = settings
         self.verifier = verifier
+        self.local_router: Router | None = None
         self.router = router
         self.role = role
         self.loop = asyncio.get_running_loop()
@@ -119,6 +121,17 @@ class Gateway:
         self.connect_limiter = ConnectLimiter(
             settings.connect_rate_per_ip, settings.connect_burst_per_ip,
             settings.connect_limit_exempt, settings.trusted_proxies)
+
+    @property
+    def router(self) -> Any:
+        """The router client operations go to (in process, or a link to im-service)."""
+        return self._router
+
+    @router.setter
+    def router(self, router: Any) -> None:
+        self._router = router
+        # In process: sessions may call its synchronous fast paths (send_now, ack_now).
+        self.local_router = router if isinstance(router, Router) else None
 
     # --------------------------------------------------------------- serving
     async def start(self, port: int | None = None, host: str | None = None) -> int:

@@ -494,6 +494,13 @@ class Session(FramedListener):
                 and not self._rate_ok():
             return
         if self.inbox is None:
+            # Nothing queued before it: a send or ack the in-process router can take
+            # without waiting is handled in this call (no task); anything else, or
+            # anything behind a queued frame, goes through the inbox in order.
+            if gw.local_router is not None and self.identity is not None and not self.closed and (
+                    self._send_now(frame) if frame["type"] == "send" else
+                    frame["type"] == "ack" and self._ack_now(frame)):
+                return
             self.inbox = [frame]
             self.worker = gw.loop.create_task(self._drain_inbox())
         else:
@@ -556,24 +563,64 @@ class Session(FramedListener):
                 frame = self.inbox.pop(0)
                 try:
                     await self._handle(frame)
-                except ImfastError as exc:
-                    if exc.code == "unavailable":  # ours, not the client's: not counted
-                        self.send_error(exc.code, exc.message, exc.field, frame.get("id"),
-                                        frame.get("cmid") if frame["type"] == "send" else None)
-                    else:
-                        self._protocol_error(exc, frame)
                 except asyncio.CancelledError:
                     raise
-                except BackendUnavailable as exc:  # ours, passing: the client retries
-                    log.warning("%s user_id=%s: %s", frame.get("type"), self.user, exc)
-                    self.send_error("unavailable", f"{exc}; retry", rid=frame.get("id"))
-                except Exception:
-                    log.exception("error handling %s user_id=%s", frame.get("type"), self.user)
-                    self.gw.stats.internal_errors += 1
-                    self.send_error("internal", "internal error", rid=frame.get("id"))
+                except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
+                    self._failed(frame, exc)
         finally:
             self.inbox = None
             self.worker = None
+
+    def _failed(self, frame: dict[str, Any], exc: Exception) -> None:
+        """Answer a frame whose handling raised ``exc`` (the same on every path)."""
+        if isinstance(exc, ImfastError):
+            if exc.code == "unavailable":  # ours, not the client's: not counted
+                self.send_error(exc.code, exc.message, exc.field, frame.get("id"),
+                                frame.get("cmid") if frame["type"] == "send" else None)
+            else:
+                self._protocol_error(exc, frame)
+        elif isinstance(exc, BackendUnavailable):  # ours, passing: the client retries
+            log.warning("%s user_id=%s: %s", frame.get("type"), self.user, exc)
+            self.send_error("unavailable", f"{exc}; retry", rid=frame.get("id"))
+        else:
+            log.error("error handling %s user_id=%s", frame.get("type"), self.user,
+                      exc_info=exc)
+            self.gw.stats.internal_errors += 1
+            self.send_error("internal", "internal error", rid=frame.get("id"))
+
+    def _send_now(self, frame: dict[str, Any]) -> bool:
+        """A private ``send`` taken by the in-process router in this call; False: not taken.
+
+        The same reservation, order and answers as :meth:`_on_send`: the entry
+        is reserved before the next frame is looked at, and ``sent`` (or an
+        error) goes out once it is durable.
+        """
+        to = frame.get("to")
+        router = self.gw.local_router
+        if to is None or router is None:
+            return False
+        cmid = frame["cmid"]
+        try:
+            return router.send_now(self.user, self.device, cmid, to, frame["body"],
+                                   self._send_reply(cmid, frame.get("id"), time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
+            self._failed(frame, exc)
+            return True
+
+    def _ack_now(self, frame: dict[str, Any]) -> bool:
+        """An ``ack`` the in-process router takes in this call; False: not taken."""
+        router = self.gw.local_router
+        if router is None:
+            return False
+        try:
+            cursor = router.ack_now(self.user, self.device, frame["conv"], frame["seq"])
+        except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
+            self._failed(frame, exc)
+            return True
+        if cursor is None:
+            return False
+        self._acked(frame, frame.get("id"), cursor)
+        return True
 
     async def _handle(self, frame: dict[str, Any]) -> None:
         ftype = frame["type"]
@@ -657,51 +704,61 @@ class Session(FramedListener):
         self.catchup = gw.loop.create_task(self._resume())
 
     # ------------------------------------------------------------- handlers
-    async def _on_send(self, frame: dict[str, Any], rid: Any) -> None:
-        cmid = frame["cmid"]
-        started = time.monotonic()
-        pending = await self.gw.router.submit_send(
-            self.user, self.device, cmid, frame.get("to"), frame.get("group"), frame["body"])
-
-        def acknowledge(result: Any) -> None:
-            ack: dict[str, Any] = {"type": "sent", "cmid": cmid, "msg_id": result.msg_id,
-                                   "conv": result.conv, "seq": result.seq, "ts": result.ts}
-            if rid is not None:
-                ack["id"] = rid
-            if result.duplicate:
-                ack["duplicate"] = True
-            self.send_frame(ack)
-            self.gw.stats.send_ack.observe(time.monotonic() - started)
-
-        if not isinstance(pending, asyncio.Future):
-            acknowledge(pending)
-            return
-
-        def done(f: asyncio.Future[Any]) -> None:
-            exc = f.exception()
+    def _send_reply(self, cmid: str, rid: Any, started: float) -> Any:
+        """The callback that answers one send: ``sent``, or the error it ended with."""
+        def reply(result: Any, exc: BaseException | None) -> None:
             if exc is None:
-                acknowledge(f.result())
+                ack: dict[str, Any] = {"type": "sent", "cmid": cmid, "msg_id": result.msg_id,
+                                       "conv": result.conv, "seq": result.seq, "ts": result.ts}
+                if rid is not None:
+                    ack["id"] = rid
+                if result.duplicate:
+                    ack["duplicate"] = True
+                self.send_frame(ack)
+                self.gw.stats.send_ack.observe(time.monotonic() - started)
             elif isinstance(exc, ImfastError):
                 self.send_error(exc.code, exc.message, exc.field, rid, cmid)
             else:  # pragma: no cover - the router wraps every failure
                 self.send_error("internal", "internal error", rid=rid, cmid=cmid)
 
+        return reply
+
+    async def _on_send(self, frame: dict[str, Any], rid: Any) -> None:
+        cmid = frame["cmid"]
+        reply = self._send_reply(cmid, rid, time.monotonic())
+        pending = await self.gw.router.submit_send(
+            self.user, self.device, cmid, frame.get("to"), frame.get("group"), frame["body"])
+        if not isinstance(pending, asyncio.Future):
+            reply(pending, None)
+            return
         # The next frame is handled while this one is being stored (pipelining);
         # reservations, and therefore seqs, keep the client's order.
+        def done(f: asyncio.Future[Any]) -> None:
+            exc = f.exception()
+            reply(None if exc is not None else f.result(), exc)
+
         pending.add_done_callback(done)
 
     async def _on_ack(self, frame: dict[str, Any], rid: Any) -> None:
         cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])
+        self._acked(frame, rid, cursor)
+
+    def _acked(self, frame: dict[str, Any], rid: Any, cursor: int) -> None:
+        """Bookkeeping once an ack moved the stored cursor to ``cursor``; ``acked`` reply."""
         acked = self.acked
-        if acked is not None and frame["conv"] in acked:
-            acked[frame["conv"]] = max(acked[frame["conv"]], cursor)
+        conv = frame["conv"]
+        if acked is not None and conv in acked:
+            acked[conv] = max(acked[conv], cursor)
             pushed = self.pushed or {}
-            if all(pushed.get(c, 0) <= a for c, a in acked.items()):
-                self.unacked_since = 0.0  # everything pushed is acknowledged
+            # A plain loop: this runs for every ack, over every conversation pushed to.
+            for c, a in acked.items():
+                if pushed.get(c, 0) > a:
+                    self.unacked_since = self.gw.now  # progress: restart the clock
+                    break
             else:
-                self.unacked_since = self.gw.now  # progress: restart the clock
+                self.unacked_since = 0.0  # everything pushed is acknowledged
         if rid is not None:
-            self.send_frame({"type": "acked", "id": rid, "conv": frame["conv"], "seq": cursor})
+            self.send_frame({"type": "acked", "id": rid, "conv": conv, "seq": cursor})
 
     async def _on_sync(self, frame: dict[str, Any], rid: Any) -> None:
         router = self.gw.router

@@ -67,6 +67,7 @@ def _parse_conv_str(conv: str) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+@lru_cache(maxsize=65536)  # asked for every stored and routed entry
 def conv_members_private(conv: str) -> tuple[str, str] | None:
     """The two users of a private conversation id, or None if it is not one."""
     parsed = parse_conv(conv)

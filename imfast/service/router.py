@@ -26,9 +26,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -38,6 +38,7 @@ from imfast.backends.base import (
     KIND_RECALL,
     Store,
     StoredMessage,
+    sync_twin,
 )
 from imfast.config import Settings
 from imfast.protocol.codes import ImfastError
@@ -66,9 +67,8 @@ class Pusher(Protocol):
         """Push a droppable event (typing, receipt, presence) to online devices."""
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """What the sender is acknowledged with."""
+class SendResult(NamedTuple):
+    """What the sender is acknowledged with (immutable; a named tuple: one per message)."""
 
     msg_id: str
     conv: str
@@ -99,12 +99,53 @@ class MsgIdGenerator:
         return f"{ts_ms:011x}{self._tag}{next(self._counter) & 0xFFFFFF:06x}"
 
 
+#: Told once what became of a submitted entry: (None, None) stored; (original, None)
+#: already stored under its cmid; (None, error) not stored.
+Stored = Callable[[StoredMessage | None, BaseException | None], None]
+
+#: What a send's submitter is told, exactly once: (result, None) or (None, error).
+SendReply = Callable[["SendResult | None", BaseException | None], None]
+
+
+def _settle(fut: asyncio.Future[Any], original: StoredMessage | None,
+            exc: BaseException | None) -> None:
+    """A :data:`Stored` callback that resolves ``fut`` (GroupCommitter.submit)."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(original)
+
+
+def _settle_send(fut: asyncio.Future[SendResult], result: SendResult | None,
+                 exc: BaseException | None) -> None:
+    """A :data:`SendReply` that resolves ``fut`` (Router.submit_entry)."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        assert result is not None
+        fut.set_result(result)
+
+
+def _tell(done: Stored, original: StoredMessage | None, exc: BaseException | None) -> None:
+    """Run one submitter's callback; its failure is logged, never the batch's."""
+    try:
+        done(original, exc)
+    except Exception:
+        log.exception("a stored-entry callback failed")
+
+
 class GroupCommitter:
     """Appends submitted messages in batches, one batch in flight at a time.
 
     ``submit`` returns a future that resolves once the message is durable (or
-    fails with the store's error).  ``on_commit`` runs for every committed
-    batch, in order, before the futures resolve.
+    fails with the store's error); ``submit_with`` calls a :data:`Stored`
+    callback instead (no future: the router's per-message path).  Either is
+    told exactly once.  ``on_commit`` runs for every committed batch, in
+    order, before its submitters are told.
     """
 
     def __init__(self, store: Store, on_commit: Any, max_batch: int = 512,
@@ -117,18 +158,21 @@ class GroupCommitter:
         self._store = store
         self._on_commit = on_commit
         self._max_batch = max_batch
-        self._pending: list[tuple[StoredMessage, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[StoredMessage, Stored]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
     def submit(self, message: StoredMessage) -> asyncio.Future[Any]:
         """A future resolving to None once stored, or to the already stored original."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((message, fut))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_with(message, partial(_settle, fut))
         return fut
+
+    def submit_with(self, message: StoredMessage, done: Stored) -> None:
+        """Queue ``message``; ``done`` is called once it is stored or refused (see Stored)."""
+        self._pending.append((message, done))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -147,9 +191,8 @@ class GroupCommitter:
                         await self._repair({m.conv for m in messages})
                         await self._one_by_one(batch)
                         continue
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    for _, done in batch:
+                        _tell(done, None, exc)
                     continue
                 self.batches += 1
                 try:
@@ -162,7 +205,7 @@ class GroupCommitter:
                 self._task = asyncio.get_running_loop().create_task(self._run())
 
 
-    def _resolve(self, batch: list[tuple[StoredMessage, asyncio.Future[Any]]]) -> None:
+    def _resolve(self, batch: list[tuple[StoredMessage, Stored]]) -> None:
         """Tell the senders: once the batch's pushes have left (``routed`` awaitable).
 
         Waiting for the pushes means an acknowledged message was also handed to
@@ -172,9 +215,11 @@ class GroupCommitter:
         """
         waiter = self._routed() if self._routed is not None else None
         if waiter is None:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+            for _, done in batch:
+                try:  # inline _tell: this runs for every message
+                    done(None, None)
+                except Exception:
+                    log.exception("a stored-entry callback failed")
             return
 
         async def after_routing() -> None:
@@ -182,13 +227,12 @@ class GroupCommitter:
                 await asyncio.wait_for(asyncio.shield(waiter), 10.0)
             except Exception:  # noqa: BLE001 - stored anyway: clients sync; ack regardless
                 log.warning("route failed: pushes for a committed batch did not finish")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+            for _, done in batch:
+                _tell(done, None, None)
 
         asyncio.get_running_loop().create_task(after_routing())
 
-    async def _one_by_one(self, batch: list[tuple[StoredMessage, asyncio.Future[Any]]]) -> None:
+    async def _one_by_one(self, batch: list[tuple[StoredMessage, Stored]]) -> None:
         """After a refused batch, store its entries singly so one bad entry fails alone.
 
         An entry refused because its (sender, cmid) is already in the log - the
@@ -196,21 +240,21 @@ class GroupCommitter:
         original instead: the client is answered as for any duplicate.
         """
         committed = []
-        for message, fut in batch:
+        for message, done in batch:
             try:
                 await self._store.append([message])
             except ValueError as exc:
                 original = (await self._store.find_by_cmid(message.sender, message.cmid)
                             if message.cmid else None)
                 if original is not None and original.msg_id != message.msg_id:
-                    fut.set_result(original)
+                    _tell(done, original, None)
                 else:
-                    fut.set_exception(exc)
+                    _tell(done, None, exc)
                 continue
             except Exception as exc:  # noqa: BLE001
-                fut.set_exception(exc)
+                _tell(done, None, exc)
                 continue
-            committed.append((message, fut))
+            committed.append((message, done))
         if committed:
             self.batches += 1
             try:
@@ -240,12 +284,18 @@ class Router:
         self._ids = MsgIdGenerator()
         self._committer = GroupCommitter(store, self._route_committed,
                                          routed=getattr(pusher, "routed_all", None))
-        self._inflight: dict[str, asyncio.Future[SendResult]] = {}
+        #: dedup key -> None while its entry is being stored; a retry of it that wants
+        #: to wait puts a future there (see submit_entry), set once the first attempt ends.
+        self._inflight: dict[str, asyncio.Future[None] | None] = {}
         self._conv_turns: dict[str, asyncio.Future[None]] = {}  # see submit_entry
         #: conv -> highest seq this process stored: an ack at or below it needs no read.
         self._committed: dict[str, int] = {}
         self._cursor_batcher = (CursorBatcher(store) if callable(
             getattr(store, "advance_many", None)) else None)
+        # Synchronous twins of an embedded store (send_now / ack_now); None: use the coroutines.
+        self._reserve_now = sync_twin(store, "reserve")
+        self._advance_now = (sync_twin(store, "advance") if self._cursor_batcher is None
+                             and getattr(store, "clear_offline", None) is None else None)
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -332,13 +382,14 @@ class Router:
         reservations keep their order, and commits follow it.
         """
         dedup_key = f"{sender}:{cmid}" if cmid else ""
-        if dedup_key:
-            pending = self._inflight.get(dedup_key)
-            if pending is not None:
-                try:
-                    await asyncio.shield(pending)
-                except ImfastError:
-                    pass  # the first attempt failed and was undone: this one may proceed
+        if dedup_key and dedup_key in self._inflight:
+            # A retry while the first attempt is being stored: wait for it to end. It
+            # then either is stored (this one is its duplicate) or failed and was
+            # undone (this one may proceed).
+            waiter = self._inflight[dedup_key]
+            if waiter is None:
+                waiter = self._inflight[dedup_key] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)
         ts = int(time.time() * 1000)
         msg_id = self._ids(ts)
         # One reservation per conversation at a time, each submitted to the committer
@@ -376,9 +427,9 @@ class Router:
                     self._forget_reservation(conv, dedup_key)
                 raise
             if not res.duplicate:
-                message = StoredMessage(conv, res.seq, msg_id, sender, device, cmid, body, ts,
-                                        kind)
-                stored = self._committer.submit(message)
+                outcome: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+                self._queue(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind,
+                            dedup_key, partial(_settle_send, outcome))
         finally:
             if previous is not None and not previous.done():
                 # Gave up waiting (or was cancelled): whoever waits for us now waits
@@ -405,40 +456,51 @@ class Router:
             # Sessions drop seqs they already have, so a second push is harmless.
             self._route_committed([original])
             return SendResult(original.msg_id, conv, original.seq, original.ts, True)
-        result = SendResult(msg_id, conv, res.seq, ts, False)
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[SendResult] = loop.create_future()
-        if dedup_key:
-            self._inflight[dedup_key] = outcome
+        return outcome
 
-        def finished(f: asyncio.Future[Any]) -> None:
-            if dedup_key and self._inflight.get(dedup_key) is outcome:
-                del self._inflight[dedup_key]
-            exc = f.exception()
-            if exc is None and f.result() is not None:
+    def _queue(self, conv: str, seq: int, msg_id: str, sender: str, device: str, cmid: str,
+               body: str, ts: int, kind: str, dedup_key: str, reply: SendReply) -> None:
+        """Submit a reserved entry to the committer; ``reply`` learns its outcome once.
+
+        While it is being stored its dedup key is in ``_inflight``: a retry of
+        the same cmid waits for this attempt instead of racing it.
+        """
+        if dedup_key:
+            self._inflight[dedup_key] = None
+        self._committer.submit_with(
+            StoredMessage(conv, seq, msg_id, sender, device, cmid, body, ts, kind),
+            partial(self._stored, conv, seq, msg_id, ts, sender, dedup_key, reply))
+
+    def _stored(self, conv: str, seq: int, msg_id: str, ts: int, sender: str, dedup_key: str,
+                reply: SendReply, original: StoredMessage | None,
+                exc: BaseException | None) -> None:
+        """The committer's answer for one entry (see GroupCommitter's Stored)."""
+        waiter = self._inflight.pop(dedup_key, None) if dedup_key else None
+        try:
+            if exc is None and original is not None:
                 # Already stored under this cmid (the dedup memory had lost it): answer
                 # with the original, route it again, forget the wasted reservation.
-                original: StoredMessage = f.result()
                 self.duplicates_total += 1
                 log.info("duplicate message detected dedup_key=%s user_id=%s msg_id=%s seq=%s "
                          "(found in the log)", dedup_key, sender, original.msg_id, original.seq)
-                loop.create_task(self.store.release(conv, dedup_key))
+                asyncio.get_running_loop().create_task(self.store.release(conv, dedup_key))
                 self._route_committed([original])
-                outcome.set_result(SendResult(original.msg_id, original.conv, original.seq,
-                                              original.ts, True))
-                return
-            if exc is None:
+                reply(SendResult(original.msg_id, original.conv, original.seq, original.ts,
+                                 True), None)
+            elif exc is None:
                 self.sent_total += 1
-                outcome.set_result(result)
-                return
-            log.error("route failed: could not store message user_id=%s conv=%s: %s",
-                      sender, conv, exc)
-            loop.create_task(self.store.release(conv, dedup_key or msg_id))
-            outcome.set_exception(
-                ImfastError("message store unavailable; retry the same cmid", code="unavailable"))
-
-        stored.add_done_callback(finished)
-        return outcome
+                reply(SendResult(msg_id, conv, seq, ts, False), None)
+            else:
+                log.error("route failed: could not store message user_id=%s conv=%s: %s",
+                          sender, conv, exc)
+                # Released before any waiting retry runs (tasks start in creation order).
+                asyncio.get_running_loop().create_task(
+                    self.store.release(conv, dedup_key or msg_id))
+                reply(None, ImfastError("message store unavailable; retry the same cmid",
+                                        code="unavailable"))
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _forget_reservation(self, conv: str, dedup_key: str) -> None:
         """Release ``dedup_key`` in the background, retrying while the store is away."""
@@ -481,6 +543,41 @@ class Router:
             conv = group_conv(group)
         return await self.submit_entry(conv, user, device, cmid, body, KIND_MESSAGE)
 
+    def send_now(self, user: str, device: str, cmid: str, to: str, body: str,
+                 reply: SendReply) -> bool:
+        """:meth:`submit_send` of a private message in this call, when nothing has to wait.
+
+        Only with a store offering ``reserve_now`` (embedded).  Returns False,
+        having changed nothing, when the send needs the coroutine: a retry of
+        a cmid still being stored, a reservation of this conversation under
+        way, or a duplicate (answered from the log).  Otherwise the entry is
+        reserved and queued exactly as :meth:`submit_entry` does it - same
+        order, dedup and durability - and ``reply`` is called once, later: with
+        the :class:`SendResult` once the entry is durable and routed, or with
+        ``unavailable`` if the store refused it.  A failing reservation raises,
+        as :meth:`submit_send` does.
+        """
+        reserve_now = self._reserve_now
+        if reserve_now is None:
+            return False
+        conv = private_conv(user, to)
+        dedup_key = f"{user}:{cmid}" if cmid else ""
+        if (dedup_key and dedup_key in self._inflight) or conv in self._conv_turns:
+            return False
+        ts = int(time.time() * 1000)
+        msg_id = self._ids(ts)
+        try:
+            res = reserve_now(conv, dedup_key or msg_id, msg_id, 0)
+        except Exception:
+            if dedup_key:
+                self._forget_reservation(conv, dedup_key)  # as submit_entry does
+            raise
+        if res.duplicate:
+            return False  # a duplicate reservation changed nothing: submit_entry answers it
+        self._queue(conv, res.seq, msg_id, user, device, cmid, body, ts, KIND_MESSAGE,
+                    dedup_key, reply)
+        return True
+
     async def send(self, user: str, device: str, cmid: str, to: str | None,
                    group: str | None, body: str) -> SendResult:
         """Store a chat message and route it; returns once durable."""
@@ -499,6 +596,33 @@ class Router:
         clear_offline = getattr(self.store, "clear_offline", None)
         if clear_offline is not None:
             await clear_offline(user, conv, cursor)
+        return cursor
+
+    def ack_now(self, user: str, device: str, conv: str, seq: int) -> int | None:
+        """:meth:`ack` in this call when it needs no read; None: use :meth:`ack`.
+
+        Taken only with a store offering ``advance_now`` (embedded), for a
+        member of ``conv`` (a private one, or a group whose members are cached)
+        acknowledging a seq this process stored; the cursor moves exactly as
+        :meth:`ack` moves it.  Anything else (an error to report, a read) is
+        left to :meth:`ack`.
+        """
+        advance_now = self._advance_now
+        if advance_now is None or seq > self._committed.get(conv, 0):
+            return None
+        parsed = parse_conv(conv)
+        if parsed is None:
+            return None
+        kind, ids = parsed
+        if kind == "p":
+            if user not in ids:
+                return None
+        else:
+            members = self._members_cache.get(ids[0])
+            if members is None or user not in members or \
+                    not self.settings.feature_enabled("groups"):
+                return None
+        cursor: int = advance_now(user, device, conv, seq)
         return cursor
 
     async def _check_seq_exists(self, conv: str, seq: int) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from imfast.backends.base import StoredMessage
+from imfast.backends.base import StoredMessage, sync_twin
 
 
 def msg(conv: str, seq: int, cmid: str = "", sender: str = "alice", body: str = "b") -> StoredMessage:
@@ -21,6 +21,23 @@ async def test_reserve_is_sequential_and_deduplicated(store: Any) -> None:
     again = await store.reserve("p:a:b", "a:c1", "m-retry", 0)
     assert again.duplicate and (again.seq, again.msg_id) == (1, "m1")
     assert (await store.reserve("p:a:b", "a:c4", "m4", 0)).seq == 3
+
+
+async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
+    """SyncFastPath: reserve_now/advance_now share the coroutines' state and answers."""
+    if sync_twin(store, "reserve") is None or sync_twin(store, "advance") is None:
+        pytest.skip(f"{type(store).__name__} offers no synchronous twins")
+    r1 = store.reserve_now("p:a:b", "a:c1", "m1", 0)
+    r2 = await store.reserve("p:a:b", "a:c2", "m2", 0)
+    assert (r1.seq, r2.seq) == (1, 2) and not r1.duplicate
+    assert (await store.reserve("p:a:b", "a:c1", "x", 0)).msg_id == "m1"  # one dedup memory
+    again = store.reserve_now("p:a:b", "a:c2", "y", 0)
+    assert again.duplicate and (again.seq, again.msg_id) == (2, "m2")
+    assert store.reserve_now("p:a:b", "k", "m", 41).seq == 42  # the floor too
+    assert store.advance_now("u", "d", "p:a:b", 2) == 2
+    assert await store.advance("u", "d", "p:a:b", 1) == 2
+    assert store.advance_now("u", "d", "p:a:b", 1) == 2
+    assert (await store.cursors("u", "d")) == {"p:a:b": 2}
 
 
 async def test_reserve_respects_the_floor(store: Any) -> None:

@@ -229,3 +229,35 @@ def test_metrics_carry_the_contract_names_and_per_hop_latencies(node: NodeThread
                  "im_gateway_errors_total", "im_gateway_send_ack_duration_seconds_count 1.0",
                  "im_service_store_commit_duration_seconds_count"):
         assert name in text, name
+
+
+def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) -> None:
+    """The embedded node answers a private send and an ack through Router.send_now /
+    ack_now (no task per frame), with the same frames as the coroutine path."""
+    router = node.node.router
+    taken = {"send": 0, "ack": 0}
+    send_now, ack_now = router.send_now, router.ack_now
+
+    def counting_send(*args: object) -> bool:
+        ok = send_now(*args)
+        taken["send"] += ok
+        return ok
+
+    def counting_ack(*args: object) -> int | None:
+        cursor = ack_now(*args)
+        taken["ack"] += cursor is not None
+        return cursor
+
+    router.send_now, router.ack_now = counting_send, counting_ack
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    for i in range(3):
+        alice.send(type="send", cmid=f"f{i}", to="bob", body=f"m{i}", id=i)
+    acks = [f for f in alice.recv_until("sent", cmid="f2") if f["type"] == "sent"]
+    assert [(a["seq"], a["id"]) for a in acks] == [(1, 0), (2, 1), (3, 2)]
+    assert [bob.recv()["seq"] for _ in range(3)] == [1, 2, 3]
+    bob.send(type="ack", conv="p:alice:bob", seq=3, id="k")
+    assert bob.recv_until("acked", id="k")[-1]["seq"] == 3
+    alice.send(type="send", cmid="f0", to="bob", body="m0", id="again")  # a duplicate
+    dup = alice.recv_until("sent", id="again")[-1]
+    assert dup["duplicate"] is True and dup["seq"] == 1
+    assert taken == {"send": 3, "ack": 1}
