@@ -163,7 +163,7 @@ async def bench(args: argparse.Namespace) -> None:
     server = Server()
     srv = await ws_create_server(
         lambda req: ServerConn(server, req.path.endswith(b"/control")), "127.0.0.1", 0,
-        backlog=1024)
+        backlog=1024, use_aiofastnet=False)  # the gateway runs on uvloop transports
     port = srv.sockets[0].getsockname()[1]
     client = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client-port", str(port), "--conns", str(args.conns))
