@@ -8,13 +8,15 @@ PIP    := $(PY) -m pip
 PORT   ?= 8080
 DATA_DIR ?= ./data
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run install build test test-fast test-pure test-integration services bench lint clean help
 
 help:
 	@echo "make run    - start an embedded node on :$(PORT) (data in $(DATA_DIR))"
 	@echo "make test   - install everything (test services too) and run every test"
-	@echo "make bench  - Cython vs pure-Python and fan-out benchmarks"
+	@echo "make bench  - Cython vs pure-Python, fan-out and memory (10K) benchmarks;"
+	@echo "              make bench BENCH_ARGS=--full adds memory at 100K (6 workers)"
 	@echo "make lint   - ruff + mypy --strict"
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-test.txt
@@ -48,7 +50,7 @@ test-fast: build
 	$(PY) -m pytest -q tests/unit tests/contract tests/e2e $(PYTEST_ARGS)
 
 bench: build
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m ruff check imfast tests bench
