@@ -107,27 +107,18 @@ Stored = Callable[[StoredMessage | None, BaseException | None], None]
 SendReply = Callable[["SendResult | None", BaseException | None], None]
 
 
-def _settle(fut: asyncio.Future[Any], original: StoredMessage | None,
-            exc: BaseException | None) -> None:
-    """A :data:`Stored` callback that resolves ``fut`` (GroupCommitter.submit)."""
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    """A :data:`Stored` or :data:`SendReply` callback that resolves ``fut`` once.
+
+    Used by GroupCommitter.submit (value: the original message or None) and
+    Router.submit_entry (value: the SendResult).
+    """
     if fut.done():
         return
     if exc is not None:
         fut.set_exception(exc)
     else:
-        fut.set_result(original)
-
-
-def _settle_send(fut: asyncio.Future[SendResult], result: SendResult | None,
-                 exc: BaseException | None) -> None:
-    """A :data:`SendReply` that resolves ``fut`` (Router.submit_entry)."""
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        assert result is not None
-        fut.set_result(result)
+        fut.set_result(value)
 
 
 def _tell(done: Stored, original: StoredMessage | None, exc: BaseException | None) -> None:
@@ -429,7 +420,7 @@ class Router:
             if not res.duplicate:
                 outcome: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
                 self._queue(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind,
-                            dedup_key, partial(_settle_send, outcome))
+                            dedup_key, partial(_settle, outcome))
         finally:
             if previous is not None and not previous.done():
                 # Gave up waiting (or was cancelled): whoever waits for us now waits

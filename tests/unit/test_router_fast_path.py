@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,7 @@ from imfast.backends.sqlite import SQLiteStore
 from imfast.config import load_settings
 from imfast.protocol.codes import ImfastError
 from imfast.service.router import Router, SendResult
-
-
-class _Pusher:
-    def __init__(self) -> None:
-        self.order: list[tuple[str, int]] = []
-
-    def deliver(self, users: Iterable[str], message: StoredMessage,
-                skip: tuple[str, str] | None) -> None:
-        self.order.append((message.conv, message.seq))
-
-    def event(self, users: Iterable[str], payload: dict[str, Any],
-              skip: tuple[str, str] | None) -> None:
-        pass
+from tests.helpers.pushers import RecordingPusher
 
 
 class _OwnReserve(MemoryStore):
@@ -88,13 +75,13 @@ async def test_the_twin_is_used_only_where_it_is_the_same_step(tmp_path: Path) -
     assert sync_twin(patched, "reserve") is None  # replaced on the instance
     # A composite's sequences come from another object than its log: no twin.
     assert sync_twin(CompositeStore(MemoryStore(), MemoryStore()), "reserve") is None
-    assert Router(load_settings({}), _OwnReserve(), _Pusher())._reserve_now is None
+    assert Router(load_settings({}), _OwnReserve(), RecordingPusher())._reserve_now is None
 
 
 async def test_send_now_answers_only_once_durable_and_in_seq_order(tmp_path: Path) -> None:
     path = str(tmp_path / "log.db")
     store = SQLiteStore(path)
-    pusher = _Pusher()
+    pusher = RecordingPusher()
     router = Router(load_settings({}), store, pusher)
     reader = sqlite3.connect(path)  # another connection sees committed rows only
     durable_when_answered: list[bool] = []
@@ -123,7 +110,7 @@ async def test_send_now_answers_only_once_durable_and_in_seq_order(tmp_path: Pat
 
 async def test_send_now_leaves_retries_and_duplicates_to_submit_send() -> None:
     store = MemoryStore()
-    router = Router(load_settings({}), store, _Pusher())
+    router = Router(load_settings({}), store, RecordingPusher())
     replies = _Replies()
     assert router.send_now("alice", "d1", "same", "bob", "once", replies)
     # A retry while the first is being stored: declined, nothing reserved.
@@ -141,7 +128,7 @@ async def test_send_now_leaves_retries_and_duplicates_to_submit_send() -> None:
 
 
 async def test_send_now_declines_while_a_reservation_of_the_conversation_is_under_way() -> None:
-    router = Router(load_settings({}), MemoryStore(), _Pusher())
+    router = Router(load_settings({}), MemoryStore(), RecordingPusher())
     router._conv_turns["p:alice:bob"] = asyncio.get_running_loop().create_future()
     assert not router.send_now("alice", "d1", "c1", "bob", "x", _Replies())
     assert router.send_now("alice", "d1", "c1", "carol", "x", _Replies())
@@ -149,7 +136,7 @@ async def test_send_now_declines_while_a_reservation_of_the_conversation_is_unde
 
 async def test_a_refused_append_answers_unavailable_and_the_retry_takes_the_same_seq() -> None:
     store = _FailingAppend(failures=1)
-    router = Router(load_settings({}), store, _Pusher())
+    router = Router(load_settings({}), store, RecordingPusher())
     replies = _Replies()
     assert router.send_now("alice", "d1", "c1", "bob", "x", replies)
     await replies.wait(1)
@@ -165,7 +152,7 @@ async def test_a_refused_append_answers_unavailable_and_the_retry_takes_the_same
 
 async def test_ack_now_moves_the_cursor_as_ack_does_and_leaves_the_rest_to_ack() -> None:
     store = MemoryStore()
-    router = Router(load_settings({}), store, _Pusher())
+    router = Router(load_settings({}), store, RecordingPusher())
     for i in range(3):
         await router.send("alice", "d1", f"c{i}", "bob", None, "x")
     assert router.ack_now("bob", "d1", "p:alice:bob", 2) == 2

@@ -4,13 +4,12 @@ sequence store answers concurrent reservations out of order (a Redis connection 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
 
-from imfast.backends.base import Reservation, StoredMessage
+from imfast.backends.base import Reservation
 from imfast.backends.memory import MemoryStore
 from imfast.config import load_settings
 from imfast.service.router import Router
+from tests.helpers.pushers import RecordingPusher
 
 
 class _ReversingStore(MemoryStore):
@@ -27,22 +26,9 @@ class _ReversingStore(MemoryStore):
         return res
 
 
-class _RecordingPusher:
-    def __init__(self) -> None:
-        self.order: list[tuple[str, int]] = []
-
-    def deliver(self, users: Iterable[str], message: StoredMessage,
-                skip: tuple[str, str] | None) -> None:
-        self.order.append((message.conv, message.seq))
-
-    def event(self, users: Iterable[str], payload: dict[str, Any],
-              skip: tuple[str, str] | None) -> None:
-        pass
-
-
 async def test_concurrent_sends_to_one_conversation_are_routed_in_seq_order() -> None:
     store = _ReversingStore()
-    pusher = _RecordingPusher()
+    pusher = RecordingPusher()
     router = Router(load_settings({}), store, pusher)
     results = await asyncio.gather(*(
         router.send("alice" if i % 2 else "bob", "d1", f"c{i}", "bob" if i % 2 else "alice",
@@ -55,7 +41,7 @@ async def test_concurrent_sends_to_one_conversation_are_routed_in_seq_order() ->
 
 async def test_other_conversations_do_not_wait_for_a_slow_one() -> None:
     store = _ReversingStore()
-    pusher = _RecordingPusher()
+    pusher = RecordingPusher()
     router = Router(load_settings({}), store, pusher)
     # seq 1 of alice:bob is slow (odd); carol:dave's seq 2 need not wait for it
     slow = asyncio.ensure_future(router.send("alice", "d1", "a1", "bob", None, "x"))
@@ -87,7 +73,7 @@ async def test_senders_behind_a_stuck_reservation_are_told_to_retry_not_queued()
     from imfast.protocol.codes import ImfastError
 
     store = _StuckFirstStore()
-    pusher = _RecordingPusher()
+    pusher = RecordingPusher()
     router = Router(load_settings({}), store, pusher)
     first = asyncio.ensure_future(router.send("alice", "d1", "c1", "bob", None, "1"))
     await asyncio.sleep(0.01)
@@ -129,7 +115,7 @@ async def test_a_reservation_whose_reply_was_lost_does_not_block_its_cmid() -> N
     from imfast.protocol.codes import ImfastError
 
     store = _LostReplyStore()
-    router = Router(load_settings({}), store, _RecordingPusher())
+    router = Router(load_settings({}), store, RecordingPusher())
     try:
         await router.send("alice", "d1", "c1", "bob", None, "hello")
     except ConnectionError:
