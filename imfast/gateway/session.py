@@ -405,9 +405,23 @@ class Session(FramedListener):
                 self.catchup = None
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("catch-up failed user_id=%s device=%s", self.user, self.device)
-            self.close(CloseCode.INTERNAL_ERROR, "internal error while syncing; reconnect")
+        except Exception as exc:  # noqa: BLE001 - any failure closes; _sync_failed sorts them
+            self._sync_failed("catch-up", exc)
+
+    def _sync_failed(self, what: str, exc: Exception) -> None:
+        """Close after a failed resume or catch-up; nothing is lost (the device resumes).
+
+        The router or a backend not answering in time (overload, outage) is not a bug:
+        1013 TRY_AGAIN_LATER tells the client to reconnect after a back-off, with one
+        warning line; anything else is 1011 with its traceback.
+        """
+        if isinstance(exc, BackendUnavailable) or (
+                isinstance(exc, ImfastError) and exc.code == "unavailable"):
+            log.warning("%s failed user_id=%s device=%s: %s", what, self.user, self.device, exc)
+            self.close(CloseCode.TRY_AGAIN_LATER, f"server busy during {what}; reconnect later")
+            return
+        log.error("%s failed user_id=%s device=%s", what, self.user, self.device, exc_info=exc)
+        self.close(CloseCode.INTERNAL_ERROR, f"internal error during {what}; reconnect")
 
     def recheck(self) -> None:
         """Look for entries committed but not pushed (e.g. routed before we were visible)."""
@@ -436,10 +450,9 @@ class Session(FramedListener):
         try:
             await self.gw.before_resume(self)
             plan = await router.resume_plan(self.user, self.device)
-        except Exception:
-            log.exception("resume failed user_id=%s", self.user)
+        except Exception as exc:  # noqa: BLE001 - any failure closes; _sync_failed sorts them
             self.resuming = None
-            self.close(CloseCode.INTERNAL_ERROR, "internal error while resuming; reconnect")
+            self._sync_failed("resume", exc)
             return
         if plan:  # idle sessions keep no per-conversation state at all
             pushed = self.pushed if self.pushed is not None else {}

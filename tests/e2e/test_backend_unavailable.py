@@ -8,7 +8,7 @@ from typing import Any
 
 from imfast.link.endpoints import LinkClient, LinkServer
 from imfast.protocol.codes import ImfastError
-from tests.helpers.node import Client
+from tests.helpers.node import Client, expect_close
 
 
 async def test_a_link_call_that_times_out_is_unavailable() -> None:
@@ -48,3 +48,30 @@ def test_unavailable_answers_do_not_use_up_the_clients_error_budget(make_node: A
     alice.send(type="ping", id="still-here")
     assert alice.recv_until("pong", id="still-here")  # not closed with 4xxx too-many-errors
     alice.close()
+
+
+def test_a_resume_the_router_cannot_answer_closes_with_try_again_later(make_node: Any) -> None:
+    # An overloaded router (a link call that timed out) is not a server bug: 1013 asks
+    # the client to come back after a back-off; nothing is lost, the next resume replays.
+    node = make_node()
+    router = node.node.router
+
+    async def busy(*args: Any) -> Any:
+        raise ImfastError("127.0.0.1:1 did not answer resume_plan within 10 s; retry",
+                          code="unavailable")
+
+    router.resume_plan = busy
+    code, _ = expect_close(Client(node.url, node.token("alice")))
+    assert code == 1013
+
+
+def test_a_resume_that_fails_otherwise_closes_with_internal_error(make_node: Any) -> None:
+    node = make_node()
+    router = node.node.router
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    router.resume_plan = broken
+    code, _ = expect_close(Client(node.url, node.token("alice")))
+    assert code == 1011

@@ -34,7 +34,27 @@ class Served:
              "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data")],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.tmp = tmp
-        self.wait_for(lambda s: s["workers"] == workers)
+        try:
+            self.wait_for(lambda s: s["workers"] == workers)
+        except BaseException:
+            self.stop()  # a node that never came up must not outlive the test
+            raise
+
+    def stop(self) -> None:
+        """SIGINT (a graceful stop of the node and its workers); SIGKILL all if it hangs."""
+        if self.proc.poll() is not None:
+            return
+        workers = self.worker_pids()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            for pid in [self.proc.pid, *workers]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(5)
 
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=2) as r:
@@ -70,9 +90,7 @@ class Served:
 def served(tmp_path: Path) -> Iterator[Served]:
     s = Served(tmp_path, workers=2)
     yield s
-    if s.proc.poll() is None:
-        s.proc.send_signal(signal.SIGINT)
-        s.proc.wait(15)
+    s.stop()
 
 
 def test_chat_and_groups_across_worker_processes(served: Served) -> None:
@@ -144,6 +162,5 @@ def test_connect_rate_per_address_is_enforced_by_each_worker(tmp_path: Path) -> 
                                   statuses.count(429))["refused"]
         assert refused["connect_rate"] == statuses.count(429)
     finally:
-        served.proc.send_signal(signal.SIGINT)
-        served.proc.wait(15)
+        served.stop()
 
