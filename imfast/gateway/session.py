@@ -47,6 +47,13 @@ log = logging.getLogger("imfast.gateway")
 PROTOCOL_VERSION = 1
 
 
+#: Log lines of a failed resume/catch-up, spelled out whole (the runbooks grep for them).
+_SYNC_BUSY = {"resume": "resume failed user_id=%s device=%s: %s",
+              "catch-up": "catch-up failed user_id=%s device=%s: %s"}
+_SYNC_BUG = {"resume": "resume failed user_id=%s device=%s",
+             "catch-up": "catch-up failed user_id=%s device=%s"}
+
+
 class Session(FramedListener):
     """A chat client connection; see the module docstring."""
 
@@ -417,10 +424,10 @@ class Session(FramedListener):
         """
         if isinstance(exc, BackendUnavailable) or (
                 isinstance(exc, ImfastError) and exc.code == "unavailable"):
-            log.warning("%s failed user_id=%s device=%s: %s", what, self.user, self.device, exc)
+            log.warning(_SYNC_BUSY[what], self.user, self.device, exc)
             self.close(CloseCode.TRY_AGAIN_LATER, f"server busy during {what}; reconnect later")
             return
-        log.error("%s failed user_id=%s device=%s", what, self.user, self.device, exc_info=exc)
+        log.error(_SYNC_BUG[what], self.user, self.device, exc_info=exc)
         self.close(CloseCode.INTERNAL_ERROR, f"internal error during {what}; reconnect")
 
     def recheck(self) -> None:
