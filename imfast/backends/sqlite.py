@@ -12,11 +12,14 @@ Calls are synchronous on the event loop: one indexed SQLite statement takes
 microseconds, less than handing it to a thread would.  The router batches
 appends per loop iteration (group commit), so one commit covers many
 messages; WAL checkpoints (the part that waits for ``fsync``) run on a
-thread of their own (:mod:`imfast.backends.sqlite_checkpoint`).  Delivery cursors are batched the same way: ``advance`` answers
-from memory and the cursors moved in one loop iteration are written in one
-transaction at its end (or inside the next append's).  A process crash in
-that window can only move a cursor back, which means a redelivery the client
-drops by seq, never a loss.
+thread of their own (:mod:`imfast.backends.sqlite_checkpoint`).
+
+Delivery cursors and read receipts are batched too: ``advance`` and
+``mark_read`` answer from memory, and what moved is written inside the next
+append's transaction, or on its own at most ``_FLUSH_DELAY`` later (one
+transaction per key per flush, however often it moved).  A process crash in
+that window can only move a cursor or receipt back: a redelivery the client
+drops by seq, or a receipt the client sends again - never a lost message.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ _DEDUP_CACHE = 100_000  # recent reservations kept in memory; older ones are rea
 _CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older ones are re-read
 _CACHE_KIB = 16 * 1024  # SQLite page cache of the writer connection
 _PAIR_CACHE = 200_000  # private conversations known to be recorded for both users
+_RECEIPT_CACHE = 200_000  # (conv, user) read receipts kept in memory; older ones are re-read
+# Cursors and receipts wait this long for an append to carry them: under load nearly all
+# ride in one, and a busy key is written once per flush instead of once per move.
+_FLUSH_DELAY = 0.05
 
 log = logging.getLogger("imfast.store")
 
@@ -132,7 +139,9 @@ class SQLiteStore:
         self._pairs: OrderedDict[str, None] = OrderedDict()  # private convs with both rows
         self._cursor_cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._cursor_dirty: dict[tuple[str, str, str], int] = {}
-        self._cursor_flush: asyncio.Handle | None = None
+        self._receipt_cache: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._receipt_dirty: dict[tuple[str, str], int] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def _migrate(self) -> None:
         """Create the schema, or bring an older file's up to :data:`SCHEMA_VERSION`.
@@ -209,8 +218,7 @@ class SQLiteStore:
             pair = conv_members_private(conv)
             if pair is not None:
                 convs.update((user, conv) for user in pair)
-        cursors = self._cursor_dirty
-        self._cursor_dirty = {}
+        cursors, receipts = self._take_moved()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -218,15 +226,14 @@ class SQLiteStore:
                            "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             if convs:
                 db.executemany("INSERT OR IGNORE INTO private_convs VALUES (?,?)", sorted(convs))
-            if cursors:
-                self._write_cursors(cursors)
+            self._write_moved(cursors, receipts)
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
-            self._requeue_cursors(cursors)
+            self._requeue_moved(cursors, receipts)
             raise ValueError(f"sequence number already exists: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
-            self._requeue_cursors(cursors)
+            self._requeue_moved(cursors, receipts)
             raise
         db.execute("COMMIT")
         if self._checkpointer is not None:
@@ -306,39 +313,61 @@ class SQLiteStore:
         if seq > current:
             current = seq
             self._cursor_dirty[key] = seq
-            if self._cursor_flush is None:
-                self._cursor_flush = asyncio.get_running_loop().call_soon(self._flush_cursors)
+            if self._flush_handle is None:
+                self._schedule_flush()
         cache[key] = current
         cache.move_to_end(key)
         if len(cache) > _CURSOR_CACHE:
             cache.popitem(last=False)
         return current
 
-    def _write_cursors(self, cursors: dict[tuple[str, str, str], int]) -> None:
-        self._db.executemany(
-            "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(user, device, conv) "
-            "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > cursors.seq",
-            [(*key, seq) for key, seq in cursors.items()],
-        )
+    def _schedule_flush(self) -> None:
+        self._flush_handle = asyncio.get_running_loop().call_later(_FLUSH_DELAY,
+                                                                   self._flush_moved)
 
-    def _requeue_cursors(self, cursors: dict[tuple[str, str, str], int]) -> None:
-        """Unwritten cursors go back in the queue (newer moves win)."""
+    def _take_moved(self) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int]]:
+        """The cursors and receipts moved since the last write (the caller writes them)."""
+        cursors, receipts = self._cursor_dirty, self._receipt_dirty
+        self._cursor_dirty, self._receipt_dirty = {}, {}
+        return cursors, receipts
+
+    def _write_moved(self, cursors: dict[tuple[str, str, str], int],
+                     receipts: dict[tuple[str, str], int]) -> None:
+        """Write moved cursors and receipts inside the caller's transaction (never backwards)."""
+        if cursors:
+            self._db.executemany(
+                "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(user, device, conv) "
+                "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > cursors.seq",
+                [(*key, seq) for key, seq in cursors.items()],
+            )
+        if receipts:
+            self._db.executemany(
+                "INSERT INTO read_receipts VALUES (?,?,?) ON CONFLICT(conv, user) "
+                "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > read_receipts.seq",
+                [(*key, seq) for key, seq in receipts.items()],
+            )
+
+    def _requeue_moved(self, cursors: dict[tuple[str, str, str], int],
+                       receipts: dict[tuple[str, str], int]) -> None:
+        """Unwritten cursors and receipts go back in the queue (newer moves win)."""
         for key, seq in cursors.items():
             if seq > self._cursor_dirty.get(key, 0):
                 self._cursor_dirty[key] = seq
+        for rkey, seq in receipts.items():
+            if seq > self._receipt_dirty.get(rkey, 0):
+                self._receipt_dirty[rkey] = seq
 
-    def _flush_cursors(self) -> None:
-        """Write the cursors moved in this loop iteration, in one transaction."""
-        self._cursor_flush = None
-        cursors = self._cursor_dirty
-        if not cursors:
+    def _flush_moved(self) -> None:
+        """Write the cursors and receipts no append carried, in one transaction."""
+        self._flush_handle = None
+        cursors, receipts = self._take_moved()
+        if not cursors and not receipts:
             return
-        self._cursor_dirty = {}
         db = self._db
         try:
             db.execute("BEGIN")
             try:
-                self._write_cursors(cursors)
+                self._write_moved(cursors, receipts)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -346,8 +375,10 @@ class SQLiteStore:
             if self._checkpointer is not None:
                 self._checkpointer.committed()
         except Exception:  # kept queued; the next append or move retries
-            log.exception("writing delivery cursors failed; will retry")
-            self._requeue_cursors(cursors)
+            log.exception("writing delivery cursors / read receipts failed; will retry")
+            self._requeue_moved(cursors, receipts)
+            if self._flush_handle is None:
+                self._schedule_flush()
 
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:
@@ -384,21 +415,40 @@ class SQLiteStore:
 
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:
-        cur = self._db.execute(
-            "INSERT INTO read_receipts VALUES (?,?,?) ON CONFLICT(conv, user) "
-            "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > read_receipts.seq",
-            (conv, user, seq),
-        )
-        return cur.rowcount > 0
+        """Moves ``user``'s receipt in ``conv`` forward only; written with the cursors."""
+        key = (conv, user)
+        cache = self._receipt_cache
+        current = self._receipt_dirty.get(key)
+        if current is None:
+            current = cache.get(key)
+        if current is None:
+            row = self._db.execute(
+                "SELECT seq FROM read_receipts WHERE conv=? AND user=?", key).fetchone()
+            current = int(row[0]) if row else 0
+        moved = seq > current
+        if moved:
+            current = seq
+            self._receipt_dirty[key] = seq
+            if self._flush_handle is None:
+                self._schedule_flush()
+        cache[key] = current
+        cache.move_to_end(key)
+        if len(cache) > _RECEIPT_CACHE:
+            cache.popitem(last=False)
+        return moved
 
     async def read_up_to(self, conv: str) -> dict[str, int]:
         cur = self._db.execute("SELECT user, seq FROM read_receipts WHERE conv=?", (conv,))
-        return {u: int(s) for u, s in cur}
+        found = {u: int(s) for u, s in cur}
+        for (c, user), seq in self._receipt_dirty.items():  # moved, not yet written
+            if c == conv and seq > found.get(user, 0):
+                found[user] = seq
+        return found
 
     async def close(self) -> None:
-        if self._cursor_flush is not None:
-            self._cursor_flush.cancel()
-        self._flush_cursors()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_moved()
         if self._checkpointer is not None:
             self._checkpointer.close(self._db)
         self._db.close()

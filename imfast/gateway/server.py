@@ -92,6 +92,7 @@ class Gateway:
         self.settings = settings
         self.verifier = verifier
         self.local_router: Router | None = None
+        self.remote_router: Any = None  # a RemoteRouter: its send_now / ack_with queue link calls
         self.router = router
         self.role = role
         self.loop = asyncio.get_running_loop()
@@ -130,8 +131,10 @@ class Gateway:
     @router.setter
     def router(self, router: Any) -> None:
         self._router = router
-        # In process: sessions may call its synchronous fast paths (send_now, ack_now).
+        # In process: sessions may call its synchronous fast paths (send_now, ack_now);
+        # over the link, ones that queue the call at once (no task per frame).
         self.local_router = router if isinstance(router, Router) else None
+        self.remote_router = router if hasattr(router, "ack_with") else None
 
     # --------------------------------------------------------------- serving
     async def start(self, port: int | None = None, host: str | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -515,9 +516,12 @@ class Session(FramedListener):
             return
         if self.inbox is None:
             # Nothing queued before it: a send or ack the in-process router can take
-            # without waiting is handled in this call (no task); anything else, or
-            # anything behind a queued frame, goes through the inbox in order.
-            if gw.local_router is not None and self.identity is not None and not self.closed and (
+            # without waiting is handled in this call (no task), and so is one the
+            # link to im-service can queue at once (its answer comes back as a
+            # callback); anything else, or anything behind a queued frame, goes
+            # through the inbox in order.
+            if (gw.local_router is not None or gw.remote_router is not None) and \
+                    self.identity is not None and not self.closed and (
                     self._send_now(frame) if frame["type"] == "send" else
                     frame["type"] == "ack" and self._ack_now(frame)):
                 return
@@ -609,14 +613,16 @@ class Session(FramedListener):
             self.send_error("internal", "internal error", rid=frame.get("id"))
 
     def _send_now(self, frame: dict[str, Any]) -> bool:
-        """A private ``send`` taken by the in-process router in this call; False: not taken.
+        """A private ``send`` taken in this call; False: not taken.
 
-        The same reservation, order and answers as :meth:`_on_send`: the entry
-        is reserved before the next frame is looked at, and ``sent`` (or an
-        error) goes out once it is durable.
+        By the in-process router, or queued on the link to im-service (which
+        keeps the order frames were read in).  The same reservation, order and
+        answers as :meth:`_on_send`: the entry is reserved (or its request
+        queued) before the next frame is looked at, and ``sent`` (or an error)
+        goes out once it is durable.
         """
         to = frame.get("to")
-        router = self.gw.local_router
+        router = self.gw.local_router or self.gw.remote_router
         if to is None or router is None:
             return False
         cmid = frame["cmid"]
@@ -628,10 +634,20 @@ class Session(FramedListener):
             return True
 
     def _ack_now(self, frame: dict[str, Any]) -> bool:
-        """An ``ack`` the in-process router takes in this call; False: not taken."""
+        """An ``ack`` taken in this call; False: not taken.
+
+        The in-process router moves the cursor now; over the link the request is
+        queued now (in frame order) and ``acked`` or the error goes out when
+        im-service answers.
+        """
         router = self.gw.local_router
         if router is None:
-            return False
+            remote = self.gw.remote_router
+            if remote is None:
+                return False
+            remote.ack_with(self.user, self.device, frame["conv"], frame["seq"],
+                            partial(self._remote_acked, frame))
+            return True
         try:
             cursor = router.ack_now(self.user, self.device, frame["conv"], frame["seq"])
         except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
@@ -758,6 +774,16 @@ class Session(FramedListener):
             reply(None if exc is not None else f.result(), exc)
 
         pending.add_done_callback(done)
+
+    def _remote_acked(self, frame: dict[str, Any], cursor: int | None,
+                      exc: BaseException | None) -> None:
+        """im-service's answer to an ack queued by :meth:`_ack_now`."""
+        if self.closed:
+            return
+        if exc is not None:
+            self._failed(frame, exc)  # type: ignore[arg-type]
+        else:
+            self._acked(frame, frame.get("id"), cursor)  # type: ignore[arg-type]
 
     async def _on_ack(self, frame: dict[str, Any], rid: Any) -> None:
         cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])

@@ -85,7 +85,8 @@ class LinkClient:
         while not self._closed:
             try:
                 _, proto = await loop.create_connection(
-                    lambda: LinkProtocol(self._handler, self._on_push), host, port)
+                    lambda: LinkProtocol(self._handler, self._on_push,
+                                         call_timeout=self.timeout), host, port)
                 self.connects += 1
                 self._proto = proto
                 return proto
@@ -107,23 +108,23 @@ class LinkClient:
         except TimeoutError:
             raise ImfastError(f"{self.addr} unreachable; retry", code="unavailable") from None
 
-    async def call(self, method: str, args: Any) -> Any:
-        """A request/response round trip (see :meth:`LinkProtocol.call`)."""
-        proto = await self.connection()
-        try:
-            return await asyncio.wait_for(proto.call(method, args), self.timeout)
-        except TimeoutError:
-            # The far side is overloaded or stuck: the client may retry (sends are
-            # deduplicated by cmid), so this is `unavailable`, not `internal`.
-            raise ImfastError(f"{self.addr} did not answer {method} within "
-                              f"{self.timeout:g} s; retry", code="unavailable") from None
+    def call(self, method: str, args: Any) -> asyncio.Future[Any]:
+        """A request/response round trip: a future of its result (see LinkProtocol.call).
 
-    def call_nowait(self, method: str, args: Any) -> asyncio.Future[Any]:
-        """Queue a call now if connected (keeps call order); else connect first."""
+        Queued now when connected, so calls keep their order; otherwise after
+        connecting (up to ``timeout``).  Unanswered after ``timeout``: fails with
+        ``unavailable`` (the far side is overloaded or stuck; the caller may retry).
+        """
         proto = self._proto
         if proto is not None and not proto.closed:
             return proto.call(method, args)
-        return asyncio.ensure_future(self.call(method, args))
+        return asyncio.ensure_future(self._call_after_connecting(method, args))
+
+    call_nowait = call  # the name callers that rely on call order use
+
+    async def _call_after_connecting(self, method: str, args: Any) -> Any:
+        proto = await self.connection()
+        return await proto.call(method, args)
 
     def push(self, method: str, args: Any) -> bool:
         """Send a one-way message if connected; False (and a reconnect) if not."""

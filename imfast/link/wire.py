@@ -16,7 +16,11 @@ Guarantees of :class:`LinkProtocol`:
 * requests are handed to the handler in arrival order; each call's response
   finds its caller by id, whatever order responses come back in;
 * when the connection drops, every pending call fails with
-  ``unavailable``, so no caller waits forever.
+  ``unavailable``, so no caller waits forever; with a ``call_timeout`` a call
+  unanswered for that long fails with ``unavailable`` too (checked about
+  once a second: one timer per connection, not one per call);
+* a handler with a ``now`` attribute (see :data:`NowHandler`) may answer a
+  request in the call that received it, with no task: the link's own hot path.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,22 +47,34 @@ _HEADER = struct.Struct(">I")
 
 Handler = Callable[[str, Any], Awaitable[Any]]
 PushHandler = Callable[[str, Any], None]
+#: ``answer(result, exc)``: how a :data:`NowHandler` replies, once, now or later.
+Answer = Callable[[Any, "BaseException | None"], None]
+#: ``handler.now(method, args, answer) -> bool``: True if it took the request (and will
+#: call ``answer`` exactly once); False, having changed nothing, for the task path.
+NowHandler = Callable[[str, Any, Answer], bool]
+_SWEEP_EVERY = 1.0  # seconds between checks for calls past their timeout
 
 
 class LinkProtocol(asyncio.Protocol):
     """Both ends of a link: sends calls/pushes, serves incoming ones."""
 
     def __init__(self, handler: Handler | None = None, on_push: PushHandler | None = None,
-                 on_lost: Callable[[LinkProtocol], None] | None = None) -> None:
+                 on_lost: Callable[[LinkProtocol], None] | None = None,
+                 call_timeout: float | None = None) -> None:
         self._handler = handler
+        self._now: NowHandler | None = getattr(handler, "now", None)
         self._on_push = on_push
+        self._call_timeout = call_timeout
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._next_id = 0
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: call id -> (future, deadline, method); ids and deadlines rise together.
+        self._pending: dict[int, tuple[asyncio.Future[Any], float, str]] = {}
         self.closed = False
         self.peer = ""
 
@@ -65,13 +82,17 @@ class LinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they quack alike.
         self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, _, _ in pending.values():
             if not fut.done():
                 fut.set_exception(ImfastError("internal link lost; retry", code="unavailable"))
         if self._on_lost is not None:
@@ -108,7 +129,7 @@ class LinkProtocol(asyncio.Protocol):
         self._out.append(_HEADER.pack(len(body)) + body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr] # set with the transport
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -120,10 +141,36 @@ class LinkProtocol(asyncio.Protocol):
         """Send a request; the future resolves to its result or raises ImfastError."""
         self._next_id += 1
         call_id = self._next_id
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue([REQUEST, call_id, method, args])
-        self._pending[call_id] = fut
+        fut: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        timeout = self._call_timeout
+        self._pending[call_id] = (fut, time.monotonic() + timeout if timeout else 0.0, method)
+        if timeout and self._sweeper is None:
+            self._sweeper = self._loop.call_later(  # type: ignore[union-attr]
+                min(_SWEEP_EVERY, timeout), self._sweep)
         return fut
+
+    def _sweep(self) -> None:
+        """Fail the calls past their deadline with ``unavailable`` (the far side is stuck)."""
+        self._sweeper = None
+        pending = self._pending
+        now = time.monotonic()
+        expired = []
+        for call_id, (_, deadline, _) in pending.items():
+            if deadline > now:
+                break  # the rest were made later
+            expired.append(call_id)
+        for call_id in expired:
+            fut, _, method = pending.pop(call_id)
+            if not fut.done():
+                # Overloaded or stuck: the caller may retry (sends are deduplicated by
+                # cmid), so this is `unavailable`, not `internal`.
+                fut.set_exception(ImfastError(
+                    f"{self.peer} did not answer {method} within {self._call_timeout:g} s; "
+                    "retry", code="unavailable"))
+        if pending and not self.closed and self._call_timeout:
+            self._sweeper = self._loop.call_later(  # type: ignore[union-attr]
+                min(_SWEEP_EVERY, self._call_timeout), self._sweep)
 
     def push(self, method: str, args: Any) -> None:
         """Send a one-way message (no answer)."""
@@ -133,13 +180,13 @@ class LinkProtocol(asyncio.Protocol):
     def _dispatch(self, frame: list[Any]) -> None:
         kind = frame[0]
         if kind == OK:
-            fut = self._pending.pop(frame[1], None)
-            if fut is not None and not fut.done():
-                fut.set_result(frame[2])
+            call = self._pending.pop(frame[1], None)
+            if call is not None and not call[0].done():
+                call[0].set_result(frame[2])
         elif kind == ERROR:
-            fut = self._pending.pop(frame[1], None)
-            if fut is not None and not fut.done():
-                fut.set_exception(ImfastError(frame[3], code=frame[2], field=frame[4]))
+            call = self._pending.pop(frame[1], None)
+            if call is not None and not call[0].done():
+                call[0].set_exception(ImfastError(frame[3], code=frame[2], field=frame[4]))
         elif kind == PUSH:
             if self._on_push is not None:
                 try:
@@ -147,22 +194,41 @@ class LinkProtocol(asyncio.Protocol):
                 except Exception:
                     log.exception("link push %s failed", frame[1])
         elif kind == REQUEST and self._handler is not None:
-            asyncio.get_running_loop().create_task(self._serve(frame[1], frame[2], frame[3]))
+            now = self._now
+            if now is not None:
+                call_id = frame[1]
+                try:
+                    if now(frame[2], frame[3], lambda result, exc: self._answer(
+                            call_id, frame[2], result, exc)):
+                        return
+                except Exception as exc:  # noqa: BLE001 - answered like the task path's
+                    self._answer(call_id, frame[2], None, exc)
+                    return
+            self._loop.create_task(  # type: ignore[union-attr]
+                self._serve(frame[1], frame[2], frame[3]))
 
     async def _serve(self, call_id: int, method: str, args: Any) -> None:
         assert self._handler is not None
         try:
             result = await self._handler(method, args)
-        except ImfastError as exc:
-            reply: list[Any] = [ERROR, call_id, exc.code, exc.message, exc.field]
-        except BackendUnavailable as exc:  # passes without a code change: retry
+        except Exception as exc:  # noqa: BLE001 - _answer encodes (and logs) it
+            self._answer(call_id, method, None, exc)
+        else:
+            self._answer(call_id, method, result, None)
+
+    def _answer(self, call_id: int, method: str, result: Any,
+                exc: BaseException | None) -> None:
+        """Queue the reply to one request: its result, or its failure as (code, message)."""
+        if exc is None:
+            reply: list[Any] = [OK, call_id, result]
+        elif isinstance(exc, ImfastError):
+            reply = [ERROR, call_id, exc.code, exc.message, exc.field]
+        elif isinstance(exc, BackendUnavailable):  # passes without a code change: retry
             log.warning("link call %s: %s", method, exc)
             reply = [ERROR, call_id, "unavailable", f"{exc}; retry", None]
-        except Exception as exc:
-            log.exception("link call %s failed", method)
-            reply = [ERROR, call_id, "internal", f"internal error: {type(exc).__name__}", None]
         else:
-            reply = [OK, call_id, result]
+            log.error("link call %s failed", method, exc_info=exc)
+            reply = [ERROR, call_id, "internal", f"internal error: {type(exc).__name__}", None]
         if not self.closed:
             try:
                 self._queue(reply)

@@ -52,7 +52,31 @@ def _result_from_wire(w: list[Any]) -> SendResult:
 
 
 def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
-    """A link handler running ``router``'s methods for gateways."""
+    """A link handler running ``router``'s methods for gateways.
+
+    Its ``now`` attribute is the link's hot path (see imfast.link.wire's
+    NowHandler): a private send or an ack the router can take without waiting
+    (:meth:`Router.send_now`, :meth:`Router.ack_now`) is taken in the call that
+    read it, with the same order, dedup and answers as the coroutine.
+    """
+
+    def now(method: str, args: list[Any], answer: Any) -> bool:
+        if method == "send":
+            user, device, cmid, to, _group, body = args
+            if to is None:
+                return False
+
+            def reply(result: SendResult | None, exc: BaseException | None) -> None:
+                answer(None if result is None else _result_to_wire(result), exc)
+
+            return router.send_now(user, device, cmid, to, body, reply)
+        if method == "ack":
+            cursor = router.ack_now(*args)
+            if cursor is None:
+                return False
+            answer(cursor, None)
+            return True
+        return False
 
     async def handle(method: str, args: list[Any]) -> Any:
         if method not in ALLOWED:
@@ -68,6 +92,7 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
             return _result_to_wire(value)
         return value
 
+    handle.now = now  # type: ignore[attr-defined]
     return handle
 
 
@@ -104,6 +129,37 @@ class RemoteRouter:
 
         call.add_done_callback(done)
         return out
+
+    def send_now(self, user: str, device: str, cmid: str, to: str, body: str,
+                 reply: Any) -> bool:
+        """A private send queued on the link now; ``reply(result, exc)`` once answered.
+
+        The Session's hot path (no coroutine, no task): the same request, order
+        and answers as :meth:`submit_send`.  Always taken.
+        """
+        call = self._owner(private_conv(user, to)).call_nowait(
+            "send", [user, device, cmid, to, None, body])
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():  # shutting down: the client resends the same cmid
+                return
+            exc = f.exception()
+            reply(None if exc is not None else _result_from_wire(f.result()), exc)
+
+        call.add_done_callback(done)
+        return True
+
+    def ack_with(self, user: str, device: str, conv: str, seq: int, done: Any) -> None:
+        """An ack queued on the link now; ``done(cursor, exc)`` once im-service answers."""
+        call = self.link.call_nowait("ack", [user, device, conv, seq])
+
+        def answered(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():  # shutting down: the client acks again after reconnecting
+                return
+            exc = f.exception()
+            done(None if exc is not None else f.result(), exc)
+
+        call.add_done_callback(answered)
 
     async def fetch(self, user: str, conv: str, after: int, limit: int) -> list[StoredMessage]:
         return [entry_from_wire(w) for w in await self.link.call("fetch", [user, conv, after,

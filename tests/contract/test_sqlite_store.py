@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imfast.backends.base import StoredMessage
-from imfast.backends.sqlite import SCHEMA_VERSION, SQLiteStore
+from imfast.backends.sqlite import _FLUSH_DELAY, SCHEMA_VERSION, SQLiteStore
 
 _V1_SCHEMA = """
 CREATE TABLE messages (
@@ -75,14 +75,16 @@ async def test_a_file_from_a_newer_imfast_is_refused(tmp_path: Path) -> None:
         SQLiteStore(str(path))
 
 
-async def test_cursors_moved_in_one_iteration_reach_the_file(tmp_path: Path) -> None:
+async def test_moved_cursors_reach_the_file_within_the_flush_delay(tmp_path: Path) -> None:
     path = str(tmp_path / "c.db")
     store = SQLiteStore(path)
     await store.append([_msg("p:alice:bob", s) for s in (1, 2, 3)])
     assert await store.advance("bob", "d1", "p:alice:bob", 2) == 2
     assert await store.advance("bob", "d1", "p:alice:bob", 1) == 2  # never back
     assert await store.cursors("bob", "d1") == {"p:alice:bob": 2}  # before the write, too
-    await asyncio.sleep(0)  # the end of the loop iteration writes them
+    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
+    assert on_disk == []  # not yet: waiting for an append to carry it
+    await asyncio.sleep(_FLUSH_DELAY * 3)  # no append came: written on its own
     on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
     assert on_disk == [(2,)]
     assert await store.advance("bob", "d1", "p:alice:bob", 3) == 3
@@ -90,6 +92,31 @@ async def test_cursors_moved_in_one_iteration_reach_the_file(tmp_path: Path) -> 
     on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
     assert on_disk == [(3,)]
     await store.close()
+
+
+async def test_read_receipts_move_forward_only_and_are_batched_like_cursors(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "rr.db")
+    store = SQLiteStore(path)
+    try:
+        assert await store.mark_read("p:alice:bob", "bob", 2)
+        assert not await store.mark_read("p:alice:bob", "bob", 1)  # never back
+        assert await store.read_up_to("p:alice:bob") == {"bob": 2}  # before the write, too
+        assert sqlite3.connect(path).execute("SELECT seq FROM read_receipts").fetchall() == []
+        await store.append([_msg("p:alice:bob", 1)])  # an append carries it
+        rows = sqlite3.connect(path).execute("SELECT user, seq FROM read_receipts").fetchall()
+        assert rows == [("bob", 2)]
+        assert await store.mark_read("p:alice:bob", "bob", 5)
+        assert await store.mark_read("p:alice:bob", "alice", 1)
+    finally:
+        await store.close()  # writes what is still pending
+    again = SQLiteStore(path)
+    try:
+        assert await again.read_up_to("p:alice:bob") == {"bob": 5, "alice": 1}
+        assert not await again.mark_read("p:alice:bob", "bob", 5)  # read back from the file
+        assert await again.mark_read("p:alice:bob", "bob", 6)
+    finally:
+        await again.close()
 
 
 async def test_a_reopened_store_knows_its_log_and_cursors(tmp_path: Path) -> None:
