@@ -25,8 +25,9 @@ Accounting (JSON ``totals``): ``sent`` send frames, ``acknowledged`` (got
 ``sent``), ``delivered`` messages that reached every recipient, ``deliveries``
 per recipient and ``expected_deliveries``, ``duplicates`` (a message delivered
 again after it reached every recipient: under a new seq, i.e. stored twice),
-``redelivered`` (a seq at or below one already processed: the protocol's
-allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
+``delivered_after_error`` (answered with an error such as ``unavailable``, yet
+stored and delivered once after all), ``redelivered`` (a seq at or below one
+already processed: the protocol's allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
 ``lost`` (acknowledged but not delivered to every recipient after the drain
 period), ``unacknowledged``, ``errors`` by code.
 
@@ -311,7 +312,8 @@ class Counters:
     """Plain counters of one worker (cumulative)."""
 
     NAMES = ("sent", "acknowledged", "dedup_hits", "delivered", "deliveries",
-             "expected_deliveries", "duplicates", "redelivered", "gaps", "acks_sent",
+             "expected_deliveries", "duplicates", "delivered_after_error", "redelivered", "gaps",
+             "acks_sent",
              "reads_sent", "typing_sent", "receipts_rx", "typing_rx", "events_rx",
              "send_errors", "error_frames", "connect_ok", "connect_failed",
              "connect_attempts", "unexpected_closes", "reconnects", "retried_sends",
@@ -422,6 +424,7 @@ class Worker:
         self.errors: dict[str, int] = {}
         self.closes: dict[str, int] = {}
         self.pending: dict[str, list[Any]] = {}   # cmid -> [send_ns, remaining, acked, sender]
+        self.refused: set[str] = set()  # cmids answered with an error (see _delivered)
         self.cmid_n = 0
         self.phase = "connect"
         self.stop_at = 0.0
@@ -549,7 +552,13 @@ class Worker:
             self.sec_hist.record(lat)
         rec = self.pending.get(cmid)
         if rec is None:
-            self.c.duplicates += 1
+            if cmid in self.refused:
+                # Answered with an error (`unavailable`: the node gave up waiting) yet
+                # stored after all: delivered once, so not a duplicate.
+                self.refused.discard(cmid)
+                self.c.delivered_after_error += 1
+            else:
+                self.c.duplicates += 1
             return
         self.c.deliveries += 1
         rec[1] -= 1
@@ -590,6 +599,7 @@ class Worker:
         cmid = obj.get("cmid")
         if cmid and cmid in self.pending:
             self.c.send_errors += 1
+            self.refused.add(cmid)
             rec = self.pending.pop(cmid)
             self.c.expected_deliveries -= rec[1]
             if conn.pending_cmids is not None:
@@ -1459,7 +1469,8 @@ def print_summary(result: dict[str, Any], out: Any = sys.stdout) -> None:
           f"connections, {result['load_seconds']} s of load", file=out)
     print(f"  sent {t.get('sent', 0)}  acknowledged {t.get('acknowledged', 0)}  delivered "
           f"{t.get('delivered', 0)}  deliveries {t.get('deliveries', 0)}/"
-          f"{t.get('expected_deliveries', 0)}  duplicates {t.get('duplicates', 0)}  lost "
+          f"{t.get('expected_deliveries', 0)}  duplicates {t.get('duplicates', 0)}  "
+          f"delivered after an error {t.get('delivered_after_error', 0)}  lost "
           f"{t.get('lost', 0)}  unacknowledged {t.get('unacknowledged', 0)}  gaps "
           f"{t.get('gaps', 0)}", file=out)
     for lost in result.get("lost_sample", [])[:5]:

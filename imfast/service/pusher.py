@@ -66,6 +66,8 @@ class ClusterPusher:
         self._pushes: dict[str, list[Any]] = defaultdict(list)
         self._private: list[tuple[list[str], StoredMessage, list[Any], Any]] = []
         self._flushing: asyncio.Task[None] | None = None
+        #: routed_all() callers waiting for the next flush round to finish.
+        self._waiters: list[asyncio.Future[None]] = []
         self._spool: dict[str, list[tuple[bytes, bytes]]] = {TOPIC_GROUP: [], TOPIC_OFFLINE: []}
         self._spooling: asyncio.Task[None] | None = None
         self.routed = {"online": 0, "offline": 0, "group": 0}
@@ -92,13 +94,26 @@ class ClusterPusher:
             await refresh(user)
 
     def routed_all(self) -> asyncio.Future[None]:
-        """Done once everything routed so far has been pushed or published (or failed)."""
+        """Done once everything routed so far has been pushed or published (or failed).
+
+        It waits for the flush round that takes what is queued now, not for the
+        flush task: under steady load that task never runs dry, and a sender's
+        ``sent`` must not wait for entries routed after its own.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = self._flushing
         if task is None or task.done():
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_result(None)
-            return fut
-        return task
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def _release(self) -> None:
+        """Tell the waiters registered before the round that just ended."""
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _schedule(self) -> None:
         if self._flushing is None or self._flushing.done():
@@ -166,34 +181,48 @@ class ClusterPusher:
             self._schedule()
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # gather everything routed in this loop iteration
-        while self._group or self._offline or self._pushes or self._private:
-            if self._private:
-                await self._route_private()
-            pushes, self._pushes = self._pushes, defaultdict(list)
-            # Concurrently: one unreachable gateway must not delay the healthy ones.
-            results = await asyncio.gather(*(self.links.push(gateway, "batch", items)
-                                             for gateway, items in pushes.items()))
-            for (gateway, items), ok in zip(pushes.items(), results):
-                if not ok:
-                    self.route_failures += 1
-                    log.warning("route failed: gateway %s unreachable (%d pushes); clients "
-                                "will sync", gateway, len(items))
-            for topic, attr in ((TOPIC_GROUP, "_group"), (TOPIC_OFFLINE, "_offline")):
-                items = getattr(self, attr)
-                if not items:
-                    continue
-                setattr(self, attr, [])
-                if self._spool[topic]:  # the broker is known to be down: keep the order
-                    self._to_spool(topic, items)
-                    continue
+        try:
+            await asyncio.sleep(0)  # gather everything routed in this loop iteration
+            while self._group or self._offline or self._pushes or self._private:
+                # Whoever waits now waits for what is queued now: this round.
+                waiters, self._waiters = self._waiters, []
                 try:
-                    await self.bus.publish_many(topic, items)
-                except Exception as exc:  # noqa: BLE001 - spooled, published when it is back
-                    self.route_failures += 1
-                    log.error("route failed: publish to %s failed (%d records): %s; spooling "
-                              "until Kafka is back", topic, len(items), exc)
-                    self._to_spool(topic, items)
+                    await self._flush_round()
+                finally:
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            self._release()  # nothing left queued: every waiter's entries have gone
+
+    async def _flush_round(self) -> None:
+        """Push and publish everything queued when it starts (one round)."""
+        if self._private:
+            await self._route_private()
+        pushes, self._pushes = self._pushes, defaultdict(list)
+        # Concurrently: one unreachable gateway must not delay the healthy ones.
+        results = await asyncio.gather(*(self.links.push(gateway, "batch", items)
+                                         for gateway, items in pushes.items()))
+        for (gateway, items), ok in zip(pushes.items(), results):
+            if not ok:
+                self.route_failures += 1
+                log.warning("route failed: gateway %s unreachable (%d pushes); clients "
+                            "will sync", gateway, len(items))
+        for topic, attr in ((TOPIC_GROUP, "_group"), (TOPIC_OFFLINE, "_offline")):
+            items = getattr(self, attr)
+            if not items:
+                continue
+            setattr(self, attr, [])
+            if self._spool[topic]:  # the broker is known to be down: keep the order
+                self._to_spool(topic, items)
+                continue
+            try:
+                await self.bus.publish_many(topic, items)
+            except Exception as exc:  # noqa: BLE001 - spooled, published when it is back
+                self.route_failures += 1
+                log.error("route failed: publish to %s failed (%d records): %s; spooling "
+                          "until Kafka is back", topic, len(items), exc)
+                self._to_spool(topic, items)
 
     def _to_spool(self, topic: str, items: list[tuple[bytes, bytes]]) -> None:
         spool = self._spool[topic]

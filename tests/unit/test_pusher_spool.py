@@ -62,3 +62,47 @@ async def test_records_are_spooled_while_the_broker_is_down_then_published_in_or
     pusher.deliver(["bob"], entry(6), None)  # spool empty again: published directly
     await pusher.routed_all()
     assert [orjson.loads(v)["e"][1] for _, v in bus.published][-1] == 6
+
+
+class SlowLinks:
+    """Gateway pushes that take a loop iteration or two, like a busy socket."""
+
+    def __init__(self) -> None:
+        self.pushed: list[int] = []
+
+    async def push(self, gateway: str, method: str, items: list) -> bool:
+        await asyncio.sleep(0.001)
+        self.pushed += [item[1]["e"][1] for item in items]
+        return True
+
+
+class OneGateway:
+    def cached_lookup(self, user: str) -> dict[str, str]:
+        return {"phone": "gw1:9093"}
+
+
+async def test_routed_all_waits_for_its_round_not_for_a_flush_that_never_runs_dry() -> None:
+    links = SlowLinks()
+    pusher = ClusterPusher(OneGateway(), None, links)  # type: ignore[arg-type]
+    stop = False
+
+    async def steady_load() -> None:  # something new to route every iteration
+        seq = 100
+        while not stop:
+            seq += 1
+            pusher.deliver(["bob"], StoredMessage("p:alice:bob", seq, f"m{seq}", "alice",
+                                                  "phone", f"c{seq}", "x", 0), None)
+            await asyncio.sleep(0)
+
+    load = asyncio.create_task(steady_load())
+    try:
+        await asyncio.sleep(0.01)
+        pusher.deliver(["bob"], StoredMessage("p:alice:bob", 1, "m1", "alice", "phone", "c1",
+                                              "x", 0), None)
+        await asyncio.wait_for(pusher.routed_all(), 1.0)  # used to wait for a lull
+        assert 1 in links.pushed  # done means pushed
+        assert pusher._flushing is not None and not pusher._flushing.done()  # still busy
+    finally:
+        stop = True
+        await load
+    await asyncio.wait_for(pusher.routed_all(), 1.0)
