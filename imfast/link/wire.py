@@ -104,22 +104,31 @@ class LinkProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buffer
-        buf += data
+        if buf:
+            buf += data
+            if len(buf) < 4 or len(buf) - 4 < _HEADER.unpack_from(buf, 0)[0] <= MAX_FRAME:
+                return  # the frame begun earlier is still incomplete: no copy yet
+            data = bytes(buf)
+            buf.clear()
+        # Frames are parsed straight from the received bytes (no copy per frame);
+        # only an incomplete tail is kept for the next read.
         pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if size > MAX_FRAME:
-                log.error("link frame too large (%d bytes) from %s; closing", size, self.peer)
-                self.close()
-                return
-            if end - pos - 4 < size:
-                break
-            frame = orjson.loads(bytes(buf[pos + 4:pos + 4 + size]))
-            pos += 4 + size
-            self._dispatch(frame)
-        if pos:
-            del buf[:pos]
+        end = len(data)
+        with memoryview(data) as view:
+            while end - pos >= 4:
+                (size,) = _HEADER.unpack_from(data, pos)
+                if size > MAX_FRAME:
+                    log.error("link frame too large (%d bytes) from %s; closing", size,
+                              self.peer)
+                    self.close()
+                    return
+                if end - pos - 4 < size:
+                    break
+                frame = orjson.loads(view[pos + 4:pos + 4 + size])
+                pos += 4 + size
+                self._dispatch(frame)
+        if pos < end:
+            buf += data[pos:]
 
     # ------------------------------------------------------------- sending
     def _queue(self, frame: Any) -> None:

@@ -119,3 +119,25 @@ def test_acks_over_the_link_are_answered_and_checked(served: Served) -> None:
     assert bob.recv_until("acked", id=9)[-1]["seq"] == 2
     bob.send(type="ack", conv="p:alice:carol", seq=1, id=10)  # not bob's conversation
     assert bob.recv_until("error", id=10)[-1]["code"] == "not_found"
+
+
+async def test_frames_split_anywhere_across_reads_arrive_whole_and_in_order() -> None:
+    import orjson
+
+    from imfast.link.wire import PUSH, LinkProtocol
+
+    got: list[Any] = []
+    proto = LinkProtocol(on_push=lambda method, args: got.append((method, args)))
+    big = "x" * 200_000  # one frame over many reads
+    frames = [orjson.dumps([PUSH, "m", i]) for i in range(50)]
+    frames.insert(25, orjson.dumps([PUSH, "big", big]))
+    stream = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
+    pos = 0
+    for step in [1, 3, 4, 5, 7, 4096, 65536, 2] * 1000:  # splits inside headers and bodies
+        if pos >= len(stream):
+            break
+        proto.data_received(stream[pos:pos + step])
+        pos += step
+    assert [m for m, _ in got] == ["m"] * 25 + ["big"] + ["m"] * 25
+    assert [a for m, a in got if m == "m"] == list(range(50))
+    assert got[25][1] == big and not proto._buffer
