@@ -129,6 +129,11 @@ def _tell(done: Stored, original: StoredMessage | None, exc: BaseException | Non
         log.exception("a stored-entry callback failed")
 
 
+#: How long a committed batch's senders wait for its pushes to leave before they are
+#: answered anyway (the entries are stored: recipients get them on their next sync).
+_ROUTED_WAIT = 10.0
+
+
 class GroupCommitter:
     """Appends submitted messages in batches, one batch in flight at a time.
 
@@ -205,23 +210,30 @@ class GroupCommitter:
         runs beside the next commits, never in front of them.
         """
         waiter = self._routed() if self._routed is not None else None
-        if waiter is None:
+        if waiter is None or waiter.done():
             for _, done in batch:
                 try:  # inline _tell: this runs for every message
                     done(None, None)
                 except Exception:
                     log.exception("a stored-entry callback failed")
             return
+        # Callbacks, not a task per batch: a timer bounds the wait, the first to fire tells.
+        told = False
 
-        async def after_routing() -> None:
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), 10.0)
-            except Exception:  # noqa: BLE001 - stored anyway: clients sync; ack regardless
+        def tell(timed_out: bool) -> None:
+            nonlocal told
+            if told:
+                return
+            told = True
+            if timed_out:  # stored anyway: clients sync; ack regardless
                 log.warning("route failed: pushes for a committed batch did not finish")
+            else:
+                timer.cancel()
             for _, done in batch:
                 _tell(done, None, None)
 
-        asyncio.get_running_loop().create_task(after_routing())
+        timer = asyncio.get_running_loop().call_later(_ROUTED_WAIT, tell, True)
+        waiter.add_done_callback(lambda _: tell(False))
 
     async def _one_by_one(self, batch: list[tuple[StoredMessage, Stored]]) -> None:
         """After a refused batch, store its entries singly so one bad entry fails alone.
