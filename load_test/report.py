@@ -244,7 +244,8 @@ def write_report(result: dict[str, Any], verdict: list[dict[str, Any]], path: st
     parts.append("<h2>Run</h2>" + _table(info))
     parts.append("<h2>Counts</h2>" + _table(
         [(k, t.get(k, 0)) for k in ("sent", "acknowledged", "delivered", "deliveries",
-                                     "expected_deliveries", "duplicates", "redelivered",
+                                     "expected_deliveries", "duplicates", "delivered_after_error",
+                                     "redelivered",
                                      "lost", "unacknowledged", "gaps", "error_frames",
                                      "connect_ok", "connect_failed", "unexpected_closes",
                                      "reconnects", "retried_sends", "dedup_hits",

@@ -86,7 +86,8 @@ class LinkClient:
             try:
                 _, proto = await loop.create_connection(
                     lambda: LinkProtocol(self._handler, self._on_push,
-                                         call_timeout=self.timeout), host, port)
+                                         call_timeout=self.timeout, name=self.addr),
+                    host, port)
                 self.connects += 1
                 self._proto = proto
                 return proto

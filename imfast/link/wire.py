@@ -60,7 +60,7 @@ class LinkProtocol(asyncio.Protocol):
 
     def __init__(self, handler: Handler | None = None, on_push: PushHandler | None = None,
                  on_lost: Callable[[LinkProtocol], None] | None = None,
-                 call_timeout: float | None = None) -> None:
+                 call_timeout: float | None = None, name: str = "") -> None:
         self._handler = handler
         self._now: NowHandler | None = getattr(handler, "now", None)
         self._on_push = on_push
@@ -77,6 +77,7 @@ class LinkProtocol(asyncio.Protocol):
         self._pending: dict[int, tuple[asyncio.Future[Any], float, str]] = {}
         self.closed = False
         self.peer = ""
+        self.name = name  # the address it was asked to reach, for messages (else the peer)
 
     # ----------------------------------------------------------- transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,7 +176,7 @@ class LinkProtocol(asyncio.Protocol):
                 # Overloaded or stuck: the caller may retry (sends are deduplicated by
                 # cmid), so this is `unavailable`, not `internal`.
                 fut.set_exception(ImfastError(
-                    f"{self.peer} did not answer {method} within {self._call_timeout:g} s; "
+                    f"{self.name or self.peer} did not answer {method} within {self._call_timeout:g} s; "
                     "retry", code="unavailable"))
         if pending and not self.closed and self._call_timeout:
             self._sweeper = self._loop.call_later(  # type: ignore[union-attr]
