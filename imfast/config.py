@@ -83,6 +83,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be a whole number from 0 to 19")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
@@ -156,6 +163,11 @@ class Settings:
         "POD_NAME", str, "", "name shown by /health (defaults to the host name)"
     )
     workers: int = _setting("GATEWAY_WORKERS", _positive_int, 1, "gateway worker processes")
+    worker_nice: int = _setting(
+        "GATEWAY_WORKER_NICE", _niceness, 10,
+        "imfast serve --workers: how much lower (nice) the gateway processes run than the router "
+        "process when CPU is short (0 = the same)",
+    )
     data_dir: str = _setting("DATA_DIR", str, "./data", "embedded mode: where the SQLite file lives")
     sqlite_synchronous: str = _setting(
         "SQLITE_SYNCHRONOUS", _choice("OFF", "NORMAL", "FULL"), "NORMAL",

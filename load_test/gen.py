@@ -25,8 +25,8 @@ Accounting (JSON ``totals``): ``sent`` send frames, ``acknowledged`` (got
 ``sent``), ``delivered`` messages that reached every recipient, ``deliveries``
 per recipient and ``expected_deliveries``, ``duplicates`` (a message delivered
 again after it reached every recipient: under a new seq, i.e. stored twice),
-``delivered_after_error`` (answered with an error such as ``unavailable``, yet
-stored and delivered once after all), ``redelivered`` (a seq at or below one
+``delivered_after_error`` (deliveries, per recipient, of messages answered with
+an error such as ``unavailable`` yet stored after all), ``redelivered`` (a seq at or below one
 already processed: the protocol's allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
 ``lost`` (acknowledged but not delivered to every recipient after the drain
 period), ``unacknowledged``, ``errors`` by code.
@@ -554,8 +554,7 @@ class Worker:
         if rec is None:
             if cmid in self.refused:
                 # Answered with an error (`unavailable`: the node gave up waiting) yet
-                # stored after all: delivered once, so not a duplicate.
-                self.refused.discard(cmid)
+                # stored after all: a delivery (one per recipient), not a duplicate.
                 self.c.delivered_after_error += 1
             else:
                 self.c.duplicates += 1

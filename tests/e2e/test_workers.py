@@ -114,12 +114,29 @@ def test_chat_and_groups_across_worker_processes(served: Served) -> None:
             assert clients[u].recv_until("msg", kind="msg")[-1]["body"] == "to everyone"
 
 
+def test_gateway_processes_yield_the_cpu_to_the_router(served: Served, tmp_path: Path) -> None:
+    router = os.getpriority(os.PRIO_PROCESS, served.proc.pid)
+    workers = served.worker_pids()
+    assert len(workers) == 2
+    assert [os.getpriority(os.PRIO_PROCESS, p) for p in workers] == [min(19, router + 10)] * 2
+    (tmp_path / "equal").mkdir()
+    equal = Served(tmp_path / "equal", workers=2, GATEWAY_WORKER_NICE="0")
+    try:
+        assert [os.getpriority(os.PRIO_PROCESS, p) for p in equal.worker_pids()] == [
+            os.getpriority(os.PRIO_PROCESS, equal.proc.pid)] * 2
+    finally:
+        equal.stop()
+
+
 def test_a_killed_worker_is_restarted_and_its_clients_resume(served: Served) -> None:
     alice = served.client("alice")
     bob = served.client("bob")
     victim = served.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     served.wait_for(lambda s: s["workers"] == 2 and victim not in served.worker_pids())
+    router = os.getpriority(os.PRIO_PROCESS, served.proc.pid)
+    assert all(os.getpriority(os.PRIO_PROCESS, p) == min(19, router + 10)  # restarted: too
+               for p in served.worker_pids())
     # Whoever was on the dead worker reconnects and gets what was sent meanwhile.
     for c in (alice, bob):
         try:

@@ -38,6 +38,8 @@ def test_environment_parsing() -> None:
     ({"FEATURES_DISABLED": "teleport"}, "teleport"),
     ({"ROUTE_ALL_OFFLINE": "maybe"}, "ROUTE_ALL_OFFLINE"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"GATEWAY_WORKER_NICE": "20"}, "GATEWAY_WORKER_NICE='20'.*0 to 19"),
+    ({"GATEWAY_WORKER_NICE": "-5"}, "GATEWAY_WORKER_NICE"),
 ])
 def test_bad_values_are_refused_naming_the_variable(env: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
