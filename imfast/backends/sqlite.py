@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from imfast.backends.base import Reservation, StoredMessage
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
@@ -300,26 +301,36 @@ class SQLiteStore:
 
     def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
         """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
-        key = (user, device, conv)
-        cache = self._cursor_cache
-        current = self._cursor_dirty.get(key)
+        return self._move_forward(
+            (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
+            "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?")[0]
+
+    def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
+                      cache: OrderedDict[Any, int], cache_max: int,
+                      select: str) -> tuple[int, bool]:
+        """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
+
+        Known from ``dirty`` (moved, not yet written), else ``cache``, else one
+        ``select``; a move is queued in ``dirty`` for the next flush.  Returns
+        (the value now, whether it moved).
+        """
+        current = dirty.get(key)
         if current is None:
             current = cache.get(key)
         if current is None:
-            row = self._db.execute(
-                "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?", key
-            ).fetchone()
+            row = self._db.execute(select, key).fetchone()
             current = int(row[0]) if row else 0
-        if seq > current:
+        moved = seq > current
+        if moved:
             current = seq
-            self._cursor_dirty[key] = seq
+            dirty[key] = seq
             if self._flush_handle is None:
                 self._schedule_flush()
         cache[key] = current
         cache.move_to_end(key)
-        if len(cache) > _CURSOR_CACHE:
+        if len(cache) > cache_max:
             cache.popitem(last=False)
-        return current
+        return current, moved
 
     def _schedule_flush(self) -> None:
         self._flush_handle = asyncio.get_running_loop().call_later(_FLUSH_DELAY,
@@ -416,26 +427,9 @@ class SQLiteStore:
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:
         """Moves ``user``'s receipt in ``conv`` forward only; written with the cursors."""
-        key = (conv, user)
-        cache = self._receipt_cache
-        current = self._receipt_dirty.get(key)
-        if current is None:
-            current = cache.get(key)
-        if current is None:
-            row = self._db.execute(
-                "SELECT seq FROM read_receipts WHERE conv=? AND user=?", key).fetchone()
-            current = int(row[0]) if row else 0
-        moved = seq > current
-        if moved:
-            current = seq
-            self._receipt_dirty[key] = seq
-            if self._flush_handle is None:
-                self._schedule_flush()
-        cache[key] = current
-        cache.move_to_end(key)
-        if len(cache) > _RECEIPT_CACHE:
-            cache.popitem(last=False)
-        return moved
+        return self._move_forward(
+            (conv, user), seq, self._receipt_dirty, self._receipt_cache, _RECEIPT_CACHE,
+            "SELECT seq FROM read_receipts WHERE conv=? AND user=?")[1]
 
     async def read_up_to(self, conv: str) -> dict[str, int]:
         cur = self._db.execute("SELECT user, seq FROM read_receipts WHERE conv=?", (conv,))
