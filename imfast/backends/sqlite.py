@@ -388,8 +388,6 @@ class SQLiteStore:
         except Exception:  # kept queued; the next append or move retries
             log.exception("writing delivery cursors / read receipts failed; will retry")
             self._requeue_moved(cursors, receipts)
-            if self._flush_handle is None:
-                self._schedule_flush()
 
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:

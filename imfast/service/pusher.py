@@ -54,6 +54,12 @@ SPOOL_RETRY_MAX = 5.0
 SPOOL_BATCH = 500
 
 
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
 class ClusterPusher:
     """Implements the router's Pusher for a cluster; see module docstring."""
 
@@ -108,12 +114,9 @@ class ClusterPusher:
             self._waiters.append(fut)
         return fut
 
-    def _release(self) -> None:
-        """Tell the waiters registered before the round that just ended."""
+    def _take_waiters(self) -> list[asyncio.Future[None]]:
         waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        return waiters
 
     def _schedule(self) -> None:
         if self._flushing is None or self._flushing.done():
@@ -185,15 +188,13 @@ class ClusterPusher:
             await asyncio.sleep(0)  # gather everything routed in this loop iteration
             while self._group or self._offline or self._pushes or self._private:
                 # Whoever waits now waits for what is queued now: this round.
-                waiters, self._waiters = self._waiters, []
+                waiters = self._take_waiters()
                 try:
                     await self._flush_round()
                 finally:
-                    for fut in waiters:
-                        if not fut.done():
-                            fut.set_result(None)
+                    _wake(waiters)
         finally:
-            self._release()  # nothing left queued: every waiter's entries have gone
+            _wake(self._take_waiters())  # nothing left queued: every waiter's entries went
 
     async def _flush_round(self) -> None:
         """Push and publish everything queued when it starts (one round)."""

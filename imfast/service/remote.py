@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from imfast.backends.base import StoredMessage
@@ -19,7 +20,7 @@ from imfast.link.endpoints import LinkClient
 from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
 from imfast.protocol.ids import group_conv, private_conv
-from imfast.service.router import Router, SendResult
+from imfast.service.router import Router, SendResult, settle
 
 __all__ = ["RemoteRouter", "entry_from_wire", "entry_to_wire", "serve_router"]
 
@@ -49,6 +50,22 @@ def _result_to_wire(r: SendResult) -> list[Any]:
 
 def _result_from_wire(w: list[Any]) -> SendResult:
     return SendResult(*w)
+
+
+def _when_answered(call: asyncio.Future[Any], decode: Callable[[Any], Any] | None,
+                   done: Callable[[Any, BaseException | None], None]) -> None:
+    """Call ``done(decoded result, None)`` or ``done(None, error)`` once ``call`` ends."""
+    def answered(f: asyncio.Future[Any]) -> None:
+        if f.cancelled():  # shutting down: the client retries after reconnecting
+            done(None, ImfastError("internal link closed; retry", code="unavailable"))
+            return
+        exc = f.exception()
+        if exc is not None:
+            done(None, exc)
+        else:
+            done(f.result() if decode is None else decode(f.result()), None)
+
+    call.add_done_callback(answered)
 
 
 def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
@@ -111,23 +128,18 @@ class RemoteRouter:
         link = self.link
         return link.for_key(conv) if isinstance(link, ServiceLinks) else link
 
+    def _send(self, user: str, device: str, cmid: str, to: str | None, group: str | None,
+              body: str, reply: Any) -> None:
+        """Queue a send on the link now (frame order); ``reply(result, exc)`` once answered."""
+        conv = private_conv(user, to) if to is not None else group_conv(group or "")
+        call = self._owner(conv).call_nowait("send", [user, device, cmid, to, group, body])
+        _when_answered(call, _result_from_wire, reply)
+
     async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
                           group: str | None, body: str) -> asyncio.Future[SendResult]:
         # Queued now, in frame order; the reply comes once the message is durable.
-        conv = private_conv(user, to) if to is not None else group_conv(group or "")
-        call = self._owner(conv).call_nowait("send", [user, device, cmid, to, group, body])
         out: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-
-        def done(f: asyncio.Future[Any]) -> None:
-            if out.done():
-                return
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
-            else:
-                out.set_result(_result_from_wire(f.result()))
-
-        call.add_done_callback(done)
+        self._send(user, device, cmid, to, group, body, partial(settle, out))
         return out
 
     def send_now(self, user: str, device: str, cmid: str, to: str, body: str,
@@ -137,29 +149,12 @@ class RemoteRouter:
         The Session's hot path (no coroutine, no task): the same request, order
         and answers as :meth:`submit_send`.  Always taken.
         """
-        call = self._owner(private_conv(user, to)).call_nowait(
-            "send", [user, device, cmid, to, None, body])
-
-        def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():  # shutting down: the client resends the same cmid
-                return
-            exc = f.exception()
-            reply(None if exc is not None else _result_from_wire(f.result()), exc)
-
-        call.add_done_callback(done)
+        self._send(user, device, cmid, to, None, body, reply)
         return True
 
     def ack_with(self, user: str, device: str, conv: str, seq: int, done: Any) -> None:
         """An ack queued on the link now; ``done(cursor, exc)`` once im-service answers."""
-        call = self.link.call_nowait("ack", [user, device, conv, seq])
-
-        def answered(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():  # shutting down: the client acks again after reconnecting
-                return
-            exc = f.exception()
-            done(None if exc is not None else f.result(), exc)
-
-        call.add_done_callback(answered)
+        _when_answered(self.link.call_nowait("ack", [user, device, conv, seq]), None, done)
 
     async def fetch(self, user: str, conv: str, after: int, limit: int) -> list[StoredMessage]:
         return [entry_from_wire(w) for w in await self.link.call("fetch", [user, conv, after,

@@ -45,7 +45,7 @@ from imfast.protocol.codes import ImfastError
 from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
 from imfast.service.cursors import CursorBatcher
 
-__all__ = ["GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult"]
+__all__ = ["GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult", "settle"]
 
 log = logging.getLogger("imfast.service")
 
@@ -107,7 +107,7 @@ Stored = Callable[[StoredMessage | None, BaseException | None], None]
 SendReply = Callable[["SendResult | None", BaseException | None], None]
 
 
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
     """A :data:`Stored` or :data:`SendReply` callback that resolves ``fut`` once.
 
     Used by GroupCommitter.submit (value: the original message or None) and
@@ -161,7 +161,7 @@ class GroupCommitter:
     def submit(self, message: StoredMessage) -> asyncio.Future[Any]:
         """A future resolving to None once stored, or to the already stored original."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit_with(message, partial(_settle, fut))
+        self.submit_with(message, partial(settle, fut))
         return fut
 
     def submit_with(self, message: StoredMessage, done: Stored) -> None:
@@ -432,7 +432,7 @@ class Router:
             if not res.duplicate:
                 outcome: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
                 self._queue(conv, res.seq, msg_id, sender, device, cmid, body, ts, kind,
-                            dedup_key, partial(_settle, outcome))
+                            dedup_key, partial(settle, outcome))
         finally:
             if previous is not None and not previous.done():
                 # Gave up waiting (or was cancelled): whoever waits for us now waits
