@@ -28,8 +28,9 @@ again after it reached every recipient: under a new seq, i.e. stored twice),
 ``delivered_after_error`` (deliveries, per recipient, of messages answered with
 an error such as ``unavailable`` yet stored after all), ``redelivered`` (a seq at or below one
 already processed: the protocol's allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
-``lost`` (acknowledged but not delivered to every recipient after the drain
-period), ``unacknowledged``, ``errors`` by code.
+``lost`` (acknowledged but not delivered to every recipient when the drain
+ended: nothing arrived for ``--drain`` seconds, or a backlog still moving
+after ``--drain`` + 60 s), ``unacknowledged``, ``errors`` by code.
 
 Each worker process owns its users, and every message it sends goes to users
 of the same process, so each process can match sends to deliveries by itself;
@@ -73,6 +74,7 @@ __all__ = ["SLO", "Config", "evaluate_slo", "main", "run"]
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CONNS_PER_SOURCE_ADDR = 10_000     # of 28K ephemeral ports: the kernel's port search stays short
 MAX_CONNS_PER_PROCESS = 15_000     # the fd hard limit here is 20,000 per process
+DRAIN_EXTRA = 60.0                 # the drain waits this much longer while a backlog still moves
 
 
 @dataclass
@@ -1016,14 +1018,21 @@ class Worker:
             for j in jobs:
                 j.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-        # Drain: let the answers and deliveries in flight arrive.
+        # Drain: let the answers and deliveries in flight arrive.  A backlog (an
+        # overloaded server) may take longer than --drain to clear: wait while it
+        # moves, so "lost" means nothing arrived for a whole --drain period.
         self.phase = "drain"
-        drain_end = time.monotonic() + cfg.drain
+        now = time.monotonic()
+        drain_end, drain_cap = now + cfg.drain, now + cfg.drain + DRAIN_EXTRA
+        moved = (self.c.deliveries, self.c.acknowledged)
         while time.monotonic() < drain_end:
             if self.reconnecting == 0 and (not self.pending or not any(
                     r[1] > 0 or (self.imfast and not r[2]) for r in self.pending.values())):
                 break
             await asyncio.sleep(0.05)
+            if (self.c.deliveries, self.c.acknowledged) != moved:
+                moved = (self.c.deliveries, self.c.acknowledged)
+                drain_end = min(drain_cap, time.monotonic() + cfg.drain)
         if cfg.scenario == "hold" and self.imfast:  # relays know no `ping` frame
             await self.ping_sample()
         self.flush_acks()
@@ -1135,7 +1144,7 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
         procs.append(p)
         pipes.append(parent_end)
 
-    hard_deadline = t_begin + cfg.connect_timeout + cfg.duration + cfg.drain + 90
+    hard_deadline = t_begin + cfg.connect_timeout + cfg.duration + cfg.drain + DRAIN_EXTRA + 90
     ticks: dict[int, dict[int, dict[str, Any]]] = {}
     last_snap: dict[int, dict[str, Any]] = {}
     ready: dict[int, dict[str, Any]] = {}

@@ -14,12 +14,18 @@ appends per loop iteration (group commit), so one commit covers many
 messages; WAL checkpoints (the part that waits for ``fsync``) run on a
 thread of their own (:mod:`imfast.backends.sqlite_checkpoint`).
 
+Questions whose answer is nearly always "no" - was this dedup key stored,
+has this conversation entries, has this device a cursor row here - are
+answered from in-memory filters once they know every key of the file
+(:mod:`imfast.backends.sqlite_keys`; a scan thread reads the keys already
+stored at start-up), so a new message costs no read.
+
 Delivery cursors and read receipts are batched too: ``advance`` and
-``mark_read`` answer from memory, and what moved is written inside the next
-append's transaction, or on its own at most ``_FLUSH_DELAY`` later (one
-transaction per key per flush, however often it moved).  A process crash in
-that window can only move a cursor or receipt back: a redelivery the client
-drops by seq, or a receipt the client sends again - never a lost message.
+``mark_read`` answer from memory, and what moved is written at most
+``_FLUSH_DELAY`` later, in one transaction of its own (one row per key per
+flush, however often it moved).  A process crash in that window can only
+move a cursor or receipt back: a redelivery the client drops by seq, or a
+receipt the client sends again - never a lost message.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from imfast.backends.base import Reservation, StoredMessage
+from imfast.backends.keyfilter import KeyFilters
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
+from imfast.backends.sqlite_keys import KnownKeys
 from imfast.protocol.ids import conv_members_private
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -44,9 +52,11 @@ _CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older on
 _CACHE_KIB = 16 * 1024  # SQLite page cache of the writer connection
 _PAIR_CACHE = 200_000  # private conversations known to be recorded for both users
 _RECEIPT_CACHE = 200_000  # (conv, user) read receipts kept in memory; older ones are re-read
-# Cursors and receipts wait this long for an append to carry them: under load nearly all
-# ride in one, and a busy key is written once per flush instead of once per move.
-_FLUSH_DELAY = 0.05
+# Moved cursors and receipts are written this long after the first move.  Their rows are
+# spread over the table (one page per key, each page a WAL frame at commit): written with
+# every append, they cost a page per acknowledgement; half a second lets a page take the
+# moves of many keys (store CPU per message ~10 % lower at 20K users, bench/store_bench.py).
+_FLUSH_DELAY = 0.5
 
 log = logging.getLogger("imfast.store")
 
@@ -128,7 +138,9 @@ class SQLiteStore:
         # file (two per message at 14K msgs/s; a third of that with 16 MiB).  Only pages
         # read are cached: an idle store stays small.
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        self._migrate()
+        fresh = self._migrate()
+        # Before any write, so every key written from now on is seen by the filters.
+        self._known = KnownKeys(path, fresh=fresh or path == ":memory:")
         self._checkpointer: BackgroundCheckpointer | None = None
         if path != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
@@ -144,10 +156,11 @@ class SQLiteStore:
         self._receipt_dirty: dict[tuple[str, str], int] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> bool:
         """Create the schema, or bring an older file's up to :data:`SCHEMA_VERSION`.
 
         Each step runs in one transaction: a crash mid-way leaves the old version.
+        Returns True when the schema was just created (the file holds no rows).
         """
         db = self._db
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -156,17 +169,23 @@ class SQLiteStore:
                                f"up to {SCHEMA_VERSION}: upgrade imfast")
         script = _MIGRATE_1_TO_2 if version == 1 else _SCHEMA
         if version and version == SCHEMA_VERSION:
-            return
+            return False
         if version == 1:
             log.warning("migrating %s from schema 1 to %s", self.path, SCHEMA_VERSION)
         db.executescript(f"BEGIN;{script}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        return version == 0
 
     def _latest(self, conv: str) -> int:
         latest = self._stored_latest.get(conv)
         if latest is None:
-            row = self._db.execute("SELECT MAX(seq) FROM messages WHERE conv=?",
-                                   (conv,)).fetchone()
-            latest = self._stored_latest[conv] = int(row[0] or 0)
+            known = self._known
+            if (known.complete or known.ready()) and conv not in known.convs:
+                latest = 0
+            else:
+                row = self._db.execute("SELECT MAX(seq) FROM messages WHERE conv=?",
+                                       (conv,)).fetchone()
+                latest = int(row[0] or 0)
+            self._stored_latest[conv] = latest
         return latest
 
     # SequenceStore
@@ -178,11 +197,13 @@ class SQLiteStore:
         seen = self._recent.get(dedup_key)
         if seen is not None:
             return Reservation(seen.seq, seen.msg_id, True)
-        row = self._db.execute(
-            "SELECT seq, msg_id FROM messages WHERE dedup_key=?", (dedup_key,)
-        ).fetchone()
-        if row is not None:
-            return Reservation(int(row[0]), str(row[1]), True)
+        known = self._known
+        if not (known.complete or known.ready()) or dedup_key in known.dedup:
+            row = self._db.execute(
+                "SELECT seq, msg_id FROM messages WHERE dedup_key=?", (dedup_key,)
+            ).fetchone()
+            if row is not None:
+                return Reservation(int(row[0]), str(row[1]), True)
         current = self._counters.get(conv)
         if current is None:
             current = self._latest(conv)
@@ -208,10 +229,14 @@ class SQLiteStore:
         rows = []
         pairs = self._pairs
         new_convs: list[str] = []  # private conversations not known to be recorded
+        dedup_keys: list[str] = []
         for m in messages:
             conv = m.conv
+            dedup_key = f"{m.sender}:{m.cmid}" if m.cmid else None
+            if dedup_key is not None:
+                dedup_keys.append(dedup_key)
             rows.append((conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body,
-                         m.ts, m.kind, f"{m.sender}:{m.cmid}" if m.cmid else None))
+                         m.ts, m.kind, dedup_key))
             if conv not in pairs:
                 new_convs.append(conv)
         convs: set[tuple[str, str]] = set()
@@ -219,7 +244,6 @@ class SQLiteStore:
             pair = conv_members_private(conv)
             if pair is not None:
                 convs.update((user, conv) for user in pair)
-        cursors, receipts = self._take_moved()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -227,14 +251,11 @@ class SQLiteStore:
                            "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             if convs:
                 db.executemany("INSERT OR IGNORE INTO private_convs VALUES (?,?)", sorted(convs))
-            self._write_moved(cursors, receipts)
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
-            self._requeue_moved(cursors, receipts)
             raise ValueError(f"sequence number already exists: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
-            self._requeue_moved(cursors, receipts)
             raise
         db.execute("COMMIT")
         if self._checkpointer is not None:
@@ -243,10 +264,17 @@ class SQLiteStore:
             pairs[conv] = None
         while len(pairs) > _PAIR_CACHE:
             pairs.popitem(last=False)
+        known = self._known
+        known_dedup = known.dedup
+        for dedup_key in dedup_keys:
+            known_dedup.add(dedup_key)
         latest = self._stored_latest
         for m in messages:
-            if m.seq > latest.get(m.conv, 0):
+            before = latest.get(m.conv, 0)
+            if m.seq > before:
                 latest[m.conv] = m.seq
+                if not before:  # maybe its first entry in the file
+                    known.convs.add(m.conv)
 
     async def fetch(self, conv: str, after: int, limit: int) -> list[StoredMessage]:
         cur = self._db.execute(
@@ -303,25 +331,31 @@ class SQLiteStore:
         """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         return self._move_forward(
             (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
-            "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?")[0]
+            self._known.cursors, "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?")[0]
 
     def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
-                      cache: OrderedDict[Any, int], cache_max: int,
+                      cache: OrderedDict[Any, int], cache_max: int, known: KeyFilters,
                       select: str) -> tuple[int, bool]:
         """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
 
-        Known from ``dirty`` (moved, not yet written), else ``cache``, else one
-        ``select``; a move is queued in ``dirty`` for the next flush.  Returns
-        (the value now, whether it moved).
+        Known from ``dirty`` (moved, not yet written), else ``cache``, else
+        absent by the ``known`` filter, else one ``select``; a move is queued
+        in ``dirty`` for the next flush.  Returns (the value now, whether it moved).
         """
         current = dirty.get(key)
         if current is None:
             current = cache.get(key)
         if current is None:
-            row = self._db.execute(select, key).fetchone()
-            current = int(row[0]) if row else 0
+            store_known = self._known
+            if (store_known.complete or store_known.ready()) and key not in known:
+                current = 0
+            else:
+                row = self._db.execute(select, key).fetchone()
+                current = int(row[0]) if row else 0
         moved = seq > current
         if moved:
+            if not current:  # its row is written for the first time: the filter learns it
+                known.add(key)
             current = seq
             dirty[key] = seq
             if self._flush_handle is None:
@@ -369,7 +403,7 @@ class SQLiteStore:
                 self._receipt_dirty[rkey] = seq
 
     def _flush_moved(self) -> None:
-        """Write the cursors and receipts no append carried, in one transaction."""
+        """Write the cursors and receipts moved since the last flush, in one transaction."""
         self._flush_handle = None
         cursors, receipts = self._take_moved()
         if not cursors and not receipts:
@@ -427,7 +461,7 @@ class SQLiteStore:
         """Moves ``user``'s receipt in ``conv`` forward only; written with the cursors."""
         return self._move_forward(
             (conv, user), seq, self._receipt_dirty, self._receipt_cache, _RECEIPT_CACHE,
-            "SELECT seq FROM read_receipts WHERE conv=? AND user=?")[1]
+            self._known.receipts, "SELECT seq FROM read_receipts WHERE conv=? AND user=?")[1]
 
     async def read_up_to(self, conv: str) -> dict[str, int]:
         cur = self._db.execute("SELECT user, seq FROM read_receipts WHERE conv=?", (conv,))
@@ -438,6 +472,7 @@ class SQLiteStore:
         return found
 
     async def close(self) -> None:
+        self._known.close()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush_moved()

@@ -83,14 +83,14 @@ async def test_moved_cursors_reach_the_file_within_the_flush_delay(tmp_path: Pat
     assert await store.advance("bob", "d1", "p:alice:bob", 1) == 2  # never back
     assert await store.cursors("bob", "d1") == {"p:alice:bob": 2}  # before the write, too
     on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
-    assert on_disk == []  # not yet: waiting for an append to carry it
-    await asyncio.sleep(_FLUSH_DELAY * 3)  # no append came: written on its own
-    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
-    assert on_disk == [(2,)]
+    assert on_disk == []  # not yet: moves of half a second share one write
     assert await store.advance("bob", "d1", "p:alice:bob", 3) == 3
-    await store.append([_msg("p:alice:bob", 4)])  # an append writes pending cursors too
+    await store.append([_msg("p:alice:bob", 4)])  # appends stay small: they do not carry it
     on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
-    assert on_disk == [(3,)]
+    assert on_disk == []
+    await asyncio.sleep(_FLUSH_DELAY * 2)
+    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
+    assert on_disk == [(3,)]  # the latest of the moves, once
     await store.close()
 
 
@@ -103,7 +103,7 @@ async def test_read_receipts_move_forward_only_and_are_batched_like_cursors(
         assert not await store.mark_read("p:alice:bob", "bob", 1)  # never back
         assert await store.read_up_to("p:alice:bob") == {"bob": 2}  # before the write, too
         assert sqlite3.connect(path).execute("SELECT seq FROM read_receipts").fetchall() == []
-        await store.append([_msg("p:alice:bob", 1)])  # an append carries it
+        await asyncio.sleep(_FLUSH_DELAY * 2)
         rows = sqlite3.connect(path).execute("SELECT user, seq FROM read_receipts").fetchall()
         assert rows == [("bob", 2)]
         assert await store.mark_read("p:alice:bob", "bob", 5)
@@ -155,3 +155,91 @@ async def test_the_wal_is_checkpointed_off_the_loop_and_truncated_on_close(
     await store.close()
     wal = Path(str(path) + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def _reads(store: SQLiteStore) -> list[str]:
+    """Record every SELECT the store's writer connection runs from now on."""
+    seen: list[str] = []
+    store._db.set_trace_callback(lambda sql: seen.append(sql) if "SELECT" in sql else None)
+    return seen
+
+
+async def _until_ready(store: SQLiteStore) -> None:
+    for _ in range(500):
+        if store._known.ready():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the key scan did not finish within 5 s")
+
+
+async def test_new_keys_cost_no_read_once_the_reopened_store_knows_its_keys(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "k.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", s) for s in (1, 2)])
+    await store.advance("bob", "d1", "p:alice:bob", 2)
+    await store.mark_read("p:alice:bob", "bob", 2)
+    await store.close()
+    again = SQLiteStore(path)
+    try:
+        await _until_ready(again)
+        reads = _reads(again)
+        fresh = await again.reserve("p:alice:carol", "alice:brand-new", "m1", 0)
+        assert (fresh.seq, fresh.duplicate) == (1, False)
+        assert await again.advance("carol", "d1", "p:alice:carol", 1) == 1
+        assert await again.mark_read("p:alice:carol", "carol", 1) is True
+        assert reads == []  # all three answered "absent" from memory
+        # Keys the file already held are still found, by reading it.
+        dup = await again.reserve("p:alice:bob", "alice:c1", "mX", 0)
+        assert (dup.seq, dup.msg_id, dup.duplicate) == (1, "mp:alice:bob1", True)
+        assert await again.advance("bob", "d1", "p:alice:bob", 1) == 2  # never backwards
+        assert await again.mark_read("p:alice:bob", "bob", 1) is False
+        assert (await again.reserve("p:alice:bob", "alice:c9", "m3", 0)).seq == 3
+        assert len(reads) >= 4
+    finally:
+        await again.close()
+
+
+async def test_until_the_scan_is_done_and_during_it_nothing_is_missed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from imfast.backends import sqlite_keys
+
+    path = str(tmp_path / "s.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", 1, cmid="old")])
+    await store.advance("bob", "d1", "p:alice:bob", 1)
+    await store.close()
+
+    scanned, go = threading.Event(), threading.Event()
+    scan = sqlite_keys.KnownKeys._scan
+
+    def held_scan(self: sqlite_keys.KnownKeys, p: str) -> None:
+        scan(self, p)  # its snapshot: the file as opened, before the writes below
+        found, self._scanned = self._scanned, None
+        scanned.set()
+        go.wait(10)  # ... and it reports only after them
+        self._scanned = found
+
+    monkeypatch.setattr(sqlite_keys.KnownKeys, "_scan", held_scan)
+    again = SQLiteStore(path)
+    try:
+        assert await asyncio.to_thread(scanned.wait, 10)
+        assert again._known.ready() is False  # not reported yet: the file is read
+        assert (await again.reserve("p:alice:bob", "alice:old", "mX", 0)).duplicate is True
+        # Written after the scan's snapshot: only the live filters can know them.
+        await again.append([_msg("p:alice:dave", 1, cmid="during")])
+        assert await again.advance("dave", "d1", "p:alice:dave", 1) == 1
+        await asyncio.sleep(_FLUSH_DELAY * 3)  # the cursor row reaches the file
+        go.set()
+        await _until_ready(again)
+        assert (await again.reserve("p:alice:bob", "alice:old", "mY", 0)).duplicate is True
+        assert (await again.reserve("p:alice:dave", "alice:during", "mZ", 0)).duplicate is True
+        assert (await again.reserve("p:alice:dave", "alice:next", "mW", 0)).seq == 2
+        again._cursor_cache.clear()  # make it ask the filter, then the file
+        assert await again.advance("dave", "d1", "p:alice:dave", 0) == 1
+        assert await again.advance("bob", "d1", "p:alice:bob", 0) == 1
+    finally:
+        go.set()
+        await again.close()

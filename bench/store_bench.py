@@ -1,0 +1,135 @@
+"""The embedded store's CPU per message, the way the router drives it, variants side by side.
+
+    python bench/store_bench.py [--users 20000] [--messages 100000] [--batch 256]
+
+Per message, as the router and an acknowledging recipient do it: a
+``reserve_now`` (dedup check + sequence number), an ``append`` per batch
+(one commit, like the group committer), and the recipient's ``advance_now``
+(delivery cursor).  Moved cursors are written every ``--flush-every``
+batches.  The file is first filled with ``--prefill`` messages and reopened,
+so the indexes have the size of a store that has been running a while.
+
+Rows: CPU time of the whole process (the WAL checkpoint thread included) per
+message, for each variant in the same run, with the ratio to the first:
+
+* ``file reads``: every "was this stored?" question read from SQLite (how
+  the store worked before the key filters);
+* ``key filters``: the default - certain "no" answers from memory
+  (imfast/backends/sqlite_keys.py);
+* ``... cursors every N batches``: the same with fewer cursor writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+from imfast.backends import sqlite as sqlite_mod
+from imfast.backends.base import StoredMessage
+from imfast.backends.sqlite import SQLiteStore
+
+
+def _workload(users: int, count: int, seed: int, start: int) -> list[tuple[str, str, str, str]]:
+    """(conv, sender, recipient, cmid): random pairs of neighbours, gen.py-style cmids."""
+    rnd = random.Random(seed)
+    out = []
+    for n in range(start, start + count):
+        a = rnd.randrange(users // 2) * 2
+        sender, recipient = (f"u{a}", f"u{a + 1}") if rnd.random() < 0.5 else \
+            (f"u{a + 1}", f"u{a}")
+        conv = f"p:u{a}:u{a + 1}" if f"u{a}" < f"u{a + 1}" else f"p:u{a + 1}:u{a}"
+        out.append((conv, sender, recipient, f"1.{n}"))
+    return out
+
+
+async def _drive(store: SQLiteStore, work: list[tuple[str, str, str, str]], batch: int,
+                 flush_every: int) -> None:
+    body = "x" * 64
+    ts = int(time.time() * 1000)
+    for b, i in enumerate(range(0, len(work), batch)):
+        chunk = work[i:i + batch]
+        messages = []
+        for conv, sender, _, cmid in chunk:
+            msg_id = f"m{cmid}"
+            res = store.reserve_now(conv, f"{sender}:{cmid}", msg_id, 0)
+            messages.append(StoredMessage(conv, res.seq, msg_id, sender, "d1", cmid, body, ts))
+        await store.append(messages)
+        for m, (_, _, recipient, _) in zip(messages, chunk, strict=True):
+            store.advance_now(recipient, "d1", m.conv, m.seq)
+        if (b + 1) % flush_every == 0:
+            store._flush_moved()
+    store._flush_moved()
+
+
+async def _until_ready(store: SQLiteStore) -> float:
+    started = time.monotonic()
+    while not store._known.ready():
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def _one(path: str, variant: str, opts: argparse.Namespace, seed: int) -> float:
+    store = SQLiteStore(path)
+    try:
+        scan = await _until_ready(store)
+        if variant == "file reads":
+            store._known.complete = False
+            store._known.ready = lambda: False  # type: ignore[method-assign]
+        else:
+            print(f"  ({variant}: key scan of the reopened file took {scan:.2f} s)", flush=True)
+        flush_every = opts.flush_every if "cursors every" in variant else 1
+        work = _workload(opts.users, opts.messages, seed, start=10_000_000 * seed)
+        cpu = time.process_time()
+        await _drive(store, work, opts.batch, flush_every)
+        return (time.process_time() - cpu) / opts.messages * 1e6
+    finally:
+        await store.close()
+
+
+async def main(opts: argparse.Namespace) -> None:
+    sqlite_mod._FLUSH_DELAY = 3600.0  # cursors are written when the bench says so
+    tmp = tempfile.mkdtemp(prefix="imfast-store-bench-")
+    try:
+        seed_file = os.path.join(tmp, "seed.db")
+        store = SQLiteStore(seed_file)
+        await _drive(store, _workload(opts.users, opts.prefill, 1, start=0), 1000, 1)
+        await store.close()
+        every = f"key filters, cursors every {opts.flush_every} batches"
+        variants = ["file reads", "key filters", every]
+        results: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(opts.repeats):
+            for v in variants:  # interleaved: the machine's noise hits all alike
+                path = os.path.join(tmp, f"run{r}-{len(results[v])}-{v[:4]}.db")
+                for suffix in ("", "-wal"):
+                    if os.path.exists(seed_file + suffix):
+                        shutil.copyfile(seed_file + suffix, path + suffix)
+                results[v].append(await _one(path, v, opts, seed=2 + r))
+                os.unlink(path)
+        base = min(results[variants[0]])
+        print(f"\nstore CPU per message ({opts.users:,} users, {opts.prefill:,} messages "
+              f"before, {opts.messages:,} measured in batches of {opts.batch}; best of "
+              f"{opts.repeats}; {platform.python_version()}, {os.cpu_count()} CPUs)")
+        print(f"{'variant':45s} {'us/msg':>8s} {'vs file reads':>14s}")
+        for v in variants:
+            best = min(results[v])
+            print(f"{v:45s} {best:8.1f} {base / best:13.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--prefill", type=int, default=200_000)
+    p.add_argument("--messages", type=int, default=60_000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--flush-every", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    asyncio.run(main(p.parse_args(sys.argv[1:])))

@@ -1,0 +1,116 @@
+"""Approximate key sets: "certainly absent" or "maybe present", in ~2 bytes a key.
+
+The embedded store asks SQLite, for every new message, whether its dedup key
+was stored before; for every first acknowledgement of a conversation, whether
+a cursor row exists.  Nearly always the answer is no, and each question costs
+an indexed read (~10 % of the store's CPU per message).  A filter answers
+those "no"s from memory.
+
+Guarantee: no false negatives.  A key that was :meth:`KeyFilter.add`-ed is
+always reported as maybe present, however many keys follow (past its
+capacity the filter only grows less precise: more "maybe" for absent keys,
+which the caller then checks in the database).  It is a Bloom filter with
+three bit positions per key derived from ``hash(key)`` - Python's per-process
+hash, so a filter lives in memory only and is rebuilt at start-up.
+
+Not thread-safe: setting a bit is a read-modify-write, so one thread owns
+each filter (a scan thread builds its own, then hands it over whole).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+__all__ = ["KeyFilter", "KeyFilters"]
+
+_BITS_PER_KEY = 16  # with 3 positions a key: ~0.5 % false "maybe" at capacity
+_MIN_BITS = 1 << 16
+
+
+class KeyFilter:
+    """A fixed-size Bloom filter sized for ``capacity`` keys (see module docstring)."""
+
+    __slots__ = ("_bits", "_mask", "capacity", "count")
+
+    def __init__(self, capacity: int) -> None:
+        nbits = _MIN_BITS
+        while nbits < capacity * _BITS_PER_KEY:
+            nbits <<= 1
+        self._bits = bytearray(nbits >> 3)
+        self._mask = nbits - 1
+        self.capacity = max(1, capacity)
+        self.count = 0  # keys added (repeats included): how full it is
+
+    def add(self, key: Hashable) -> None:
+        h = hash(key)
+        mask = self._mask
+        step = (h >> 32) | 1  # odd, so the three positions differ
+        bits = self._bits
+        i = h & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        self.count += 1
+
+    def __contains__(self, key: Hashable) -> bool:
+        h = hash(key)
+        mask = self._mask
+        step = (h >> 32) | 1
+        bits = self._bits
+        i = h & mask
+        if not bits[i >> 3] & (1 << (i & 7)):
+            return False
+        i = (i + step) & mask
+        if not bits[i >> 3] & (1 << (i & 7)):
+            return False
+        i = (i + step) & mask
+        return bool(bits[i >> 3] & (1 << (i & 7)))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._bits)
+
+
+class KeyFilters:
+    """A growing key set made of :class:`KeyFilter` s: a full one is kept, a larger one added.
+
+    ``add`` goes to the newest filter; ``in`` asks all of them.  Each filter
+    stays within its capacity, so the false "maybe" rate stays near 0.5 %
+    per filter however many keys arrive (and filters double in size, so
+    there are few).
+    """
+
+    __slots__ = ("_filters", "_newest")
+
+    def __init__(self, capacity: int = 1 << 16, keys: Iterable[Hashable] = ()) -> None:
+        self._newest = KeyFilter(capacity)
+        self._filters: list[KeyFilter] = [self._newest]
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: Hashable) -> None:
+        newest = self._newest
+        if newest.count >= newest.capacity:
+            newest = self._newest = KeyFilter(newest.capacity * 2)
+            self._filters.append(newest)
+        newest.add(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        for f in self._filters:
+            if key in f:
+                return True
+        return False
+
+    def absorb(self, other: KeyFilters) -> None:
+        """Take ``other``'s filters as well (built on another thread, handed over whole)."""
+        self._filters = [*other._filters, *self._filters]
+
+    @property
+    def count(self) -> int:
+        return sum(f.count for f in self._filters)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self._filters)

@@ -1,0 +1,112 @@
+"""Which keys the SQLite store's tables hold, as in-memory filters (see keyfilter).
+
+The store's hot path asks four questions whose answer is nearly always "no":
+was this dedup key stored, does this conversation have entries, does this
+device have a cursor row in this conversation, does this user have a read
+receipt in it.  :class:`KnownKeys` answers "certainly not" from memory once
+it knows every key of the database:
+
+* keys already in the file are read by a scan on a thread of its own (its
+  own read-only connection, so it never blocks the writer);
+* keys written from now on are added by the store as it writes them.
+
+Guarantee: ``complete`` is True only once both halves are in, and from then
+on ``x not in known.<table>`` means the table has no such key.  Until then the
+store reads the database as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+from imfast.backends.keyfilter import KeyFilters
+
+__all__ = ["KnownKeys"]
+
+log = logging.getLogger("imfast.store")
+
+_BATCH = 10_000  # rows fetched at a time by the scan (and how often it checks for close)
+
+
+class _Tables(NamedTuple):
+    dedup: KeyFilters  # messages.dedup_key
+    convs: KeyFilters  # messages.conv
+    cursors: KeyFilters  # (user, device, conv) of cursors
+    receipts: KeyFilters  # (conv, user) of read_receipts
+
+
+# (count query, key query, how a row becomes the key the store asks about)
+_SCANS = (
+    ("SELECT COUNT(*) FROM messages WHERE dedup_key IS NOT NULL",
+     "SELECT dedup_key FROM messages WHERE dedup_key IS NOT NULL", lambda r: r[0]),
+    ("SELECT COUNT(DISTINCT conv) FROM messages",
+     "SELECT DISTINCT conv FROM messages", lambda r: r[0]),
+    ("SELECT COUNT(*) FROM cursors", "SELECT user, device, conv FROM cursors", tuple),
+    ("SELECT COUNT(*) FROM read_receipts", "SELECT conv, user FROM read_receipts", tuple),
+)
+
+
+class KnownKeys:
+    """The four filters, complete at once for a new database, else after a scan."""
+
+    def __init__(self, path: str, fresh: bool) -> None:
+        self.live = _Tables(KeyFilters(), KeyFilters(), KeyFilters(), KeyFilters())
+        self.dedup, self.convs, self.cursors, self.receipts = self.live
+        self.complete = fresh
+        self._scanned: _Tables | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if not fresh:
+            self._thread = threading.Thread(target=self._scan, args=(path,),
+                                            name="sqlite-key-scan", daemon=True)
+            self._thread.start()
+
+    def ready(self) -> bool:
+        """True once complete; adopts the scan's filters the first time it can (owner thread)."""
+        if self.complete:
+            return True
+        scanned = self._scanned
+        if scanned is None:
+            return False
+        for live, old in zip(self.live, scanned, strict=True):
+            live.absorb(old)
+        self.complete = True
+        return True
+
+    def _scan(self, path: str) -> None:
+        try:
+            db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True,
+                                 check_same_thread=False)
+        except sqlite3.Error:
+            log.exception("key scan could not open %s; the store reads the file instead", path)
+            return
+        try:
+            db.execute("BEGIN")  # one snapshot for all four tables
+            built = []
+            for count_sql, keys_sql, key_of in _SCANS:
+                (count,) = db.execute(count_sql).fetchone()
+                found = KeyFilters(capacity=int(count) + (1 << 16))
+                cur = db.execute(keys_sql)
+                while rows := cur.fetchmany(_BATCH):
+                    if self._closing:
+                        return
+                    for row in rows:
+                        found.add(key_of(row))
+                built.append(found)
+            self._scanned = _Tables(*built)
+            log.info("store key scan done: %s dedup keys, %s conversations, %s cursors, "
+                     "%s receipts", *(f.count for f in built))
+        except sqlite3.Error:
+            log.exception("key scan failed; the store keeps reading the file instead")
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        """Stop a scan still running (it holds only a read snapshot)."""
+        self._closing = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
