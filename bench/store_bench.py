@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -75,7 +76,8 @@ async def _until_ready(store: SQLiteStore) -> float:
     return time.monotonic() - started
 
 
-async def _one(path: str, variant: str, opts: argparse.Namespace, seed: int) -> float:
+async def _one(path: str, variant: str, opts: argparse.Namespace,
+               seed: int) -> tuple[float, ...]:
     store = SQLiteStore(path)
     try:
         scan = await _until_ready(store)
@@ -86,11 +88,22 @@ async def _one(path: str, variant: str, opts: argparse.Namespace, seed: int) -> 
             print(f"  ({variant}: key scan of the reopened file took {scan:.2f} s)", flush=True)
         flush_every = opts.flush_every if "cursors every" in variant else 1
         work = _workload(opts.users, opts.messages, seed, start=10_000_000 * seed)
-        cpu = time.process_time()
+        io, cpu = _io(), time.process_time()
         await _drive(store, work, opts.batch, flush_every)
-        return (time.process_time() - cpu) / opts.messages * 1e6
+        cpu = (time.process_time() - cpu) / opts.messages * 1e6
+        after = _io()
+        return cpu, *((after[k] - io[k]) / opts.messages for k in ("syscr", "syscw", "wchar"))
     finally:
         await store.close()
+
+
+def _io() -> dict[str, int]:
+    """This process's read/write system calls and bytes written (all threads), or zeros."""
+    try:
+        with open("/proc/self/io") as fh:
+            return {k: int(v) for k, v in (line.split(": ") for line in fh)}
+    except OSError:
+        return {"syscr": 0, "syscw": 0, "wchar": 0}
 
 
 async def main(opts: argparse.Namespace) -> None:
@@ -103,23 +116,27 @@ async def main(opts: argparse.Namespace) -> None:
         await store.close()
         every = f"key filters, cursors every {opts.flush_every} batches"
         variants = ["file reads", "key filters", every]
-        results: dict[str, list[float]] = {v: [] for v in variants}
+        results: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
         for r in range(opts.repeats):
             for v in variants:  # interleaved: the machine's noise hits all alike
                 path = os.path.join(tmp, f"run{r}-{len(results[v])}-{v[:4]}.db")
-                for suffix in ("", "-wal"):
-                    if os.path.exists(seed_file + suffix):
-                        shutil.copyfile(seed_file + suffix, path + suffix)
+                shutil.copyfile(seed_file, path)  # closed: the WAL is checkpointed and empty
                 results[v].append(await _one(path, v, opts, seed=2 + r))
                 os.unlink(path)
-        base = min(results[variants[0]])
-        print(f"\nstore CPU per message ({opts.users:,} users, {opts.prefill:,} messages "
-              f"before, {opts.messages:,} measured in batches of {opts.batch}; best of "
-              f"{opts.repeats}; {platform.python_version()}, {os.cpu_count()} CPUs)")
-        print(f"{'variant':45s} {'us/msg':>8s} {'vs file reads':>14s}")
+        print(f"\nstore per message ({opts.users:,} users, {opts.prefill:,} messages "
+              f"before, {opts.messages:,} measured in batches of {opts.batch}; median of "
+              f"{opts.repeats} interleaved runs; {platform.python_version()}, "
+              f"{os.cpu_count()} CPUs).  CPU time varies run to run on a shared VM; the\n"
+              f"system calls (/proc/self/io, checkpoint thread included) do not.")
+        print(f"{'variant':42s} {'CPU us':>7s} {'vs first':>8s} {'reads':>6s} {'writes':>6s} "
+              f"{'KiB out':>7s}  CPU runs")
+        base = statistics.median(x[0] for x in results[variants[0]])
         for v in variants:
-            best = min(results[v])
-            print(f"{v:45s} {best:8.1f} {base / best:13.2f}x")
+            cpu, reads, writes, out = (statistics.median(x[i] for x in results[v])
+                                       for i in range(4))
+            runs = ", ".join(f"{x[0]:.0f}" for x in results[v])
+            print(f"{v:42s} {cpu:7.1f} {base / cpu:7.2f}x {reads:6.2f} {writes:6.2f} "
+                  f"{out / 1024:7.2f}  {runs}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,8 +145,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--prefill", type=int, default=200_000)
-    p.add_argument("--messages", type=int, default=60_000)
+    p.add_argument("--messages", type=int, default=40_000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--flush-every", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     asyncio.run(main(p.parse_args(sys.argv[1:])))
