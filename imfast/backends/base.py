@@ -11,7 +11,6 @@ group ``g:<id>``; every entry in it - chat message, recall, membership event
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
@@ -36,9 +35,12 @@ KIND_EVENT = "event"  # a system event (group membership); body is JSON
 KIND_RECALL = "recall"  # the sender recalled an earlier seq; body is that seq
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """One entry of a conversation log, immutable once stored."""
+class StoredMessage(NamedTuple):
+    """One entry of a conversation log, immutable once stored.
+
+    A named tuple, not a frozen dataclass: one is made per message, and a
+    frozen dataclass takes twice as long to build (0.9 vs 1.9 us here).
+    """
 
     conv: str
     seq: int
