@@ -246,7 +246,8 @@ def write_report(result: dict[str, Any], verdict: list[dict[str, Any]], path: st
         [(k, t.get(k, 0)) for k in ("sent", "acknowledged", "delivered", "deliveries",
                                      "expected_deliveries", "duplicates", "delivered_after_error",
                                      "redelivered",
-                                     "lost", "unacknowledged", "gaps", "error_frames",
+                                     "lost", "drain_capped", "unacknowledged", "gaps",
+                                     "error_frames",
                                      "connect_ok", "connect_failed", "unexpected_closes",
                                      "reconnects", "retried_sends", "dedup_hits",
                                      "own_resumed", "connected_at_end")]

@@ -6,10 +6,15 @@ Nothing here depends on timing: only that every count is consistent.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from tests.helpers.node import NodeThread
 
@@ -69,3 +74,83 @@ def test_histogram_buckets_and_merge() -> None:
     assert merged.n == 1000 and merged.min == 1 and merged.max == 1000
     assert 495 <= merged.percentile(50) <= 510
     assert Histogram.from_dict(merged.to_dict()).summary() == merged.summary()
+
+
+class _SlowRelay:
+    """A bench/peers-style relay that forwards every message ``delay`` seconds late.
+
+    It stands for an overloaded server working through a backlog: deliveries
+    keep arriving after the load stopped, for longer than the generator's
+    ``--drain``.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.users: dict[str, Any] = {}
+
+    def listener(self, request: Any) -> Any:
+        import orjson
+        from picows import WSListener, WSMsgType
+
+        relay = self
+        user = parse_qs(urlsplit(request.path.decode()).query).get("user", [""])[0]
+
+        class Conn(WSListener):  # type: ignore[misc]
+            def on_ws_connected(self, transport: Any) -> None:
+                relay.users[user] = transport
+
+            def on_ws_frame(self, transport: Any, frame: Any) -> None:
+                if frame.msg_type != WSMsgType.TEXT:
+                    return
+                msg = orjson.loads(frame.get_payload_as_bytes())
+                if msg.get("type") == "join":
+                    transport.send(WSMsgType.TEXT, orjson.dumps(
+                        {"type": "joined", "group": msg["group"]}))
+                    return
+                out = orjson.dumps({"from": user, "body": msg["body"]})
+                peer = relay.users.get(msg.get("to", ""))
+                if peer is not None:
+                    asyncio.get_running_loop().call_later(
+                        relay.delay, peer.send, WSMsgType.TEXT, out)
+
+        return Conn()
+
+
+def test_the_drain_waits_for_a_backlog_that_still_moves(tmp_path: Path) -> None:
+    from picows import ws_create_server
+
+    relay = _SlowRelay(delay=2.5)
+    ready: queue.Queue[int] = queue.Queue()
+    stop = threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            server = await ws_create_server(relay.listener, "127.0.0.1", 0)
+            ready.put(server.sockets[0].getsockname()[1])
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            server.close()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = ready.get(timeout=10)
+    out = tmp_path / "result.json"
+    try:
+        # Messages sent in the last 2.5 s of load arrive after it; --drain 1 alone would
+        # give up on them.  Nothing is lost: the drain has to wait while they come.
+        subprocess.run(
+            [sys.executable, str(ROOT / "load_test" / "gen.py"), "--url",
+             f"ws://127.0.0.1:{port}/ws", "--protocol", "relay", "--processes", "1",
+             "--server-pid", "-1", "--quiet", "--json", str(out), "--scenario", "chat",
+             "--connections", "10", "--rate", "20", "--duration", "3", "--group-share", "0",
+             "--read-share", "0", "--typing-share", "0", "--drain", "1"],
+            capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    t = json.loads(out.read_text())["totals"]
+    assert t["sent"] > 20
+    assert t["deliveries"] == t["expected_deliveries"] == t["sent"]
+    assert t["lost"] == 0 and t["drain_capped"] == 0
