@@ -97,6 +97,26 @@ class KeyFilters:
             self._filters.append(newest)
         newest.add(key)
 
+    def add_all(self, keys: Iterable[Hashable]) -> None:
+        """``add`` each of ``keys``: one call for a batch (the store adds a commit's keys)."""
+        newest = self._newest
+        bits, mask = newest._bits, newest._mask
+        for key in keys:
+            if newest.count >= newest.capacity:
+                self.add(key)  # grows; later keys go to the new filter
+                newest = self._newest
+                bits, mask = newest._bits, newest._mask
+                continue
+            newest.count += 1
+            h = hash(key)
+            step = (h >> 32) | 1
+            i = h & mask
+            bits[i >> 3] |= 1 << (i & 7)
+            i = (i + step) & mask
+            bits[i >> 3] |= 1 << (i & 7)
+            i = (i + step) & mask
+            bits[i >> 3] |= 1 << (i & 7)
+
     def __contains__(self, key: Hashable) -> bool:
         for f in self._filters:
             if key in f:

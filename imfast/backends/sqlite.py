@@ -265,9 +265,7 @@ class SQLiteStore:
         while len(pairs) > _PAIR_CACHE:
             pairs.popitem(last=False)
         known = self._known
-        known_dedup = known.dedup
-        for dedup_key in dedup_keys:
-            known_dedup.add(dedup_key)
+        known.dedup.add_all(dedup_keys)
         latest = self._stored_latest
         for m in messages:
             before = latest.get(m.conv, 0)

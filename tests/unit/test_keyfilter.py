@@ -15,11 +15,16 @@ _keys = st.one_of(st.text(max_size=40), st.tuples(st.text(max_size=10), st.text(
 @given(st.lists(_keys, max_size=300))
 def test_every_added_key_is_reported_maybe_present(keys: list[object]) -> None:
     one, grown = KeyFilter(capacity=8), KeyFilters(capacity=8)  # both overfilled on purpose
+    batched = KeyFilters(capacity=8)
     for key in keys:
         one.add(key)
         grown.add(key)
+    batched.add_all(keys)
     assert all(key in one for key in keys)
     assert all(key in grown for key in keys)
+    assert all(key in batched for key in keys)
+    assert batched.count == grown.count == len(keys)
+    assert len(batched._filters) == len(grown._filters)  # grows exactly as one by one
 
 
 def test_absent_keys_are_mostly_reported_absent_at_capacity() -> None:
