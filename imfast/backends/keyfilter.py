@@ -42,17 +42,24 @@ class KeyFilter:
         self.count = 0  # keys added (repeats included): how full it is
 
     def add(self, key: Hashable) -> None:
-        h = hash(key)
+        self.add_all((key,))
+
+    def add_all(self, keys: Iterable[Hashable]) -> None:
+        """``add`` each of ``keys`` (one call for a batch: the store adds a commit's keys)."""
         mask = self._mask
-        step = (h >> 32) | 1  # odd, so the three positions differ
         bits = self._bits
-        i = h & mask
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
-        self.count += 1
+        n = 0
+        for key in keys:
+            h = hash(key)
+            step = (h >> 32) | 1  # odd, so the three positions differ
+            i = h & mask
+            bits[i >> 3] |= 1 << (i & 7)
+            i = (i + step) & mask
+            bits[i >> 3] |= 1 << (i & 7)
+            i = (i + step) & mask
+            bits[i >> 3] |= 1 << (i & 7)
+            n += 1
+        self.count += n
 
     def __contains__(self, key: Hashable) -> bool:
         h = hash(key)
@@ -91,31 +98,20 @@ class KeyFilters:
             self.add(key)
 
     def add(self, key: Hashable) -> None:
-        newest = self._newest
-        if newest.count >= newest.capacity:
-            newest = self._newest = KeyFilter(newest.capacity * 2)
-            self._filters.append(newest)
-        newest.add(key)
+        self.add_all((key,))
 
     def add_all(self, keys: Iterable[Hashable]) -> None:
-        """``add`` each of ``keys``: one call for a batch (the store adds a commit's keys)."""
-        newest = self._newest
-        bits, mask = newest._bits, newest._mask
-        for key in keys:
-            if newest.count >= newest.capacity:
-                self.add(key)  # grows; later keys go to the new filter
-                newest = self._newest
-                bits, mask = newest._bits, newest._mask
-                continue
-            newest.count += 1
-            h = hash(key)
-            step = (h >> 32) | 1
-            i = h & mask
-            bits[i >> 3] |= 1 << (i & 7)
-            i = (i + step) & mask
-            bits[i >> 3] |= 1 << (i & 7)
-            i = (i + step) & mask
-            bits[i >> 3] |= 1 << (i & 7)
+        """``add`` each of ``keys``, filling the newest filter up to its capacity first."""
+        pending = list(keys)
+        while pending:
+            newest = self._newest
+            room = newest.capacity - newest.count
+            if room <= 0:
+                newest = self._newest = KeyFilter(newest.capacity * 2)
+                self._filters.append(newest)
+                room = newest.capacity
+            newest.add_all(pending[:room])
+            del pending[:room]
 
     def __contains__(self, key: Hashable) -> bool:
         for f in self._filters:
