@@ -138,9 +138,9 @@ class SQLiteStore:
         # file (two per message at 14K msgs/s; a third of that with 16 MiB).  Only pages
         # read are cached: an idle store stays small.
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        fresh = self._migrate()
+        new_file = self._migrate()
         # Before any write, so every key written from now on is seen by the filters.
-        self._known = KnownKeys(path, fresh=fresh or path == ":memory:")
+        self._known = KnownKeys(path, fresh=new_file or path == ":memory:")
         self._checkpointer: BackgroundCheckpointer | None = None
         if path != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
