@@ -30,8 +30,8 @@ an error such as ``unavailable`` yet stored after all), ``redelivered`` (a seq a
 already processed: the protocol's allowed re-push on resume or after ``ACK_TIMEOUT``, dropped by seq),
 ``lost`` (acknowledged but not delivered to every recipient when the drain
 ended: nothing arrived for ``--drain`` seconds, or a backlog still moving
-after ``--drain`` + 60 s - then ``drain_capped`` counts the processes where
-that happened), ``unacknowledged``, ``errors`` by code.
+after ``--drain`` + ``--drain-extra`` (60 s) - then ``drain_capped`` counts
+the processes where that happened), ``unacknowledged``, ``errors`` by code.
 
 Each worker process owns its users, and every message it sends goes to users
 of the same process, so each process can match sends to deliveries by itself;
@@ -75,7 +75,6 @@ __all__ = ["SLO", "Config", "evaluate_slo", "main", "run"]
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CONNS_PER_SOURCE_ADDR = 10_000     # of 28K ephemeral ports: the kernel's port search stays short
 MAX_CONNS_PER_PROCESS = 15_000     # the fd hard limit here is 20,000 per process
-DRAIN_EXTRA = 60.0                 # the drain waits this much longer while a backlog still moves
 
 
 @dataclass
@@ -122,7 +121,8 @@ class Config:
     typing_share: float = 0.2              # share of sends preceded by `typing`
     contacts: int = 4                      # each user talks to this many others
     body_bytes: int = 64
-    drain: float = 5.0
+    drain: float = 5.0                     # the drain ends after this long with nothing arriving
+    drain_extra: float = 60.0              # ... or this much later while a backlog still moves
     connect_concurrency: int = 256         # per process
     connect_rate: float = 0.0              # connections/s in total, 0 = as fast as it goes
     connect_timeout: float = 120.0         # the whole connect phase
@@ -1024,7 +1024,7 @@ class Worker:
         # moves, so "lost" means nothing arrived for a whole --drain period.
         self.phase = "drain"
         now = time.monotonic()
-        drain_end, drain_cap = now + cfg.drain, now + cfg.drain + DRAIN_EXTRA
+        drain_end, drain_cap = now + cfg.drain, now + cfg.drain + cfg.drain_extra
         moved = (self.c.deliveries, self.c.acknowledged)
         while time.monotonic() < drain_end:
             if self.reconnecting == 0 and (not self.pending or not any(
@@ -1147,7 +1147,8 @@ def run(cfg: Config, progress: Any = None) -> dict[str, Any]:
         procs.append(p)
         pipes.append(parent_end)
 
-    hard_deadline = t_begin + cfg.connect_timeout + cfg.duration + cfg.drain + DRAIN_EXTRA + 90
+    hard_deadline = (t_begin + cfg.connect_timeout + cfg.duration + cfg.drain + cfg.drain_extra
+                     + 90)
     ticks: dict[int, dict[int, dict[str, Any]]] = {}
     last_snap: dict[int, dict[str, Any]] = {}
     ready: dict[int, dict[str, Any]] = {}
@@ -1494,7 +1495,7 @@ def print_summary(result: dict[str, Any], out: Any = sys.stdout) -> None:
           f"{t.get('gaps', 0)}", file=out)
     if t.get("drain_capped") and t.get("lost"):
         print(f"  note: in {t['drain_capped']} generator process(es) deliveries were still "
-              f"arriving when the drain reached its cap ({DRAIN_EXTRA:.0f} s past --drain): "
+              f"arriving when the drain reached its cap (--drain-extra past --drain): "
               "'lost' may count messages still in the server's backlog", file=out)
     for lost in result.get("lost_sample", [])[:5]:
         print(f"  lost: {lost}", file=out)
@@ -1547,7 +1548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-share", type=float, default=d.read_share)
     p.add_argument("--typing-share", type=float, default=d.typing_share)
     p.add_argument("--body-bytes", type=int, default=d.body_bytes)
-    p.add_argument("--drain", type=float, default=d.drain)
+    p.add_argument("--drain", type=float, default=d.drain,
+                   help="end the drain once nothing has arrived for this long (s)")
+    p.add_argument("--drain-extra", type=float, default=d.drain_extra,
+                   help="while a backlog still moves, wait at most this long past --drain (s)")
     p.add_argument("--connect-concurrency", type=int, default=d.connect_concurrency)
     p.add_argument("--connect-rate", type=float, default=d.connect_rate)
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
@@ -1579,7 +1583,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   inflight=args.inflight, processes=args.processes, auth=args.auth,
                   jwt_secret=secret, group_size=args.group_size, group_share=args.group_share,
                   read_share=args.read_share, typing_share=args.typing_share,
-                  body_bytes=args.body_bytes, drain=args.drain,
+                  body_bytes=args.body_bytes, drain=args.drain, drain_extra=args.drain_extra,
                   connect_concurrency=args.connect_concurrency, connect_rate=args.connect_rate,
                   connect_timeout=args.connect_timeout, storm_every=args.storm_every,
                   storm_share=args.storm_share, storm_jitter=args.storm_jitter,
