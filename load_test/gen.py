@@ -1026,6 +1026,7 @@ class Worker:
         now = time.monotonic()
         drain_end, drain_cap = now + cfg.drain, now + cfg.drain + cfg.drain_extra
         moved = (self.c.deliveries, self.c.acknowledged)
+        extended = False
         while time.monotonic() < drain_end:
             if self.reconnecting == 0 and (not self.pending or not any(
                     r[1] > 0 or (self.imfast and not r[2]) for r in self.pending.values())):
@@ -1034,8 +1035,9 @@ class Worker:
             if (self.c.deliveries, self.c.acknowledged) != moved:
                 moved = (self.c.deliveries, self.c.acknowledged)
                 drain_end = min(drain_cap, time.monotonic() + cfg.drain)
+                extended = True
         else:  # out of time, not out of work: was the backlog still moving at the cap?
-            self.c.drain_capped = int(drain_end >= drain_cap)
+            self.c.drain_capped = int(extended and drain_end >= drain_cap)
         if cfg.scenario == "hold" and self.imfast:  # relays know no `ping` frame
             await self.ping_sample()
         self.flush_acks()

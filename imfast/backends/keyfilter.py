@@ -19,7 +19,7 @@ each filter (a scan thread builds its own, then hands it over whole).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 
 __all__ = ["KeyFilter", "KeyFilters"]
 
@@ -91,27 +91,29 @@ class KeyFilters:
 
     __slots__ = ("_filters", "_newest")
 
-    def __init__(self, capacity: int = 1 << 16, keys: Iterable[Hashable] = ()) -> None:
+    def __init__(self, capacity: int = 1 << 16) -> None:
         self._newest = KeyFilter(capacity)
         self._filters: list[KeyFilter] = [self._newest]
-        for key in keys:
-            self.add(key)
+
+    def _room(self) -> KeyFilter:
+        """The newest filter, a new twice-as-large one once it is full."""
+        newest = self._newest
+        if newest.count >= newest.capacity:
+            newest = self._newest = KeyFilter(newest.capacity * 2)
+            self._filters.append(newest)
+        return newest
 
     def add(self, key: Hashable) -> None:
-        self.add_all((key,))
+        self._room().add_all((key,))
 
-    def add_all(self, keys: Iterable[Hashable]) -> None:
+    def add_all(self, keys: Sequence[Hashable]) -> None:
         """``add`` each of ``keys``, filling the newest filter up to its capacity first."""
-        pending = list(keys)
-        while pending:
-            newest = self._newest
-            room = newest.capacity - newest.count
-            if room <= 0:
-                newest = self._newest = KeyFilter(newest.capacity * 2)
-                self._filters.append(newest)
-                room = newest.capacity
-            newest.add_all(pending[:room])
-            del pending[:room]
+        start = 0
+        while start < len(keys):
+            newest = self._room()
+            end = start + newest.capacity - newest.count
+            newest.add_all(keys[start:end])
+            start = end
 
     def __contains__(self, key: Hashable) -> bool:
         for f in self._filters:

@@ -94,8 +94,7 @@ class KnownKeys:
                 while rows := cur.fetchmany(_BATCH):
                     if self._closing:
                         return
-                    for row in rows:
-                        found.add(key_of(row))
+                    found.add_all([key_of(row) for row in rows])
                 built.append(found)
             self._scanned = _Tables(*built)
             log.info("store key scan done: %s dedup keys, %s conversations, %s cursors, "
