@@ -2,17 +2,24 @@
 
 Guarantees beyond the contract:
 
-* ``append`` commits before it returns (WAL journal; ``SQLITE_SYNCHRONOUS``
-  NORMAL survives a process crash, FULL also a power cut), so an
-  acknowledged message survives ``kill -9``;
+* ``append`` is on disk before it returns: one write of the batch to the
+  entry log (:mod:`imfast.backends.sqlite_log`; ``SQLITE_SYNCHRONOUS`` NORMAL
+  survives a process crash, FULL also a power cut, as SQLite's WAL), so an
+  acknowledged message survives ``kill -9``; the next open moves what a
+  crash left in the log into the table before anything reads it;
+* entries are readable as soon as ``append`` returns: from the hot index
+  until the mover thread has them in the ``messages`` table, then from it;
 * sequence counters are rebuilt from the log at start-up, and dedup keys are
   checked against the log itself, so neither can go backwards after a crash.
 
-Calls are synchronous on the event loop: one indexed SQLite statement takes
-microseconds, less than handing it to a thread would.  The router batches
-appends per loop iteration (group commit), so one commit covers many
-messages; WAL checkpoints (the part that waits for ``fsync``) run on a
-thread of their own (:mod:`imfast.backends.sqlite_checkpoint`).
+Reads are synchronous on the event loop: one indexed SQLite statement takes
+microseconds, less than handing it to a thread would.  Appends and cursor
+writes never touch SQLite on the loop: the mover thread inserts each
+second's entries in large transactions (many entries share an index page).
+Group changes, the loop's only writes, never wait on the loop for the
+mover's lock (a busy write is retried as an awaited sleep).  WAL checkpoints
+(the part that waits for ``fsync``) run on a thread of their own
+(:mod:`imfast.backends.sqlite_checkpoint`).
 
 Questions whose answer is nearly always "no" - was this dedup key stored,
 has this conversation entries, has this device a cursor row here - are
@@ -21,9 +28,9 @@ answered from in-memory filters once they know every key of the file
 stored at start-up), so a new message costs no read.
 
 Delivery cursors and read receipts are batched too: ``advance`` and
-``mark_read`` answer from memory, and what moved is written at most
-``_FLUSH_DELAY`` later, in one transaction of its own (one row per key per
-flush, however often it moved).  A process crash in that window can only
+``mark_read`` answer from memory, and what moved is handed to the mover
+thread ``_FLUSH_DELAY`` later and written in one transaction of its own (one
+row per key per flush, however often it moved).  A process crash in that window can only
 move a cursor or receipt back: a redelivery the client drops by seq, or a
 receipt the client sends again - never a lost message.
 """
@@ -34,14 +41,18 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 from imfast.backends.base import Reservation, StoredMessage
 from imfast.backends.keyfilter import KeyFilters
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
 from imfast.backends.sqlite_keys import KnownKeys
+from imfast.backends.sqlite_log import EntryLog, LogMover, Segment, Write, pairs_of, recover
 from imfast.protocol.ids import conv_members_private
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -57,8 +68,20 @@ _RECEIPT_CACHE = 200_000  # (conv, user) read receipts kept in memory; older one
 # every append, they cost a page per acknowledgement; half a second lets a page take the
 # moves of many keys (store CPU per message ~10 % lower at 20K users, bench/store_bench.py).
 _FLUSH_DELAY = 0.5
+_WRITE_RETRY = 0.05  # the longest wait between tries of a loop write while the mover writes
+# The entry log (sqlite_log): a segment takes appends this long (or this many entries)
+# before the mover thread inserts it; the longer, the more entries share an index page.
+_MOVE_EVERY = 1.0
+_MOVE_MAX_ROWS = 50_000
+_MAX_BEHIND = 8  # segments waiting for the mover before append waits for it (memory bound)
+_BUSY_MS = 5000  # how long other writes wait for the mover's transaction (one chunk)
+
+
+def _seq_of(m: StoredMessage) -> int:
+    return m.seq
 
 log = logging.getLogger("imfast.store")
+_T = TypeVar("_T")
 
 # Version 2 keeps the log in insertion (rowid) order with small indexes beside it:
 # entries of many conversations then share pages, and a commit writes a few
@@ -123,11 +146,12 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # Small pages: a commit writes every page it touched to the WAL, and the
-        # log's indexes take random keys (one page each per entry).  1 KiB pages
-        # write a quarter of the bytes of 4 KiB ones (about 15 % more entries/s).
-        # Only a new file takes it; an existing one keeps its page size.
-        self._db.execute("PRAGMA page_size=1024")
+        # The mover thread writes each second's entries in transactions of thousands of
+        # rows: the table's new pages are sequential, and 4 KiB pages take a quarter of
+        # the write calls of 1 KiB ones (per message at 10K users: 164 against 182-192
+        # us of CPU; docs/performance.md).  Only a new file takes it; an existing one
+        # keeps its page size.
+        self._db.execute("PRAGMA page_size=4096")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MiB
         self._db.execute(f"PRAGMA synchronous={synchronous}")
@@ -138,9 +162,13 @@ class SQLiteStore:
         # file (two per message at 14K msgs/s; a third of that with 16 MiB).  Only pages
         # read are cached: an idle store stays small.
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        self._db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         new_file = self._migrate()
+        # Entries a crash left in the entry log go into the table before anything reads it.
+        log_dir = None if path == ":memory:" else Path(path + "-log")
+        recovered = recover(self._db, log_dir, conv_members_private) if log_dir else 0
         # Before any write, so every key written from now on is seen by the filters.
-        self._known = KnownKeys(path, fresh=new_file or path == ":memory:")
+        self._known = KnownKeys(path, fresh=(new_file and not recovered) or path == ":memory:")
         self._checkpointer: BackgroundCheckpointer | None = None
         if path != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
@@ -155,6 +183,26 @@ class SQLiteStore:
         self._receipt_cache: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._receipt_dirty: dict[tuple[str, str], int] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
+        # Appended entries not yet in the table (see sqlite_log): per conversation in seq
+        # order, by dedup key, and the private conversations not yet in private_convs.
+        self._hot: dict[str, list[StoredMessage]] = {}
+        self._hot_dedup: dict[str, StoredMessage] = {}
+        self._hot_pairs: dict[str, set[str]] = {}  # user -> conversations
+        self._entry_log = EntryLog(log_dir, fsync=synchronous.upper() == "FULL")
+        self._moving: deque[Segment] = deque()  # handed to the mover, oldest first
+        self._moved: deque[Segment | Write] = deque()  # done (appended by the mover's thread)
+        self._writing: list[Write] = []  # moved cursors and receipts the mover writes (<= 1)
+        self._roll_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._caught_up: asyncio.Event | None = None
+        self._closed = False
+        checkpointer = self._checkpointer
+        self._mover = LogMover(None if path == ":memory:" else path, conv_members_private,
+                               self._on_moved,
+                               committed=checkpointer.committed if checkpointer else None,
+                               inline_db=self._db,
+                               pragmas=(f"synchronous={synchronous}", f"cache_size=-{_CACHE_KIB}",
+                                        "wal_autocheckpoint=0"))
 
     def _migrate(self) -> bool:
         """Create the schema, or bring an older file's up to :data:`SCHEMA_VERSION`.
@@ -199,6 +247,9 @@ class SQLiteStore:
             return Reservation(seen.seq, seen.msg_id, True)
         known = self._known
         if not (known.complete or known.ready()) or dedup_key in known.dedup:
+            hot = self._hot_dedup.get(dedup_key)
+            if hot is not None:
+                return Reservation(hot.seq, hot.msg_id, True)
             row = self._db.execute(
                 "SELECT seq, msg_id FROM messages WHERE dedup_key=?", (dedup_key,)
             ).fetchone()
@@ -226,69 +277,227 @@ class SQLiteStore:
 
     # MessageLog
     async def append(self, messages: list[StoredMessage]) -> None:
+        """Store ``messages`` whole (one entry-log write) or raise, storing none.
+
+        ValueError if one's (conv, seq) is already stored.  Waits only when the
+        mover is ``_MAX_BEHIND`` segments behind.
+        """
+        if len(self._moving) >= _MAX_BEHIND:
+            await self._wait_for_mover()
         rows = []
         pairs = self._pairs
-        new_convs: list[str] = []  # private conversations not known to be recorded
+        new_convs: set[str] = set()  # private conversations not known to be recorded
         dedup_keys: list[str] = []
+        tops: dict[str, int] = {}  # per conversation, the highest seq stored or in this batch
+        taken: set[tuple[str, int]] = set()
         for m in messages:
             conv = m.conv
+            seq = m.seq
+            top = tops.get(conv)
+            if top is None:
+                top = self._latest(conv)
+            if seq <= top and ((conv, seq) in taken or self._exists(conv, seq)):
+                raise ValueError(f"sequence number already exists: {conv} {seq}")
+            tops[conv] = seq if seq > top else top
+            taken.add((conv, seq))
             dedup_key = f"{m.sender}:{m.cmid}" if m.cmid else None
             if dedup_key is not None:
                 dedup_keys.append(dedup_key)
-            rows.append((conv, m.seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body,
+            rows.append((conv, seq, m.msg_id, m.sender, m.sender_device, m.cmid, m.body,
                          m.ts, m.kind, dedup_key))
             if conv not in pairs:
-                new_convs.append(conv)
-        convs: set[tuple[str, str]] = set()
+                new_convs.add(conv)
+        self._entry_log.write(rows, new_convs)  # raises with nothing written
+        hot = self._hot
+        hot_dedup = self._hot_dedup
+        for m, dedup_key in zip(messages, (row[9] for row in rows), strict=True):
+            entries = hot.get(m.conv)
+            if entries is None:
+                hot[m.conv] = [m]
+            elif entries[-1].seq < m.seq:
+                entries.append(m)
+            else:
+                entries.insert(bisect_left(entries, m.seq, key=_seq_of), m)
+            if dedup_key is not None:
+                hot_dedup[dedup_key] = m
+        hot_pairs = self._hot_pairs
         for conv in new_convs:
             pair = conv_members_private(conv)
             if pair is not None:
-                convs.update((user, conv) for user in pair)
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            db.executemany(f"INSERT INTO messages ({_COLUMNS}, dedup_key) "
-                           "VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            if convs:
-                db.executemany("INSERT OR IGNORE INTO private_convs VALUES (?,?)", sorted(convs))
-        except sqlite3.IntegrityError as exc:
-            db.execute("ROLLBACK")
-            raise ValueError(f"sequence number already exists: {exc}") from None
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
-        for _, conv in convs:
-            pairs[conv] = None
-        while len(pairs) > _PAIR_CACHE:
-            pairs.popitem(last=False)
+                for user in pair:
+                    convs = hot_pairs.get(user)
+                    if convs is None:
+                        hot_pairs[user] = {conv}
+                    else:
+                        convs.add(conv)
         known = self._known
         known.dedup.add_all(dedup_keys)
         latest = self._stored_latest
-        for m in messages:
-            before = latest.get(m.conv, 0)
-            if m.seq > before:
-                latest[m.conv] = m.seq
-                if not before:  # maybe its first entry in the file
-                    known.convs.add(m.conv)
+        for conv, top in tops.items():
+            if not latest.get(conv):  # maybe its first entry in the file
+                known.convs.add(conv)
+            latest[conv] = top
+        current = self._entry_log.current
+        if current is not None and len(current.rows) >= _MOVE_MAX_ROWS:
+            self._roll()
+        elif self._roll_handle is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._roll_handle = loop.call_later(_MOVE_EVERY, self._roll)
+
+    def _exists(self, conv: str, seq: int) -> bool:
+        if self._hot_get(conv, seq) is not None:
+            return True
+        return self._db.execute("SELECT 1 FROM messages WHERE conv=? AND seq=?",
+                                (conv, seq)).fetchone() is not None
+
+    def _hot_get(self, conv: str, seq: int) -> StoredMessage | None:
+        entries = self._hot.get(conv)
+        if entries:
+            i = bisect_left(entries, seq, key=_seq_of)
+            if i < len(entries) and entries[i].seq == seq:
+                return entries[i]
+        return None
+
+    # The entry log's segments: rolled on the loop, moved on the mover's thread.
+    def _roll(self) -> None:
+        """Hand the current segment to the mover (on a timer, when full, and at close)."""
+        if self._roll_handle is not None:
+            self._roll_handle.cancel()
+            self._roll_handle = None
+        seg = self._entry_log.roll()
+        if seg is not None and seg.rows:
+            self._moving.append(seg)
+            self._mover.submit(seg)
+
+    def _on_moved(self, item: Segment | Write) -> None:
+        """The mover committed ``item`` (on the mover's thread, or inline): tell the loop."""
+        self._moved.append(item)
+        loop = self._loop
+        if loop is None or self._mover.inline:
+            self._drop_moved()
+            return
+        try:
+            loop.call_soon_threadsafe(self._drop_moved)
+        except RuntimeError:  # the loop is closed: close() drops them itself
+            pass
+
+    def _drop_moved(self) -> None:
+        """Drop the entries of moved segments from the hot index (the table has them now)."""
+        hot, hot_dedup, hot_pairs, pairs = self._hot, self._hot_dedup, self._hot_pairs, self._pairs
+        while self._moved:
+            seg = self._moved.popleft()
+            if isinstance(seg, Write):  # cursors and receipts: now read from the table
+                self._writing.remove(seg)
+                if (self._cursor_dirty or self._receipt_dirty) and self._flush_handle is None \
+                        and not self._closed:
+                    self._schedule_flush()  # what moved meanwhile
+                continue
+            if self._moving and self._moving[0] is seg:
+                self._moving.popleft()
+            else:  # segments are moved in order; this would be a bug, not a loss
+                log.error("entry log segment %s moved out of order", seg.number)
+                try:
+                    self._moving.remove(seg)
+                except ValueError:
+                    pass
+            seqs: dict[str, list[int]] = {}
+            for row in seg.rows:
+                conv = row[0]
+                found = seqs.get(conv)
+                if found is None:
+                    seqs[conv] = [row[1]]
+                else:
+                    found.append(row[1])
+                dedup_key = row[9]
+                if dedup_key is not None:
+                    m = hot_dedup.get(dedup_key)
+                    if m is not None and m.conv == conv and m.seq == row[1]:
+                        del hot_dedup[dedup_key]
+            for conv, moved in seqs.items():
+                entries = hot.get(conv)
+                if entries is None:
+                    continue
+                n = len(moved)
+                if n <= len(entries) and entries[n - 1].seq == moved[-1] \
+                        and [e.seq for e in entries[:n]] == moved:
+                    del entries[:n]  # the usual case: the oldest entries, in order
+                else:
+                    gone = set(moved)
+                    entries[:] = [e for e in entries if e.seq not in gone]
+                if not entries:
+                    del hot[conv]
+            for user, conv in pairs_of(seg.new_convs, conv_members_private):
+                pairs[conv] = None
+                convs = hot_pairs.get(user)
+                if convs is not None:
+                    convs.discard(conv)
+                    if not convs:
+                        del hot_pairs[user]
+            while len(pairs) > _PAIR_CACHE:
+                pairs.popitem(last=False)
+        if self._caught_up is not None and len(self._moving) < _MAX_BEHIND:
+            self._caught_up.set()
+
+    async def _wait_for_mover(self) -> None:
+        while len(self._moving) >= _MAX_BEHIND:
+            if self._caught_up is None:
+                self._caught_up = asyncio.Event()
+            self._caught_up.clear()
+            await self._caught_up.wait()
+
+    async def settle(self) -> None:
+        """Move every entry appended so far into the table, and wait for it (tests, tools)."""
+        self._roll()
+        while self._moving:
+            await asyncio.sleep(0.005)
+            self._drop_moved()
 
     async def fetch(self, conv: str, after: int, limit: int) -> list[StoredMessage]:
-        cur = self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
-            (conv, after, limit),
-        )
+        entries = self._hot.get(conv)
+        if not entries:
+            return self._cold_after(conv, after, None, limit)
+        found: list[StoredMessage] = []
+        if after + 1 < entries[0].seq:  # older entries are in the table
+            found = self._cold_after(conv, after, entries[0].seq, limit)
+        if len(found) < limit:
+            i = bisect_right(entries, after, key=_seq_of)
+            found.extend(entries[i:i + limit - len(found)])
+        return found
+
+    def _cold_after(self, conv: str, after: int, below: int | None,
+                    limit: int) -> list[StoredMessage]:
+        if below is None:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq>? ORDER BY seq LIMIT ?",
+                (conv, after, limit))
+        else:  # what is also hot is read from the hot index
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<? "
+                "ORDER BY seq LIMIT ?", (conv, after, below, limit))
         return [_row(r) for r in cur]
 
     async def fetch_before(self, conv: str, before: int, limit: int) -> list[StoredMessage]:
-        cur = self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq<? ORDER BY seq DESC LIMIT ?",
-            (conv, before, limit),
-        )
-        return [_row(r) for r in reversed(cur.fetchall())]
+        entries = self._hot.get(conv)
+        found: list[StoredMessage] = []
+        bound = before
+        if entries:
+            j = bisect_left(entries, before, key=_seq_of)
+            found = entries[max(0, j - limit):j]
+            bound = min(before, entries[0].seq)
+        if len(found) < limit:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq<? ORDER BY seq DESC LIMIT ?",
+                (conv, bound, limit - len(found)),
+            )
+            found = [_row(r) for r in reversed(cur.fetchall())] + found
+        return found
 
     async def get(self, conv: str, seq: int) -> StoredMessage | None:
+        hot = self._hot_get(conv, seq)
+        if hot is not None:
+            return hot
         r = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE conv=? AND seq=?", (conv, seq)
         ).fetchone()
@@ -298,8 +507,12 @@ class SQLiteStore:
         return self._latest(conv)
 
     async def find_by_cmid(self, sender: str, cmid: str) -> StoredMessage | None:
+        key = f"{sender}:{cmid}"
+        hot = self._hot_dedup.get(key)
+        if hot is not None:
+            return hot
         r = self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE dedup_key=?", (f"{sender}:{cmid}",)
+            f"SELECT {_COLUMNS} FROM messages WHERE dedup_key=?", (key,)
         ).fetchone()
         return _row(r) if r else None
 
@@ -309,7 +522,15 @@ class SQLiteStore:
             "FROM private_convs pc WHERE pc.user=?",
             (user,),
         )
-        return {conv: int(seq or 0) for conv, seq in cur}
+        found = {conv: int(seq or 0) for conv, seq in cur}
+        hot = self._hot
+        for conv in self._hot_pairs.get(user, ()):
+            found.setdefault(conv, 0)
+        for conv in found:
+            entries = hot.get(conv)
+            if entries and entries[-1].seq > found[conv]:
+                found[conv] = entries[-1].seq
+        return found
 
     # CursorStore
     async def cursors(self, user: str, device: str) -> dict[str, int]:
@@ -317,9 +538,10 @@ class SQLiteStore:
             "SELECT conv, seq FROM cursors WHERE user=? AND device=?", (user, device)
         )
         found = {conv: int(seq) for conv, seq in cur}
-        for (u, d, conv), seq in self._cursor_dirty.items():  # moved, not yet written
-            if u == user and d == device and seq > found.get(conv, 0):
-                found[conv] = seq
+        for moved in (*(w.payload[0] for w in self._writing), self._cursor_dirty):
+            for (u, d, conv), seq in moved.items():  # moved, not yet written
+                if u == user and d == device and seq > found.get(conv, 0):
+                    found[conv] = seq
         return found
 
     async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
@@ -329,18 +551,25 @@ class SQLiteStore:
         """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         return self._move_forward(
             (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
-            self._known.cursors, "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?")[0]
+            self._known.cursors, "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?",
+            0)[0]
 
     def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
                       cache: OrderedDict[Any, int], cache_max: int, known: KeyFilters,
-                      select: str) -> tuple[int, bool]:
+                      select: str, kind: int) -> tuple[int, bool]:
         """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
 
-        Known from ``dirty`` (moved, not yet written), else ``cache``, else
-        absent by the ``known`` filter, else one ``select``; a move is queued
-        in ``dirty`` for the next flush.  Returns (the value now, whether it moved).
+        Known from ``dirty`` (moved, not yet written), else the writes the mover
+        has (``payload[kind]``), else ``cache``, else absent by the ``known``
+        filter, else one ``select``; a move is queued in ``dirty`` for the next
+        flush.  Returns (the value now, whether it moved).
         """
         current = dirty.get(key)
+        if current is None:
+            for write in reversed(self._writing):
+                current = write.payload[kind].get(key)
+                if current is not None:
+                    break
         if current is None:
             current = cache.get(key)
         if current is None:
@@ -374,17 +603,18 @@ class SQLiteStore:
         self._cursor_dirty, self._receipt_dirty = {}, {}
         return cursors, receipts
 
-    def _write_moved(self, cursors: dict[tuple[str, str, str], int],
+    @staticmethod
+    def _write_moved(db: sqlite3.Connection, cursors: dict[tuple[str, str, str], int],
                      receipts: dict[tuple[str, str], int]) -> None:
         """Write moved cursors and receipts inside the caller's transaction (never backwards)."""
         if cursors:
-            self._db.executemany(
+            db.executemany(
                 "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(user, device, conv) "
                 "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > cursors.seq",
                 [(*key, seq) for key, seq in cursors.items()],
             )
         if receipts:
-            self._db.executemany(
+            db.executemany(
                 "INSERT INTO read_receipts VALUES (?,?,?) ON CONFLICT(conv, user) "
                 "DO UPDATE SET seq=excluded.seq WHERE excluded.seq > read_receipts.seq",
                 [(*key, seq) for key, seq in receipts.items()],
@@ -400,40 +630,53 @@ class SQLiteStore:
             if seq > self._receipt_dirty.get(rkey, 0):
                 self._receipt_dirty[rkey] = seq
 
-    def _flush_moved(self) -> None:
-        """Write the cursors and receipts moved since the last flush, in one transaction."""
+    def _flush_moved(self, wait: bool = False) -> None:
+        """Write the cursors and receipts moved since the last flush, in one transaction.
+
+        The mover thread writes them (after the segments before them); until it
+        has, reads take them from the write it holds.  With ``wait`` (at close,
+        the mover stopped) they are written here.
+        """
         self._flush_handle = None
+        if self._writing and not wait:
+            return  # one write at a time: these follow when the mover has it (_drop_moved)
         cursors, receipts = self._take_moved()
         if not cursors and not receipts:
             return
+        if not wait and not self._mover.inline:
+            write = Write(partial(self._write_moved, cursors=cursors, receipts=receipts),
+                          (cursors, receipts))
+            self._writing.append(write)
+            self._mover.submit(write)
+            return
         db = self._db
         try:
-            db.execute("BEGIN")
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._write_moved(cursors, receipts)
+                self._write_moved(db, cursors, receipts)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             if self._checkpointer is not None:
                 self._checkpointer.committed()
-        except Exception:  # kept queued; the next append or move retries
+        except Exception:  # kept queued; the next flush retries
             log.exception("writing delivery cursors / read receipts failed; will retry")
             self._requeue_moved(cursors, receipts)
 
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:
-        try:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO groups_ VALUES (?,?,?,?)",
-                             (group, name, owner, int(time.time())))
-            self._db.execute("INSERT OR REPLACE INTO group_members VALUES (?,?,?)",
-                             (group, owner, "owner"))
-            self._db.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            self._db.execute("ROLLBACK")
-            return False
-        return True
+        def write(db: sqlite3.Connection) -> bool:
+            try:
+                db.execute("INSERT INTO groups_ VALUES (?,?,?,?)",
+                           (group, name, owner, int(time.time())))
+            except sqlite3.IntegrityError:
+                return False
+            db.execute("INSERT OR REPLACE INTO group_members VALUES (?,?,?)",
+                       (group, owner, "owner"))
+            return True
+
+        return await self._write(write)
 
     async def info(self, group: str) -> tuple[str, str] | None:
         r = self._db.execute("SELECT name, owner FROM groups_ WHERE grp=?", (group,)).fetchone()
@@ -444,11 +687,44 @@ class SQLiteStore:
         return {u: r for u, r in cur}
 
     async def set_member(self, group: str, user: str, role: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO group_members VALUES (?,?,?)", (group, user, role))
+        await self._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO group_members VALUES (?,?,?)", (group, user, role)))
 
     async def remove_member(self, group: str, user: str) -> bool:
-        cur = self._db.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
-        return cur.rowcount > 0
+        return bool(await self._write(lambda db: db.execute(
+            "DELETE FROM group_members WHERE grp=? AND user=?", (group, user)).rowcount > 0))
+
+    # Writes on the loop's connection never wait for the mover's lock on the loop.
+    def _begin_now(self) -> bool:
+        """BEGIN IMMEDIATE without waiting: False if another connection holds the write lock."""
+        db = self._db
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return False
+            raise
+        finally:
+            db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+
+    async def _write(self, statements: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``statements`` in one transaction; while the lock is taken, wait on the loop."""
+        delay = 0.001
+        while not self._begin_now():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WRITE_RETRY)
+        db = self._db
+        try:
+            result = statements(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+        return result
 
     async def groups_of(self, user: str) -> list[str]:
         cur = self._db.execute("SELECT grp FROM group_members WHERE user=? ORDER BY grp", (user,))
@@ -459,21 +735,33 @@ class SQLiteStore:
         """Moves ``user``'s receipt in ``conv`` forward only; written with the cursors."""
         return self._move_forward(
             (conv, user), seq, self._receipt_dirty, self._receipt_cache, _RECEIPT_CACHE,
-            self._known.receipts, "SELECT seq FROM read_receipts WHERE conv=? AND user=?")[1]
+            self._known.receipts, "SELECT seq FROM read_receipts WHERE conv=? AND user=?", 1)[1]
 
     async def read_up_to(self, conv: str) -> dict[str, int]:
         cur = self._db.execute("SELECT user, seq FROM read_receipts WHERE conv=?", (conv,))
         found = {u: int(s) for u, s in cur}
-        for (c, user), seq in self._receipt_dirty.items():  # moved, not yet written
-            if c == conv and seq > found.get(user, 0):
-                found[user] = seq
+        for moved in (*(w.payload[1] for w in self._writing), self._receipt_dirty):
+            for (c, user), seq in moved.items():  # moved, not yet written
+                if c == conv and seq > found.get(user, 0):
+                    found[user] = seq
         return found
 
     async def close(self) -> None:
+        """Move the entry log into the table, write cursors and receipts, checkpoint, close."""
+        self._closed = True
         self._known.close()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        self._flush_moved()
+            self._flush_handle = None
+        self._roll()
+        if not await asyncio.to_thread(self._mover.close):
+            log.error("the entry log mover did not finish; %d segments stay on disk and are "
+                      "moved when the store next opens", len(self._moving))
+        self._drop_moved()
+        for write in self._writing:  # the mover gave up on these: written here instead
+            self._requeue_moved(*write.payload)
+        self._writing.clear()
+        self._flush_moved(wait=True)
         if self._checkpointer is not None:
             self._checkpointer.close(self._db)
         self._db.close()

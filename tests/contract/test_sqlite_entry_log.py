@@ -1,0 +1,215 @@
+"""The SQLite store's entry log (imfast/backends/sqlite_log.py): appends go to a
+segment file and a hot index first, a thread moves them into the table.
+
+What must hold: every read answers alike before, during and after the move;
+a crash leaves segments that the next open moves in (a torn tail cut off);
+a failed move is retried and loses nothing; the loop's own writes never wait
+for the mover's lock on the loop; appends wait once the mover is far behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imfast.backends import sqlite as sqlite_module
+from imfast.backends.base import StoredMessage
+from imfast.backends.sqlite import SQLiteStore
+from imfast.backends.sqlite_log import LogMover, encode, read_segment
+
+
+def _msg(conv: str, seq: int, sender: str = "alice") -> StoredMessage:
+    return StoredMessage(conv, seq, f"m{conv}{seq}", sender, "d1", f"c{conv}{seq}",
+                         f"body {seq}", 1000 + seq)
+
+
+def _table(path: str) -> list[tuple[str, int]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT conv, seq FROM messages ORDER BY conv, seq").fetchall()
+
+
+def _segments(path: str) -> list[Path]:
+    return sorted(Path(path + "-log").glob("*.seg"))
+
+
+async def _answers(store: SQLiteStore) -> dict[str, Any]:
+    conv = "p:alice:bob"
+    return {
+        "all": [m.seq for m in await store.fetch(conv, 0, 100)],
+        "page": [m.seq for m in await store.fetch(conv, 3, 4)],
+        "before": [m.seq for m in await store.fetch_before(conv, 8, 4)],
+        "before_all": [m.seq for m in await store.fetch_before(conv, 100, 100)],
+        "get": [(await store.get(conv, s)) for s in (2, 9, 11)],
+        "cmid": [(await store.find_by_cmid("alice", f"c{conv}{s}")) for s in (1, 10)],
+        "latest": await store.latest_seq(conv),
+        "private": (await store.private_conversations("alice"),
+                    await store.private_conversations("bob")),
+        "dup": (await store.reserve(conv, f"alice:c{conv}7", "x", 0)),
+    }
+
+
+async def test_reads_answer_alike_while_entries_are_hot_and_after_the_move(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "h.db")
+    store = SQLiteStore(path)
+    conv = "p:alice:bob"
+    await store.append([_msg(conv, s) for s in range(1, 6)])
+    await store.settle()
+    assert _table(path) == [(conv, s) for s in range(1, 6)]
+    await store.append([_msg(conv, s) for s in range(6, 11)])
+    await store.append([_msg("g:team", 1, sender="bob")])
+    assert _table(path) == [(conv, s) for s in range(1, 6)]  # 6-10 are hot only
+    assert len(_segments(path)) == 1
+    split = await _answers(store)  # half in the table, half in the hot index
+    assert split["all"] == list(range(1, 11))
+    assert split["page"] == [4, 5, 6, 7]
+    assert split["before"] == [4, 5, 6, 7]
+    assert split["before_all"] == list(range(1, 11))
+    assert [m and m.seq for m in split["get"]] == [2, 9, None]
+    assert [m and m.seq for m in split["cmid"]] == [1, 10]
+    assert split["latest"] == 10
+    assert split["private"] == ({conv: 10}, {conv: 10})
+    assert split["dup"].duplicate and split["dup"].seq == 7
+    with pytest.raises(ValueError, match="already exists"):  # in the table
+        await store.append([_msg(conv, 11), _msg(conv, 3)])
+    with pytest.raises(ValueError, match="already exists"):  # hot
+        await store.append([_msg(conv, 11), _msg(conv, 8)])
+    with pytest.raises(ValueError, match="already exists"):  # twice in one batch
+        await store.append([_msg(conv, 11), _msg(conv, 11)])
+    await store.settle()
+    assert _table(path) == [("g:team", 1)] + [(conv, s) for s in range(1, 11)]
+    assert _segments(path) == []
+    assert store._hot == {} and store._hot_dedup == {} and store._hot_pairs == {}
+    assert await _answers(store) == split  # moved: the same answers from the table
+    await store.close()
+
+
+async def test_a_crash_leaves_segments_that_the_next_open_moves_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "crash.db")
+    monkeypatch.setattr(sqlite_module, "_MOVE_EVERY", 3600.0)  # nothing moves on its own
+    crashed = SQLiteStore(path)
+    conv = "p:alice:bob"
+    await crashed.append([_msg(conv, s) for s in (1, 2, 3)])
+    await crashed.append([_msg(conv, 4)])
+    assert _table(path) == []  # acknowledged, only in the segment
+    (segment,) = _segments(path)
+    with open(segment, "ab") as fh:  # a power cut in the middle of the next write
+        fh.write(encode([("p:alice:bob", 5, "m", "alice", "d1", "c5", "b", 1, "msg", "k")])[:-3])
+    # No close(): the next process opens the same file.
+    with caplog.at_level(logging.WARNING, logger="imfast.store"):
+        reopened = SQLiteStore(path)
+    assert any("interrupted write" in r.getMessage() for r in caplog.records)
+    assert _table(path) == [(conv, s) for s in (1, 2, 3, 4)]  # moved in before any read
+    assert _segments(path) == []
+    assert [m.seq for m in await reopened.fetch(conv, 0, 10)] == [1, 2, 3, 4]
+    assert (await reopened.reserve(conv, f"alice:c{conv}2", "x", 0)).duplicate
+    assert (await reopened.reserve(conv, "alice:new", "y", 0)).seq == 5  # 5 was never stored
+    assert await reopened.private_conversations("bob") == {conv: 4}
+    await reopened.close()
+
+
+def test_a_segment_reads_back_whole_records_only(tmp_path: Path) -> None:
+    rows = [("c", i, "m", "s", "d", "k", "b" * i, i, "msg", None) for i in range(1, 4)]
+    data = encode(rows)
+    seg = tmp_path / "1.seg"
+    seg.write_bytes(data)
+    assert read_segment(seg) == (rows, len(data), 0)
+    corrupt = bytearray(data)
+    corrupt[-2] ^= 0xFF  # the last record's payload no longer matches its CRC
+    seg.write_bytes(bytes(corrupt))
+    got, good, torn = read_segment(seg)
+    assert got == rows[:2] and good + torn == len(data) and torn > 0
+
+
+async def test_a_failed_move_is_retried_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_move = LogMover._move
+    calls: list[int] = []
+
+    def flaky_move(self: LogMover, db: sqlite3.Connection, seg: Any) -> None:
+        calls.append(len(seg.rows))
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_move(self, db, seg)
+
+    monkeypatch.setattr(LogMover, "_move", flaky_move)
+    path = str(tmp_path / "retry.db")
+    store = SQLiteStore(path)
+    store._mover.retry_after = 0.01
+    await store.append([_msg("p:alice:bob", s) for s in (1, 2)])
+    await store.settle()
+    assert calls == [2, 2] and store._mover.failures == 1
+    assert _table(path) == [("p:alice:bob", 1), ("p:alice:bob", 2)]
+    await store.close()
+
+
+async def test_the_loops_writes_never_wait_on_the_loop_while_another_connection_writes(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "lock.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", 1)])
+    await store.settle()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as the mover does during a chunk
+    create = asyncio.create_task(store.create("g1", "alice", "G"))
+    assert await store.advance("bob", "d1", "p:alice:bob", 1) == 1
+    ticks = 0
+    for _ in range(40):  # the loop keeps running: the write waits as a task, not a call
+        await asyncio.sleep(sqlite_module._FLUSH_DELAY / 10)
+        ticks += 1
+    assert ticks == 40 and not create.done()
+    assert holder.execute("SELECT COUNT(*) FROM cursors").fetchone() == (0,)  # deferred
+    # Handed to the mover, which waits for the lock: still read from memory meanwhile.
+    assert store._writing and not store._cursor_dirty
+    assert await store.cursors("bob", "d1") == {"p:alice:bob": 1}
+    assert store.advance_now("bob", "d1", "p:alice:bob", 0) == 1  # never back
+    assert await store.mark_read("p:alice:bob", "bob", 1)
+    await asyncio.sleep(sqlite_module._FLUSH_DELAY * 1.5)
+    assert len(store._writing) == 1  # one write at a time: the receipt waits for it
+    assert await store.read_up_to("p:alice:bob") == {"bob": 1}
+    assert not await store.mark_read("p:alice:bob", "bob", 1)
+    holder.execute("COMMIT")
+    assert await create is True
+    for _ in range(100):
+        await asyncio.sleep(sqlite_module._WRITE_RETRY)
+        if holder.execute("SELECT seq FROM cursors").fetchall() == [(1,)]:
+            break
+    assert holder.execute("SELECT seq FROM cursors").fetchall() == [(1,)]
+    for _ in range(100):  # the receipt's write follows the cursor's
+        await asyncio.sleep(sqlite_module._WRITE_RETRY)
+        if holder.execute("SELECT user, seq FROM read_receipts").fetchall() and \
+                not store._writing:
+            break
+    assert holder.execute("SELECT user, seq FROM read_receipts").fetchall() == [("bob", 1)]
+    assert store._writing == []
+    assert await store.members("g1") == {"alice": "owner"}
+    holder.close()
+    await store.close()
+
+
+async def test_appends_wait_once_the_mover_is_far_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "_MAX_BEHIND", 2)
+    path = str(tmp_path / "behind.db")
+    store = SQLiteStore(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the mover cannot commit
+    for seq in (1, 2):
+        await store.append([_msg("p:alice:bob", seq)])
+        store._roll()
+    third = asyncio.create_task(store.append([_msg("p:alice:bob", 3)]))
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert not third.done()  # two segments wait: the third append waits with them
+    holder.execute("COMMIT")
+    await third
+    await store.settle()
+    assert _table(path) == [("p:alice:bob", s) for s in (1, 2, 3)]
+    holder.close()
+    await store.close()
