@@ -43,9 +43,9 @@ import sqlite3
 import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
-from pathlib import Path
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from imfast.backends.base import Reservation, StoredMessage
@@ -298,7 +298,7 @@ class SQLiteStore:
                 top = self._latest(conv)
             if seq <= top and ((conv, seq) in taken or self._exists(conv, seq)):
                 raise ValueError(f"sequence number already exists: {conv} {seq}")
-            tops[conv] = seq if seq > top else top
+            tops[conv] = max(top, seq)
             taken.add((conv, seq))
             dedup_key = f"{m.sender}:{m.cmid}" if m.cmid else None
             if dedup_key is not None:
@@ -526,9 +526,9 @@ class SQLiteStore:
         hot = self._hot
         for conv in self._hot_pairs.get(user, ()):
             found.setdefault(conv, 0)
-        for conv in found:
+        for conv, seq in found.items():
             entries = hot.get(conv)
-            if entries and entries[-1].seq > found[conv]:
+            if entries and entries[-1].seq > seq:
                 found[conv] = entries[-1].seq
         return found
 

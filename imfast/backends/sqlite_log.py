@@ -115,7 +115,7 @@ def recover(db: sqlite3.Connection, directory: Path,
     """Insert what segments left by a crash hold; delete them.  Returns the rows found."""
     found = 0
     for path in _segment_paths(directory):
-        rows, good, torn = read_segment(path)
+        rows, _, torn = read_segment(path)
         if torn:
             log.warning("entry log %s ends in %d bytes of an interrupted write (a power cut "
                         "mid-append; never acknowledged): cut off", path, torn)
@@ -142,7 +142,7 @@ class Segment:
     ``new_convs``: its conversations that may lack their private_convs rows.
     """
 
-    __slots__ = ("number", "path", "rows", "new_convs", "fd", "size")
+    __slots__ = ("fd", "new_convs", "number", "path", "rows", "size")
 
     def __init__(self, number: int, path: Path | None) -> None:
         self.number = number
