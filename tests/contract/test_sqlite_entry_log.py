@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -212,4 +213,20 @@ async def test_appends_wait_once_the_mover_is_far_behind(
     await store.settle()
     assert _table(path) == [("p:alice:bob", s) for s in (1, 2, 3)]
     holder.close()
+    await store.close()
+
+
+async def test_an_in_memory_store_moves_inline_with_the_same_answers() -> None:
+    store = SQLiteStore(":memory:")  # no file for a thread to open: moves run on the loop
+    conv = "p:alice:bob"
+    await store.append([_msg(conv, s) for s in range(1, 6)])
+    assert store._hot and store._mover.inline
+    await store.settle()
+    assert store._hot == {} and store._moving == deque()
+    await store.append([_msg(conv, s) for s in range(6, 11)])
+    assert [m.seq for m in await store.fetch(conv, 3, 4)] == [4, 5, 6, 7]  # table + hot
+    assert await store.advance("bob", "d1", conv, 7) == 7
+    store._flush_moved()  # inline: written at once, nothing left at the mover
+    assert store._writing == [] and await store.cursors("bob", "d1") == {conv: 7}
+    assert store._db.execute("SELECT seq FROM cursors").fetchall() == [(7,)]
     await store.close()
