@@ -341,10 +341,14 @@ class SQLiteStore:
         if current is not None and len(current.rows) >= _MOVE_MAX_ROWS:
             self._roll()
         elif self._roll_handle is None:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            self._roll_handle = loop.call_later(_MOVE_EVERY, self._roll)
+            self._roll_handle = self._owner_loop().call_later(_MOVE_EVERY, self._roll)
+
+    def _owner_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this store runs on (the mover's answers are handed to it)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _exists(self, conv: str, seq: int) -> bool:
         if self._hot_get(conv, seq) is not None:
@@ -368,16 +372,18 @@ class SQLiteStore:
             self._roll_handle = None
         seg = self._entry_log.roll()
         if seg is not None and seg.rows:
+            self._owner_loop()
             self._moving.append(seg)
             self._mover.submit(seg)
 
     def _on_moved(self, item: Segment | Write) -> None:
         """The mover committed ``item`` (on the mover's thread, or inline): tell the loop."""
         self._moved.append(item)
-        loop = self._loop
-        if loop is None or self._mover.inline:
+        if self._mover.inline:
             self._drop_moved()
             return
+        loop = self._loop
+        assert loop is not None  # set before anything is submitted
         try:
             loop.call_soon_threadsafe(self._drop_moved)
         except RuntimeError:  # the loop is closed: close() drops them itself
@@ -389,7 +395,8 @@ class SQLiteStore:
         while self._moved:
             seg = self._moved.popleft()
             if isinstance(seg, Write):  # cursors and receipts: now read from the table
-                self._writing.remove(seg)
+                if seg in self._writing:
+                    self._writing.remove(seg)
                 if (self._cursor_dirty or self._receipt_dirty) and self._flush_handle is None \
                         and not self._closed:
                     self._schedule_flush()  # what moved meanwhile
@@ -646,6 +653,7 @@ class SQLiteStore:
         if not wait and not self._mover.inline:
             write = Write(partial(self._write_moved, cursors=cursors, receipts=receipts),
                           (cursors, receipts))
+            self._owner_loop()
             self._writing.append(write)
             self._mover.submit(write)
             return

@@ -288,7 +288,10 @@ class LogMover:
                     if self._closing:
                         return
                     time.sleep(self.retry_after)
-                self._done(item)
+                try:
+                    self._done(item)
+                except Exception:  # never let the thread die: later items must still move
+                    log.exception("entry log mover: handing a finished item back failed")
         finally:
             db.close()
 

@@ -230,3 +230,30 @@ async def test_an_in_memory_store_moves_inline_with_the_same_answers() -> None:
     assert store._writing == [] and await store.cursors("bob", "d1") == {conv: 7}
     assert store._db.execute("SELECT seq FROM cursors").fetchall() == [(7,)]
     await store.close()
+
+
+async def test_cursors_moved_before_any_append_reach_the_file_and_moves_go_on(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "first.db")
+    store = SQLiteStore(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the first cursor write waits at the mover...
+    assert await store.advance("bob", "d1", "p:alice:bob", 3) == 3  # a resume's acks, say
+    for _ in range(100):
+        await asyncio.sleep(sqlite_module._FLUSH_DELAY / 5)
+        if store._writing:
+            break
+    assert await store.advance("bob", "d1", "p:alice:bob", 4) == 4  # ...while this one moves
+    await asyncio.sleep(sqlite_module._FLUSH_DELAY * 1.5)  # its flush found a write at the mover
+    assert store._cursor_dirty and store._flush_handle is None
+    holder.execute("COMMIT")
+    for _ in range(100):  # the answer comes back to the loop, which flushes the second
+        await asyncio.sleep(sqlite_module._FLUSH_DELAY / 5)
+        if holder.execute("SELECT seq FROM cursors").fetchall() == [(4,)]:
+            break
+    assert holder.execute("SELECT seq FROM cursors").fetchall() == [(4,)]
+    holder.close()
+    await store.append([_msg("p:alice:bob", 1)])
+    await asyncio.wait_for(store.settle(), 30)  # the mover thread is still alive and moving
+    assert _table(path) == [("p:alice:bob", 1)]
+    await store.close()
