@@ -52,7 +52,15 @@ from imfast.backends.base import Reservation, StoredMessage
 from imfast.backends.keyfilter import KeyFilters
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
 from imfast.backends.sqlite_keys import KnownKeys
-from imfast.backends.sqlite_log import EntryLog, LogMover, Segment, Write, pairs_of, recover
+from imfast.backends.sqlite_log import (
+    EntryLog,
+    LogMover,
+    Segment,
+    Write,
+    in_transaction,
+    pairs_of,
+    recover,
+)
 from imfast.protocol.ids import conv_members_private
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -657,17 +665,9 @@ class SQLiteStore:
             self._writing.append(write)
             self._mover.submit(write)
             return
-        db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_moved(db, cursors, receipts)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
+            in_transaction(self._db, partial(self._write_moved, cursors=cursors, receipts=receipts),
+                           "BEGIN IMMEDIATE", self._committed)
         except Exception:  # kept queued; the next flush retries
             log.exception("writing delivery cursors / read receipts failed; will retry")
             self._requeue_moved(cursors, receipts)
@@ -723,16 +723,11 @@ class SQLiteStore:
         while not self._begin_now():
             await asyncio.sleep(delay)
             delay = min(delay * 2, _WRITE_RETRY)
-        db = self._db
-        try:
-            result = statements(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        return in_transaction(self._db, statements, None, self._committed)
+
+    def _committed(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.committed()
-        return result
 
     async def groups_of(self, user: str) -> list[str]:
         cur = self._db.execute("SELECT grp FROM group_members WHERE user=? ORDER BY grp", (user,))

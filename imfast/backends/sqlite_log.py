@@ -45,12 +45,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-__all__ = ["ROW_COLUMNS", "EntryLog", "LogMover", "Segment", "Write", "pairs_of", "read_segment",
-           "recover"]
+__all__ = ["ROW_COLUMNS", "EntryLog", "LogMover", "Segment", "Write", "in_transaction", "pairs_of",
+           "read_segment", "recover"]
 
 log = logging.getLogger("imfast.store")
 
@@ -62,6 +62,27 @@ _SUFFIX = ".seg"
 _HEAD = 8  # 4-byte length + 4-byte CRC32, little-endian
 
 Row = tuple[Any, ...]  # (conv, seq, msg_id, sender, sender_device, cmid, body, ts, kind, dedup_key)
+_T = TypeVar("_T")
+
+
+def in_transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], _T],
+                   begin: str | None = "BEGIN",
+                   committed: Callable[[], None] | None = None) -> _T:
+    """``statements(db)`` in one transaction: committed whole, or rolled back and raised.
+
+    ``begin`` None: the caller has begun it.  ``committed`` is called after COMMIT.
+    """
+    if begin is not None:
+        db.execute(begin)
+    try:
+        result = statements(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    if committed is not None:
+        committed()
+    return result
 
 
 def encode(rows: Iterable[Row]) -> bytes:
@@ -120,14 +141,11 @@ def recover(db: sqlite3.Connection, directory: Path,
             log.warning("entry log %s ends in %d bytes of an interrupted write (a power cut "
                         "mid-append; never acknowledged): cut off", path, torn)
         if rows:
-            db.execute("BEGIN")
-            try:
+            def insert(db: sqlite3.Connection, rows: list[Row] = rows) -> None:
                 db.executemany(_INSERT_IGNORE, rows)
                 db.executemany(_PAIRS, pairs_of({row[0] for row in rows}, conv_members))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+
+            in_transaction(db, insert)
         found += len(rows)
         path.unlink()
     if found:
@@ -312,33 +330,20 @@ class LogMover:
     def _do(self, db: sqlite3.Connection, item: Segment | Write) -> None:
         if isinstance(item, Segment):
             self._move(db, item)
-            return
-        db.execute("BEGIN")
-        try:
-            item.apply(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        if self._committed is not None:
-            self._committed()
+        else:
+            in_transaction(db, item.apply, committed=self._committed)
 
     def _move(self, db: sqlite3.Connection, seg: Segment) -> None:
         rows = seg.rows
         for start in range(0, len(rows), self.chunk):
-            part = rows[start:start + self.chunk]
-            db.execute("BEGIN")
-            try:
+            def insert(db: sqlite3.Connection, part: list[Row] = rows[start:start + self.chunk],
+                       first: bool = not start) -> None:
                 # OR IGNORE: a retry after a failed COMMIT may find part of it stored.
                 db.executemany(_INSERT_IGNORE, part)
-                if not start:
+                if first:
                     db.executemany(_PAIRS, pairs_of(seg.new_convs, self._conv_members))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            if self._committed is not None:
-                self._committed()
+
+            in_transaction(db, insert, committed=self._committed)
         self.moved_rows += len(rows)
         if seg.path is not None:
             seg.path.unlink(missing_ok=True)
