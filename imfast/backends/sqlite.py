@@ -456,6 +456,8 @@ class SQLiteStore:
             self._caught_up.set()
 
     async def _wait_for_mover(self) -> None:
+        log.warning("entry log: %d segments wait for the mover thread (the disk is slower "
+                    "than the appends); appends wait for it", len(self._moving))
         while len(self._moving) >= _MAX_BEHIND:
             if self._caught_up is None:
                 self._caught_up = asyncio.Event()

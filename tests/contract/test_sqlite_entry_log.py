@@ -195,7 +195,8 @@ async def test_the_loops_writes_never_wait_on_the_loop_while_another_connection_
 
 
 async def test_appends_wait_once_the_mover_is_far_behind(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(sqlite_module, "_MAX_BEHIND", 2)
     path = str(tmp_path / "behind.db")
     store = SQLiteStore(path)
@@ -208,6 +209,7 @@ async def test_appends_wait_once_the_mover_is_far_behind(
     for _ in range(20):
         await asyncio.sleep(0.01)
     assert not third.done()  # two segments wait: the third append waits with them
+    assert any("wait for the mover" in r.getMessage() for r in caplog.records)  # said once
     holder.execute("COMMIT")
     await third
     await store.settle()
