@@ -55,13 +55,13 @@ from imfast.backends.sqlite_keys import KnownKeys
 from imfast.backends.sqlite_log import (
     EntryLog,
     LogMover,
+    Row,
     Segment,
     Write,
     in_transaction,
     pairs_of,
     recover,
 )
-from imfast.protocol.ids import conv_members_private
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -174,7 +174,7 @@ class SQLiteStore:
         new_file = self._migrate()
         # Entries a crash left in the entry log go into the table before anything reads it.
         log_dir = None if path == ":memory:" else Path(path + "-log")
-        recovered = recover(self._db, log_dir, conv_members_private) if log_dir else 0
+        recovered = recover(self._db, log_dir) if log_dir else 0
         # Before any write, so every key written from now on is seen by the filters.
         self._known = KnownKeys(path, fresh=(new_file and not recovered) or path == ":memory:")
         self._checkpointer: BackgroundCheckpointer | None = None
@@ -205,7 +205,7 @@ class SQLiteStore:
         self._caught_up: asyncio.Event | None = None
         self._closed = False
         checkpointer = self._checkpointer
-        self._mover = LogMover(None if path == ":memory:" else path, conv_members_private,
+        self._mover = LogMover(None if path == ":memory:" else path,
                                self._on_moved,
                                committed=checkpointer.committed if checkpointer else None,
                                inline_db=self._db,
@@ -292,22 +292,22 @@ class SQLiteStore:
         """
         if len(self._moving) >= _MAX_BEHIND:
             await self._wait_for_mover()
-        rows = []
+        rows: list[Row] = []
         pairs = self._pairs
         new_convs: set[str] = set()  # private conversations not known to be recorded
         dedup_keys: list[str] = []
         tops: dict[str, int] = {}  # per conversation, the highest seq stored or in this batch
-        taken: set[tuple[str, int]] = set()
         for m in messages:
             conv = m.conv
             seq = m.seq
             top = tops.get(conv)
             if top is None:
                 top = self._latest(conv)
-            if seq <= top and ((conv, seq) in taken or self._exists(conv, seq)):
+            # Only a seq at or below the top can exist: then look (rare; the batch too).
+            if seq <= top and (self._exists(conv, seq)
+                               or any(r[0] == conv and r[1] == seq for r in rows)):
                 raise ValueError(f"sequence number already exists: {conv} {seq}")
             tops[conv] = max(top, seq)
-            taken.add((conv, seq))
             dedup_key = f"{m.sender}:{m.cmid}" if m.cmid else None
             if dedup_key is not None:
                 dedup_keys.append(dedup_key)
@@ -315,7 +315,10 @@ class SQLiteStore:
                          m.ts, m.kind, dedup_key))
             if conv not in pairs:
                 new_convs.add(conv)
-        self._entry_log.write(rows, new_convs)  # raises with nothing written
+        # Each private conversation's (user, conv) rows, worked out once: the mover
+        # writes them, the hot index lists them, and the loop drops them after the move.
+        new_pairs = pairs_of(new_convs)
+        self._entry_log.write(rows, new_pairs)  # raises with nothing written
         hot = self._hot
         hot_dedup = self._hot_dedup
         for m, dedup_key in zip(messages, (row[9] for row in rows), strict=True):
@@ -329,15 +332,12 @@ class SQLiteStore:
             if dedup_key is not None:
                 hot_dedup[dedup_key] = m
         hot_pairs = self._hot_pairs
-        for conv in new_convs:
-            pair = conv_members_private(conv)
-            if pair is not None:
-                for user in pair:
-                    convs = hot_pairs.get(user)
-                    if convs is None:
-                        hot_pairs[user] = {conv}
-                    else:
-                        convs.add(conv)
+        for user, conv in new_pairs:
+            convs = hot_pairs.get(user)
+            if convs is None:
+                hot_pairs[user] = {conv}
+            else:
+                convs.add(conv)
         known = self._known
         known.dedup.add_all(dedup_keys)
         latest = self._stored_latest
@@ -443,7 +443,7 @@ class SQLiteStore:
                     entries[:] = [e for e in entries if e.seq not in gone]
                 if not entries:
                     del hot[conv]
-            for user, conv in pairs_of(seg.new_convs, conv_members_private):
+            for user, conv in seg.new_pairs:
                 pairs[conv] = None
                 convs = hot_pairs.get(user)
                 if convs is not None:

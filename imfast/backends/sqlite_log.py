@@ -49,7 +49,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-__all__ = ["ROW_COLUMNS", "EntryLog", "LogMover", "Segment", "Write", "in_transaction", "pairs_of",
+from imfast.protocol.ids import conv_members_private
+
+__all__ = ["ROW_COLUMNS", "EntryLog", "LogMover", "Row", "Segment", "Write", "in_transaction", "pairs_of",
            "read_segment", "recover"]
 
 log = logging.getLogger("imfast.store")
@@ -120,19 +122,17 @@ def _segment_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix == _SUFFIX)
 
 
-def pairs_of(convs: Iterable[str], conv_members: Callable[[str], tuple[str, str] | None]
-             ) -> list[tuple[str, str]]:
+def pairs_of(convs: Iterable[str]) -> list[tuple[str, str]]:
     """The private_convs rows (user, conv) of the private conversations among ``convs``."""
     out: list[tuple[str, str]] = []
     for conv in convs:
-        members = conv_members(conv)
+        members = conv_members_private(conv)
         if members is not None:
             out.extend((user, conv) for user in members)
     return out
 
 
-def recover(db: sqlite3.Connection, directory: Path,
-            conv_members: Callable[[str], tuple[str, str] | None]) -> int:
+def recover(db: sqlite3.Connection, directory: Path) -> int:
     """Insert what segments left by a crash hold; delete them.  Returns the rows found."""
     found = 0
     for path in _segment_paths(directory):
@@ -143,7 +143,7 @@ def recover(db: sqlite3.Connection, directory: Path,
         if rows:
             def insert(db: sqlite3.Connection, rows: list[Row] = rows) -> None:
                 db.executemany(_INSERT_IGNORE, rows)
-                db.executemany(_PAIRS, pairs_of({row[0] for row in rows}, conv_members))
+                db.executemany(_PAIRS, pairs_of({row[0] for row in rows}))
 
             in_transaction(db, insert)
         found += len(rows)
@@ -157,16 +157,16 @@ def recover(db: sqlite3.Connection, directory: Path,
 class Segment:
     """One segment: its file and the rows written to it (the mover inserts these).
 
-    ``new_convs``: its conversations that may lack their private_convs rows.
+    ``new_pairs``: the private_convs rows (user, conv) its entries may lack.
     """
 
-    __slots__ = ("fd", "new_convs", "number", "path", "rows", "size")
+    __slots__ = ("fd", "new_pairs", "number", "path", "rows", "size")
 
     def __init__(self, number: int, path: Path | None) -> None:
         self.number = number
         self.path = path
         self.rows: list[Row] = []
-        self.new_convs: set[str] = set()
+        self.new_pairs: set[tuple[str, str]] = set()
         self.fd = -1
         self.size = 0
 
@@ -200,11 +200,11 @@ class EntryLog:
             directory.mkdir(parents=True, exist_ok=True)
         self.current: Segment | None = None
 
-    def write(self, rows: list[Row], new_convs: Iterable[str] = ()) -> None:
+    def write(self, rows: list[Row], new_pairs: Iterable[tuple[str, str]] = ()) -> None:
         """Append ``rows`` whole to the current segment (opened on first use).
 
-        ``new_convs``: conversations of ``rows`` whose private_convs rows the
-        mover should write (it inserts those of the whole segment).
+        ``new_pairs``: private_convs rows (user, conv) of ``rows`` that the mover
+        should write (it inserts those of the whole segment).
         """
         seg = self.current
         if seg is None:
@@ -225,7 +225,7 @@ class EntryLog:
                 raise
             seg.size += len(data)
         seg.rows.extend(rows)
-        seg.new_convs.update(new_convs)
+        seg.new_pairs.update(new_pairs)
 
     def roll(self) -> Segment | None:
         """Close the current segment and return it (None if nothing was written)."""
@@ -254,11 +254,10 @@ class LogMover:
     ``path`` (``:memory:``) :meth:`submit` runs inline on ``inline_db``.
     """
 
-    def __init__(self, path: str | None, conv_members: Callable[[str], tuple[str, str] | None],
+    def __init__(self, path: str | None,
                  done: Callable[[Segment | Write], None], committed: Callable[[], None] | None = None,
                  chunk: int = 4096, inline_db: sqlite3.Connection | None = None,
                  retry_after: float = 1.0, pragmas: Iterable[str] = ()) -> None:
-        self._conv_members = conv_members
         self._done = done
         self._committed = committed
         self.chunk = chunk
@@ -266,7 +265,6 @@ class LogMover:
         self._inline_db = inline_db
         self.inline = path is None
         self._queue: queue.SimpleQueue[Segment | Write | None] = queue.SimpleQueue()
-        self.moved_rows = 0
         self.failures = 0
         self._closing = False
         self._pragmas = tuple(pragmas)
@@ -341,10 +339,9 @@ class LogMover:
                 # OR IGNORE: a retry after a failed COMMIT may find part of it stored.
                 db.executemany(_INSERT_IGNORE, part)
                 if first:
-                    db.executemany(_PAIRS, pairs_of(seg.new_convs, self._conv_members))
+                    db.executemany(_PAIRS, sorted(seg.new_pairs))
 
             in_transaction(db, insert, committed=self._committed)
-        self.moved_rows += len(rows)
         if seg.path is not None:
             seg.path.unlink(missing_ok=True)
 
