@@ -24,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -38,7 +40,7 @@ from imfast.backends.sqlite import SQLiteStore
 from imfast.config import Settings, load_settings
 from imfast.gateway.cluster import ClusterGateway
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
-from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
+from imfast.link.endpoints import UNIX_PREFIX, LinkClient, LinkPool, LinkServer
 from imfast.service.pusher import ClusterPusher
 from imfast.service.remote import RemoteRouter, serve_router
 from imfast.service.router import Router
@@ -50,14 +52,6 @@ log = logging.getLogger("imfast.workers")
 REPORT_EVERY = 1.0
 _COUNTERS = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
              "auth_failures", "slow_consumers", "internal_errors", "lat_sum", "lat_n")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def stop_children(procs: Any, grace: float = 10.0) -> None:
@@ -140,7 +134,10 @@ class EmbeddedSupervisor:
         self.settings = settings
         self.workers = workers
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.push_ports: dict[int, int] = {}
+        # The link and the workers' push servers listen on Unix domain sockets
+        # here: private to this machine, and a write costs about half a
+        # loopback TCP one.
+        self.sockets_dir = tempfile.mkdtemp(prefix="imfast-")
         self._stopping = False
 
     async def start(self) -> int:
@@ -168,7 +165,8 @@ class EmbeddedSupervisor:
 
         handle.now = router_handler.now  # type: ignore[attr-defined] # the link's hot path
         self.link = LinkServer(handle)
-        self.link_port = await self.link.start("127.0.0.1", 0)
+        self.link_addr = UNIX_PREFIX + os.path.join(self.sockets_dir, "router.sock")
+        await self.link.start_unix(self.link_addr[len(UNIX_PREFIX):])
         self.secret = s.jwt_secret or dev_secret(s.data_dir)
         for i in range(self.workers):
             self._spawn(i)
@@ -177,14 +175,14 @@ class EmbeddedSupervisor:
 
     def _spawn(self, index: int) -> None:
         s = self.settings
-        port = self.push_ports.setdefault(index, _free_port())
+        push_path = self._push_path(index)
         per_worker = max(1, s.max_connections // self.workers)
         env = {
             **os.environ,
             "IMFAST_WORKER_INDEX": str(index),
-            "SERVICE_ADDR": f"127.0.0.1:{self.link_port}",
-            "PUSH_PORT": str(port),
-            "GATEWAY_ADVERTISE_ADDR": f"127.0.0.1:{port}",
+            "SERVICE_ADDR": self.link_addr,
+            "IMFAST_PUSH_SOCKET": push_path,
+            "GATEWAY_ADVERTISE_ADDR": UNIX_PREFIX + push_path,
             "JWT_SECRET": self.secret,
             "HTTP_PORT": str(s.http_port),
             "HOST": s.host,
@@ -198,12 +196,15 @@ class EmbeddedSupervisor:
                                                     env=env)
         _lower_priority(proc.pid, s.worker_nice)
 
+    def _push_path(self, index: int) -> str:
+        return os.path.join(self.sockets_dir, f"worker-{index}.sock")
+
     async def _supervise(self) -> None:
         while not self._stopping:
             await asyncio.sleep(0.5)
             for index, proc in list(self.procs.items()):
                 if proc.poll() is not None and not self._stopping:
-                    dropped = self.registry.drop_gateway(f"127.0.0.1:{self.push_ports[index]}")
+                    dropped = self.registry.drop_gateway(UNIX_PREFIX + self._push_path(index))
                     log.error("gateway worker %d exited with %s; restarting (%d registrations "
                               "dropped)", index, proc.returncode, dropped)
                     self._spawn(index)
@@ -224,6 +225,7 @@ class EmbeddedSupervisor:
         await self.link.close()
         await self.links.close()
         await self.store.close()
+        shutil.rmtree(self.sockets_dir, ignore_errors=True)
 
 
 class _LinkRegistry:
@@ -359,10 +361,16 @@ async def _worker_main() -> None:
     from imfast.node import run_until_signalled
 
     setup_logging(settings.log_format, settings.log_level, f"worker-{index}")
-    service = LinkClient(settings.service_addr)
+    # The gateway is made below; pushes on this link (cast failures) reach it.
+    service = LinkClient(settings.service_addr,
+                         on_push=lambda method, args: gateway.on_push(method, args))
     verifier = TokenVerifier(settings, embedded=False)
     push = LinkServer(None, None)
-    await push.start("127.0.0.1", settings.push_port)
+    push_socket = os.environ.get("IMFAST_PUSH_SOCKET")
+    if push_socket:  # a worker of `imfast serve --workers N`
+        await push.start_unix(push_socket)
+    else:
+        await push.start("127.0.0.1", settings.push_port)
     gateway = WorkerGateway(settings, verifier, RemoteRouter(service), _LinkRegistry(service),
                             settings.advertise_addr)
     push._on_push = gateway.on_push

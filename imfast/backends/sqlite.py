@@ -292,6 +292,16 @@ class SQLiteStore:
         """
         if len(self._moving) >= _MAX_BEHIND:
             await self._wait_for_mover()
+        self._append(messages)
+
+    def append_now(self, messages: list[StoredMessage]) -> bool:
+        """:meth:`append` in this call; False, storing nothing, when it would wait."""
+        if len(self._moving) >= _MAX_BEHIND:
+            return False
+        self._append(messages)
+        return True
+
+    def _append(self, messages: list[StoredMessage]) -> None:
         rows: list[Row] = []
         pairs = self._pairs
         new_convs: set[str] = set()  # private conversations not known to be recorded

@@ -35,6 +35,7 @@ from imfast.gateway.server import Gateway
 from imfast.gateway.session import Session
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
 from imfast.link.replicas import ServiceLinks
+from imfast.protocol.codes import ImfastError
 from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
 from imfast.service.remote import RemoteRouter, entry_from_wire
 
@@ -102,7 +103,14 @@ class ClusterGateway(Gateway):
         return result
 
     def on_push(self, method: str, items: Any) -> None:
-        """Pushes from im-service or other gateways (port 9093)."""
+        """Pushes from im-service or other gateways (port 9093), and im-service's
+        reports of failed casts (on the link to it)."""
+        if method == "cast_failed":
+            cast, args, code, message, field = items
+            session = self.table.session_of(args[0], args[1])
+            if session is not None:
+                session.cast_failed(cast, args, ImfastError(message, code=code, field=field))
+            return
         if method != "batch":
             log.warning("unknown push %s", method)
             return
@@ -136,7 +144,8 @@ class GatewayNode:
         verifier = TokenVerifier(s, embedded=False)
         self.links = LinkPool()
         self._closers.append(self.links)
-        service = ServiceLinks(s.service_addr)
+        # The gateway is made below; pushes on these links (cast failures) reach it.
+        service = ServiceLinks(s.service_addr, on_push=self._service_push)
         self._closers.append(service)
         await service.resolve_now()  # the replicas, before any client is served
         registry = EtcdRegistry(list(s.etcd_endpoints), owner=s.display_hostname)
@@ -174,6 +183,10 @@ class GatewayNode:
         log.info("gateway started port=%s push=%s service=%s", self.port, advertise,
                  s.service_addr)
         return self.port
+
+    def _service_push(self, method: str, args: Any) -> None:
+        if self.gateway is not None:
+            self.gateway.on_push(method, args)
 
     async def _fan_out_groups(self, batch: list[tuple[bytes, bytes]]) -> None:
         """Handle a batch of group_msg records (offsets are committed after this returns)."""

@@ -42,6 +42,8 @@ __all__ = ["EchoSession", "Session"]
 
 #: Largest frame that is decoded before the rate limit looks at it (an ``ack`` is ~60 bytes).
 _FREE_ACK_MAX_BYTES = 256
+#: Frames sent to im-service as casts when they carry no id (see Session._cast_now).
+_CASTABLE = frozenset(("read", "typing"))
 
 log = logging.getLogger("imfast.gateway")
 
@@ -334,6 +336,11 @@ class Session(FramedListener):
         own, self.own_acks = self.own_acks, None
         if not own or not self.user:
             return
+        remote = self.gw.remote_router
+        if remote is not None:
+            for conv, seq in list(own.items()):
+                if remote.cast("own_ack", [self.user, self.device, conv, seq]):
+                    del own[conv]
         router = self.gw.router
         for conv, seq in own.items():
             task = self.gw.loop.create_task(router.ack(self.user, self.device, conv, seq))
@@ -520,10 +527,12 @@ class Session(FramedListener):
             # link to im-service can queue at once (its answer comes back as a
             # callback); anything else, or anything behind a queued frame, goes
             # through the inbox in order.
+            ftype = frame["type"]
             if (gw.local_router is not None or gw.remote_router is not None) and \
                     self.identity is not None and not self.closed and (
-                    self._send_now(frame) if frame["type"] == "send" else
-                    frame["type"] == "ack" and self._ack_now(frame)):
+                    self._send_now(frame) if ftype == "send" else
+                    self._ack_now(frame) if ftype == "ack" else
+                    ftype in _CASTABLE and self._cast_now(frame)):
                 return
             self.inbox = [frame]
             self.worker = gw.loop.create_task(self._drain_inbox())
@@ -645,8 +654,17 @@ class Session(FramedListener):
             remote = self.gw.remote_router
             if remote is None:
                 return False
-            remote.ack_with(self.user, self.device, frame["conv"], frame["seq"],
-                            partial(self._remote_acked, frame))
+            conv, seq = frame["conv"], frame["seq"]
+            pushed = self.pushed
+            # Nobody waits for the answer of an ack with no id of what this connection
+            # was pushed: a cast, and the bookkeeping moves now (a failure still comes
+            # back as the error frame).  Anything else (an id, a seq from a sync page)
+            # waits for the cursor im-service answers.
+            if "id" not in frame and pushed is not None and seq <= pushed.get(conv, 0) and \
+                    remote.cast("ack", [self.user, self.device, conv, seq]):
+                self._acked(frame, None, seq)
+                return True
+            remote.ack_with(self.user, self.device, conv, seq, partial(self._remote_acked, frame))
             return True
         try:
             cursor = router.ack_now(self.user, self.device, frame["conv"], frame["seq"])
@@ -774,6 +792,31 @@ class Session(FramedListener):
             reply(None if exc is not None else f.result(), exc)
 
         pending.add_done_callback(done)
+
+    def _cast_now(self, frame: dict[str, Any]) -> bool:
+        """A ``read`` or ``typing`` with no id sent to im-service as a cast; False: not taken.
+
+        Nothing is answered on success (a ``read`` with an id gets ``read_ok`` and
+        takes the inbox); a failure comes back as the error frame
+        (:meth:`cast_failed`).
+        """
+        remote = self.gw.remote_router
+        if remote is None or "id" in frame:
+            return False
+        if frame["type"] == "read":
+            args = [self.user, self.device, frame["conv"], frame["seq"]]
+        else:
+            args = [self.user, self.device, frame["conv"]]
+        return bool(remote.cast(frame["type"], args))
+
+    def cast_failed(self, method: str, args: list[Any], exc: ImfastError) -> None:
+        """im-service's report that a cast of this session failed: its error frame."""
+        if self.closed:
+            return
+        frame: dict[str, Any] = {"type": method, "conv": args[2]}
+        if len(args) > 3:
+            frame["seq"] = args[3]
+        self._failed(frame, exc)
 
     def _remote_acked(self, frame: dict[str, Any], cursor: int | None,
                       exc: BaseException | None) -> None:

@@ -83,8 +83,11 @@ class ServiceLinks:
     async def call(self, method: str, args: Any) -> Any:
         return await self.any().call(method, args)
 
-    def call_nowait(self, method: str, args: Any) -> asyncio.Future[Any]:
-        return self.any().call_nowait(method, args)
+    def call_with(self, method: str, args: Any, answer: Any) -> None:
+        self.any().call_with(method, args, answer)
+
+    def cast(self, method: str, args: Any) -> bool:
+        return self.any().cast(method, args)
 
     def push(self, method: str, args: Any) -> None:
         for client in self.clients.values():

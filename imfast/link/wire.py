@@ -7,6 +7,10 @@ big-endian length followed by an orjson array:
 * ``[1, id, result]``           success
 * ``[2, id, code, message, field]``  failure (an :class:`ImfastError` re-raised by the caller)
 * ``[3, method, args]``         one-way push (deliveries, events)
+* ``[4, method, args]``         cast: a request whose success is not answered (an
+  ack, a read receipt, a typing indicator the client asked no reply for); a
+  failure comes back as a push ``cast_failed`` ``[method, args, code, message,
+  field]`` on the same connection
 
 Guarantees of :class:`LinkProtocol`:
 
@@ -20,7 +24,11 @@ Guarantees of :class:`LinkProtocol`:
   unanswered for that long fails with ``unavailable`` too (checked about
   once a second: one timer per connection, not one per call);
 * a handler with a ``now`` attribute (see :data:`NowHandler`) may answer a
-  request in the call that received it, with no task: the link's own hot path.
+  request in the call that received it, with no task: the link's own hot path;
+* casts reach the handler's ``cast`` attribute (see :data:`CastHandler`) in
+  arrival order with the requests around them, so a cast acknowledging a seq
+  follows the send that stored it.  A cast costs one frame instead of a
+  request, a reply, a future and its callback.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -37,11 +46,11 @@ import orjson
 from imfast.backends.errors import BackendUnavailable
 from imfast.protocol.codes import ImfastError
 
-__all__ = ["ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
+__all__ = ["CAST", "ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
 
 log = logging.getLogger("imfast.link")
 
-REQUEST, OK, ERROR, PUSH = 0, 1, 2, 3
+REQUEST, OK, ERROR, PUSH, CAST = 0, 1, 2, 3, 4
 MAX_FRAME = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -52,7 +61,28 @@ Answer = Callable[[Any, "BaseException | None"], None]
 #: ``handler.now(method, args, answer) -> bool``: True if it took the request (and will
 #: call ``answer`` exactly once); False, having changed nothing, for the task path.
 NowHandler = Callable[[str, Any, Answer], bool]
+#: ``handler.cast(method, args, link)``: take a cast; report a failure with
+#: ``link.push("cast_failed", [method, args, code, message, field])``.
+CastHandler = Callable[[str, Any, "LinkProtocol"], None]
 _SWEEP_EVERY = 1.0  # seconds between checks for calls past their timeout
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """The :data:`Answer` of :meth:`LinkProtocol.call`: settle its future (unless cancelled)."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+def _tell(answer: Answer, result: Any, exc: BaseException | None) -> None:
+    """Run one caller's answer; its failure is logged, never the link's."""
+    try:
+        answer(result, exc)
+    except Exception:
+        log.exception("a link call's answer failed")
 
 
 class LinkProtocol(asyncio.Protocol):
@@ -63,6 +93,7 @@ class LinkProtocol(asyncio.Protocol):
                  call_timeout: float | None = None, name: str = "") -> None:
         self._handler = handler
         self._now: NowHandler | None = getattr(handler, "now", None)
+        self._cast: CastHandler | None = getattr(handler, "cast", None)
         self._on_push = on_push
         self._call_timeout = call_timeout
         self._sweeper: asyncio.TimerHandle | None = None
@@ -73,8 +104,8 @@ class LinkProtocol(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._next_id = 0
-        #: call id -> (future, deadline, method); ids and deadlines rise together.
-        self._pending: dict[int, tuple[asyncio.Future[Any], float, str]] = {}
+        #: call id -> (answer, deadline, method); ids and deadlines rise together.
+        self._pending: dict[int, tuple[Answer, float, str]] = {}
         self.closed = False
         self.peer = ""
         self.name = name  # the address it was asked to reach, for messages (else the peer)
@@ -85,7 +116,10 @@ class LinkProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:  # a Unix domain socket: the client end is unnamed
+            self.peer = peer or "local"
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -93,9 +127,8 @@ class LinkProtocol(asyncio.Protocol):
             self._sweeper.cancel()
             self._sweeper = None
         pending, self._pending = self._pending, {}
-        for fut, _, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(ImfastError("internal link lost; retry", code="unavailable"))
+        for answer, _, _ in pending.values():
+            _tell(answer, None, ImfastError("internal link lost; retry", code="unavailable"))
         if self._on_lost is not None:
             self._on_lost(self)
 
@@ -149,16 +182,24 @@ class LinkProtocol(asyncio.Protocol):
 
     def call(self, method: str, args: Any) -> asyncio.Future[Any]:
         """Send a request; the future resolves to its result or raises ImfastError."""
+        fut: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        self.call_with(method, args, partial(_settle, fut))
+        return fut
+
+    def call_with(self, method: str, args: Any, answer: Answer) -> None:
+        """Send a request; ``answer(result, None)`` or ``answer(None, ImfastError)`` once.
+
+        The answer is called as the reply is read - no future, no extra loop
+        iteration: the path of every send and ack a gateway forwards.
+        """
         self._next_id += 1
         call_id = self._next_id
         self._queue([REQUEST, call_id, method, args])
-        fut: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
         timeout = self._call_timeout
-        self._pending[call_id] = (fut, time.monotonic() + timeout if timeout else 0.0, method)
+        self._pending[call_id] = (answer, time.monotonic() + timeout if timeout else 0.0, method)
         if timeout and self._sweeper is None:
             self._sweeper = self._loop.call_later(  # type: ignore[union-attr]
                 min(_SWEEP_EVERY, timeout), self._sweep)
-        return fut
 
     def _sweep(self) -> None:
         """Fail the calls past their deadline with ``unavailable`` (the far side is stuck)."""
@@ -171,13 +212,12 @@ class LinkProtocol(asyncio.Protocol):
                 break  # the rest were made later
             expired.append(call_id)
         for call_id in expired:
-            fut, _, method = pending.pop(call_id)
-            if not fut.done():
-                # Overloaded or stuck: the caller may retry (sends are deduplicated by
-                # cmid), so this is `unavailable`, not `internal`.
-                fut.set_exception(ImfastError(
-                    f"{self.name or self.peer} did not answer {method} within {self._call_timeout:g} s; "
-                    "retry", code="unavailable"))
+            answer, _, method = pending.pop(call_id)
+            # Overloaded or stuck: the caller may retry (sends are deduplicated by
+            # cmid), so this is `unavailable`, not `internal`.
+            _tell(answer, None, ImfastError(
+                f"{self.name or self.peer} did not answer {method} within {self._call_timeout:g} s; "
+                "retry", code="unavailable"))
         if pending and not self.closed and self._call_timeout:
             self._sweeper = self._loop.call_later(  # type: ignore[union-attr]
                 min(_SWEEP_EVERY, self._call_timeout), self._sweep)
@@ -186,23 +226,36 @@ class LinkProtocol(asyncio.Protocol):
         """Send a one-way message (no answer)."""
         self._queue([PUSH, method, args])
 
+    def cast(self, method: str, args: Any) -> None:
+        """Send a request whose success is not answered (see module docstring)."""
+        self._queue([CAST, method, args])
+
     # ----------------------------------------------------------- receiving
     def _dispatch(self, frame: list[Any]) -> None:
         kind = frame[0]
         if kind == OK:
             call = self._pending.pop(frame[1], None)
-            if call is not None and not call[0].done():
-                call[0].set_result(frame[2])
+            if call is not None:
+                _tell(call[0], frame[2], None)
         elif kind == ERROR:
             call = self._pending.pop(frame[1], None)
-            if call is not None and not call[0].done():
-                call[0].set_exception(ImfastError(frame[3], code=frame[2], field=frame[4]))
+            if call is not None:
+                _tell(call[0], None, ImfastError(frame[3], code=frame[2], field=frame[4]))
         elif kind == PUSH:
             if self._on_push is not None:
                 try:
                     self._on_push(frame[1], frame[2])
                 except Exception:
                     log.exception("link push %s failed", frame[1])
+        elif kind == CAST:
+            if self._cast is None:
+                log.warning("link cast %s from %s: nothing here takes casts", frame[1],
+                            self.peer)
+                return
+            try:
+                self._cast(frame[1], frame[2], self)
+            except Exception:
+                log.exception("link cast %s failed", frame[1])
         elif kind == REQUEST and self._handler is not None:
             now = self._now
             if now is not None:

@@ -72,6 +72,7 @@ class ClusterPusher:
         self._pushes: dict[str, list[Any]] = defaultdict(list)
         self._private: list[tuple[list[str], StoredMessage, list[Any], Any]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._now_scheduled = False  # a _flush_now is queued (see _schedule)
         #: routed_all() callers waiting for the next flush round to finish.
         self._waiters: list[asyncio.Future[None]] = []
         self._spool: dict[str, list[tuple[bytes, bytes]]] = {TOPIC_GROUP: [], TOPIC_OFFLINE: []}
@@ -108,7 +109,7 @@ class ClusterPusher:
         """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = self._flushing
-        if task is None or task.done():
+        if not self._now_scheduled and (task is None or task.done()):
             fut.set_result(None)
         else:
             self._waiters.append(fut)
@@ -119,8 +120,41 @@ class ClusterPusher:
         return waiters
 
     def _schedule(self) -> None:
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        if self._flushing is not None and not self._flushing.done():
+            return  # the round under way takes it
+        if self.bus is None:
+            # Embedded (`imfast serve --workers N`): nothing to look up or publish, and
+            # the workers' links are up: the round runs as one plain callback at the
+            # end of this loop iteration - no task, no extra iterations before the
+            # pushes leave and the senders are answered.
+            if not self._now_scheduled:
+                self._now_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_now)
+            return
+        self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    def _flush_now(self) -> None:
+        """One round without awaiting (no bus); a gateway not connected falls back to a task."""
+        self._now_scheduled = False
+        if self._flushing is not None and not self._flushing.done():
+            return  # a round is connecting to a gateway: what is queued waits its turn
+        waiters = self._take_waiters()
+        private, self._private = self._private, []
+        self._route_looked_up(private)
+        pushes, self._pushes = self._pushes, defaultdict(list)
+        unsent: dict[str, list[Any]] = {}
+        for gateway, items in pushes.items():
+            if not self.links.get(gateway).push("batch", items):
+                unsent[gateway] = items
+        if not unsent:
+            _wake(waiters)
+            return
+        # Connecting (a worker restarting): the task round pushes these first, then
+        # what is routed meanwhile, and only then answers these senders.
+        for gateway, items in unsent.items():
+            self._pushes[gateway] = items
+        self._waiters = waiters + self._waiters
+        self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
     def deliver(self, users: Iterable[str], message: StoredMessage,
                 skip: tuple[str, str] | None) -> None:
@@ -153,6 +187,11 @@ class ClusterPusher:
             if unknown:
                 await asyncio.gather(*(refresh(u) for u in sorted(unknown)),
                                      return_exceptions=True)
+        self._route_looked_up(private)
+
+    def _route_looked_up(self, private: list[tuple[list[str], StoredMessage, list[Any], Any]]
+                         ) -> None:
+        """Queue pushes (or offline records) for ``private``, by the registry cache."""
         for users, message, entry, skip in private:
             by_gateway: dict[str, list[str]] = defaultdict(list)
             for user in users:

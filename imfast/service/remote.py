@@ -11,11 +11,13 @@ a client sees the same error frame in embedded and distributed mode.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 from imfast.backends.base import StoredMessage
+from imfast.backends.errors import BackendUnavailable
 from imfast.link.endpoints import LinkClient
 from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
@@ -24,6 +26,8 @@ from imfast.service.router import Router, SendResult, settle
 
 __all__ = ["RemoteRouter", "entry_from_wire", "entry_to_wire", "serve_router"]
 
+log = logging.getLogger("imfast.service")
+
 #: Router methods a gateway may call, and how their results are encoded.
 _ENTRIES = {"fetch", "history"}
 _RESULTS = {"recall"}
@@ -31,6 +35,10 @@ _PLAIN = {"ack", "presence", "conversations", "resume_plan", "cursors", "cursor"
           "receipts", "group_create", "group_join", "group_invite", "group_remove",
           "group_leave", "group_role", "group_list_members", "groups_of"}
 ALLOWED = _ENTRIES | _RESULTS | _PLAIN | {"send"}
+#: Requests a gateway may send as casts (no answer unless they fail).
+#: ``own_ack`` moves the sender's cursor past its own message (the gateway's batch of
+#: them): an ack nobody asked for, so a failure is not reported.
+_CASTS = {"ack", "own_ack", "read", "typing"}
 #: Calls that add an entry (a membership event) to the group's conversation.
 _GROUP_CHANGES = {"group_create", "group_join", "group_invite", "group_remove", "group_leave",
                   "group_role"}
@@ -52,20 +60,13 @@ def _result_from_wire(w: list[Any]) -> SendResult:
     return SendResult(*w)
 
 
-def _when_answered(call: asyncio.Future[Any], decode: Callable[[Any], Any] | None,
-                   done: Callable[[Any, BaseException | None], None]) -> None:
-    """Call ``done(decoded result, None)`` or ``done(None, error)`` once ``call`` ends."""
-    def answered(f: asyncio.Future[Any]) -> None:
-        if f.cancelled():  # shutting down: the client retries after reconnecting
-            done(None, ImfastError("internal link closed; retry", code="unavailable"))
-            return
-        exc = f.exception()
-        if exc is not None:
-            done(None, exc)
-        else:
-            done(f.result() if decode is None else decode(f.result()), None)
+def _decoded(decode: Callable[[Any], Any],
+             done: Callable[[Any, BaseException | None], None]) -> Callable[[Any, Any], None]:
+    """An answer that hands ``done`` the decoded result, or the error."""
+    def answer(result: Any, exc: BaseException | None) -> None:
+        done(None if exc is not None else decode(result), exc)
 
-    call.add_done_callback(answered)
+    return answer
 
 
 def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
@@ -109,7 +110,50 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
             return _result_to_wire(value)
         return value
 
+    def cast(method: str, args: list[Any], link: Any) -> None:
+        """A cast (an ack, read or typing nobody waits to hear about), in arrival order.
+
+        An ack the router can take now is taken in this call; anything else
+        runs as a task.  A failure goes back to the gateway as ``cast_failed``,
+        which answers the client with the error frame the request would have got.
+        """
+        def failed(exc: BaseException) -> None:
+            if method == "own_ack":
+                log.debug("own ack %s failed: %s", args, exc)
+                return
+            if isinstance(exc, ImfastError):
+                code, message, field = exc.code, exc.message, exc.field
+            else:  # the link's own encoding of other failures (and their logging)
+                code, message, field = "internal", f"internal error: {type(exc).__name__}", None
+                if isinstance(exc, BackendUnavailable):
+                    code, message = "unavailable", f"{exc}; retry"
+                else:
+                    log.error("link cast %s failed", method, exc_info=exc)
+            if not link.closed:
+                link.push("cast_failed", [method, args, code, message, field])
+
+        if method not in _CASTS:
+            failed(ImfastError(f"unknown internal cast {method}", code="internal"))
+            return
+        name = "ack" if method == "own_ack" else method
+        if name == "ack":
+            try:
+                if router.ack_now(*args) is not None:
+                    return
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                failed(exc)
+                return
+
+        async def run() -> None:
+            try:
+                await getattr(router, name)(*args)
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                failed(exc)
+
+        asyncio.get_running_loop().create_task(run())
+
     handle.now = now  # type: ignore[attr-defined]
+    handle.cast = cast  # type: ignore[attr-defined]
     return handle
 
 
@@ -132,8 +176,8 @@ class RemoteRouter:
               body: str, reply: Any) -> None:
         """Queue a send on the link now (frame order); ``reply(result, exc)`` once answered."""
         conv = private_conv(user, to) if to is not None else group_conv(group or "")
-        call = self._owner(conv).call_nowait("send", [user, device, cmid, to, group, body])
-        _when_answered(call, _result_from_wire, reply)
+        self._owner(conv).call_with("send", [user, device, cmid, to, group, body],
+                                    _decoded(_result_from_wire, reply))
 
     async def submit_send(self, user: str, device: str, cmid: str, to: str | None,
                           group: str | None, body: str) -> asyncio.Future[SendResult]:
@@ -152,9 +196,14 @@ class RemoteRouter:
         self._send(user, device, cmid, to, None, body, reply)
         return True
 
+    def cast(self, method: str, args: list[Any]) -> bool:
+        """An ack, read or typing sent as a cast (no answer unless it fails); False if
+        the link is down (call instead, which waits for it)."""
+        return self.link.cast(method, args)
+
     def ack_with(self, user: str, device: str, conv: str, seq: int, done: Any) -> None:
         """An ack queued on the link now; ``done(cursor, exc)`` once im-service answers."""
-        _when_answered(self.link.call_nowait("ack", [user, device, conv, seq]), None, done)
+        self.link.call_with("ack", [user, device, conv, seq], done)
 
     async def fetch(self, user: str, conv: str, after: int, limit: int) -> list[StoredMessage]:
         return [entry_from_wire(w) for w in await self.link.call("fetch", [user, conv, after,

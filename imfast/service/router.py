@@ -156,6 +156,10 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: list[tuple[StoredMessage, Stored]] = []
         self._task: asyncio.Task[None] | None = None
+        #: A store that can append in the calling thread without waiting (SQLite's entry
+        #: log): batches are committed by a plain callback, not a task (see _run_now).
+        self._append_now = getattr(store, "append_now", None)
+        self._now_scheduled = False
         self.batches = 0
 
     def submit(self, message: StoredMessage) -> asyncio.Future[Any]:
@@ -167,8 +171,50 @@ class GroupCommitter:
     def submit_with(self, message: StoredMessage, done: Stored) -> None:
         """Queue ``message``; ``done`` is called once it is stored or refused (see Stored)."""
         self._pending.append((message, done))
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is None and not self._now_scheduled:
+            if self._append_now is not None:
+                # At the end of this loop iteration, like _run's first yield: every
+                # send read in this iteration joins the batch.
+                self._now_scheduled = True
+                asyncio.get_running_loop().call_soon(self._run_now)
+            else:
+                self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _run_now(self) -> None:
+        """:meth:`_run` as one callback (the store appends without waiting).
+
+        The same batches, order and answers, with no task and no extra loop
+        iterations.  A batch the store cannot take now (its mover is behind, or
+        an entry already exists and needs the repair) goes back to the front of
+        the queue and :meth:`_run` takes over.
+        """
+        self._now_scheduled = False
+        append_now = self._append_now
+        assert append_now is not None
+        while self._pending and self._task is None:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            messages = [m for m, _ in batch]
+            started = time.monotonic()
+            try:
+                stored = append_now(messages)
+            except Exception as exc:  # noqa: BLE001 - every submitter learns the failure
+                if isinstance(exc, ValueError) and "already exists" in str(exc):
+                    stored = False
+                else:
+                    for _, done in batch:
+                        _tell(done, None, exc)
+                    continue
+            if not stored:
+                self._pending[:0] = batch
+                self._task = asyncio.get_running_loop().create_task(self._run())
+                return
+            self.commit_time.observe(time.monotonic() - started)
+            self.batches += 1
+            try:
+                self._on_commit(messages)
+            finally:
+                self._resolve(batch)
 
     async def _run(self) -> None:
         try:

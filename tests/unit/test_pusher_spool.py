@@ -83,7 +83,8 @@ class OneGateway:
 
 async def test_routed_all_waits_for_its_round_not_for_a_flush_that_never_runs_dry() -> None:
     links = SlowLinks()
-    pusher = ClusterPusher(OneGateway(), None, links)  # type: ignore[arg-type]
+    # With a bus, rounds are tasks (the embedded, bus-less rounds are tested below).
+    pusher = ClusterPusher(OneGateway(), FlakyBus(), links)  # type: ignore[arg-type]
     stop = False
 
     async def steady_load() -> None:  # something new to route every iteration
@@ -106,3 +107,71 @@ async def test_routed_all_waits_for_its_round_not_for_a_flush_that_never_runs_dr
         stop = True
         await load
     await asyncio.wait_for(pusher.routed_all(), 1.0)
+
+
+class Client:
+    """One worker's link: ``push`` is refused while it is not ``connected``."""
+
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+        self.pushed: list[int] = []
+
+    def push(self, method: str, items: list) -> bool:
+        if not self.connected:
+            return False
+        self.pushed += [item[1]["e"][1] for item in items]
+        return True
+
+
+class Workers:
+    """LinkPool's surface for two gateway workers; ``gw2`` connects when pushed async."""
+
+    def __init__(self) -> None:
+        self.clients = {"gw1": Client(True), "gw2": Client(False)}
+
+    def get(self, gateway: str) -> Client:
+        return self.clients[gateway]
+
+    async def push(self, gateway: str, method: str, items: list) -> bool:
+        await asyncio.sleep(0.001)  # connecting
+        client = self.clients[gateway]
+        client.connected = True
+        return client.push(method, items)
+
+
+class TwoGateways:
+    def cached_lookup(self, user: str) -> dict[str, str]:
+        return {"phone": "gw1" if user == "bob" else "gw2"}
+
+
+def private(seq: int) -> StoredMessage:
+    return StoredMessage("p:alice:bob", seq, f"m{seq}", "alice", "phone", f"c{seq}", "x", 0)
+
+
+async def test_without_a_bus_a_round_is_one_callback_and_routed_all_waits_for_it() -> None:
+    links = Workers()
+    pusher = ClusterPusher(TwoGateways(), None, links)  # type: ignore[arg-type]
+    pusher.deliver(["bob"], private(1), None)
+    pusher.deliver(["bob"], private(2), None)
+    routed = pusher.routed_all()
+    assert not routed.done() and links.clients["gw1"].pushed == []  # at the iteration's end
+    await asyncio.sleep(0)
+    assert links.clients["gw1"].pushed == [1, 2]
+    assert pusher._flushing is None  # no task was needed
+    await asyncio.wait_for(routed, 1.0)
+    assert pusher.routed_all().done()  # nothing queued: nothing to wait for
+
+
+async def test_without_a_bus_a_worker_not_connected_is_pushed_in_order_before_answering() -> None:
+    links = Workers()
+    pusher = ClusterPusher(TwoGateways(), None, links)  # type: ignore[arg-type]
+    pusher.deliver(["carol"], private(1), None)  # gw2: not connected yet
+    pusher.deliver(["bob"], private(2), None)
+    routed = pusher.routed_all()
+    await asyncio.sleep(0)
+    assert links.clients["gw1"].pushed == [2]  # the connected worker is not held up
+    assert not routed.done()  # its sender waits for gw2's push too
+    pusher.deliver(["carol"], private(3), None)  # routed while gw2 connects: after 1
+    await asyncio.wait_for(routed, 1.0)
+    await asyncio.wait_for(pusher.routed_all(), 1.0)
+    assert links.clients["gw2"].pushed == [1, 3]
