@@ -164,6 +164,7 @@ class EmbeddedSupervisor:
             return await router_handler(method, args)
 
         handle.now = router_handler.now  # type: ignore[attr-defined] # the link's hot path
+        handle.cast = router_handler.cast  # type: ignore[attr-defined] # acks, reads, typing
         self.link = LinkServer(handle)
         self.link_addr = UNIX_PREFIX + os.path.join(self.sockets_dir, "router.sock")
         await self.link.start_unix(self.link_addr[len(UNIX_PREFIX):])

@@ -108,7 +108,7 @@ class ClusterGateway(Gateway):
         if method == "cast_failed":
             cast, args, code, message, field = items
             session = self.table.session_of(args[0], args[1])
-            if session is not None:
+            if session is not None and cast != "own_ack":  # the client sent no own_ack
                 session.cast_failed(cast, args, ImfastError(message, code=code, field=field))
             return
         if method != "batch":

@@ -622,9 +622,9 @@ class Session(FramedListener):
             self.send_error("internal", "internal error", rid=frame.get("id"))
 
     def _send_now(self, frame: dict[str, Any]) -> bool:
-        """A private ``send`` taken in this call; False: not taken.
+        """A ``send`` taken in this call; False: not taken.
 
-        By the in-process router, or queued on the link to im-service (which
+        A private one by the in-process router, or any queued on the link to im-service (which
         keeps the order frames were read in).  The same reservation, order and
         answers as :meth:`_on_send`: the entry is reserved (or its request
         queued) before the next frame is looked at, and ``sent`` (or an error)
@@ -632,12 +632,18 @@ class Session(FramedListener):
         """
         to = frame.get("to")
         router = self.gw.local_router or self.gw.remote_router
-        if to is None or router is None:
+        if router is None:
             return False
+        remote = self.gw.remote_router
+        if to is None and remote is None:
+            return False  # a group send in process: the coroutine path
         cmid = frame["cmid"]
         try:
-            return router.send_now(self.user, self.device, cmid, to, frame["body"],
-                                   self._send_reply(cmid, frame.get("id"), time.monotonic()))
+            reply = self._send_reply(cmid, frame.get("id"), time.monotonic())
+            if to is None:  # a group send over the link: queued now like a private one
+                return bool(remote.send_group_now(self.user, self.device, cmid,
+                                                  frame["group"], frame["body"], reply))
+            return router.send_now(self.user, self.device, cmid, to, frame["body"], reply)
         except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
             self._failed(frame, exc)
             return True

@@ -248,9 +248,10 @@ class LinkProtocol(asyncio.Protocol):
                 except Exception:
                     log.exception("link push %s failed", frame[1])
         elif kind == CAST:
-            if self._cast is None:
-                log.warning("link cast %s from %s: nothing here takes casts", frame[1],
-                            self.peer)
+            if self._cast is None:  # a wiring mistake: say so, to the log and the caller
+                log.error("link cast %s from %s: nothing here takes casts", frame[1], self.peer)
+                self.push("cast_failed", [frame[1], frame[2], "internal",
+                                          "internal error: cast not served", None])
                 return
             try:
                 self._cast(frame[1], frame[2], self)

@@ -201,6 +201,12 @@ class RemoteRouter:
         the link is down (call instead, which waits for it)."""
         return self.link.cast(method, args)
 
+    def send_group_now(self, user: str, device: str, cmid: str, group: str, body: str,
+                       reply: Any) -> bool:
+        """:meth:`send_now` for a group send (im-service takes it on its task path)."""
+        self._send(user, device, cmid, None, group, body, reply)
+        return True
+
     def ack_with(self, user: str, device: str, conv: str, seq: int, done: Any) -> None:
         """An ack queued on the link now; ``done(cursor, exc)`` once im-service answers."""
         self.link.call_with("ack", [user, device, conv, seq], done)

@@ -114,6 +114,44 @@ def test_chat_and_groups_across_worker_processes(served: Served) -> None:
             assert clients[u].recv_until("msg", kind="msg")[-1]["body"] == "to everyone"
 
 
+def test_acks_reads_and_typing_with_no_id_are_casts_answered_only_when_they_fail(
+        served: Served) -> None:
+    """Over the link they get no reply (casts), yet take effect; a failure is still
+    the error frame the client would have got from the request."""
+    alice, bob, eve = served.client("alice"), served.client("bob"), served.client("eve")
+    alice.send(type="send", cmid="c1", to="bob", body="hi", id=1)
+    sent = alice.recv_until("sent", id=1)[-1]
+    conv, seq = sent["conv"], sent["seq"]
+    assert bob.recv_until("msg")[-1]["seq"] == seq
+    bob.send(type="ack", conv=conv, seq=seq)  # a cast: no `acked`
+    bob.send(type="typing", conv=conv)
+    assert alice.recv_until("typing")[-1]["user"] == "bob"
+    bob.send(type="read", conv=conv, seq=seq)
+    receipt = alice.recv_until("receipt")[-1]
+    assert (receipt["user"], receipt["seq"]) == ("bob", seq)
+    bob.send(type="sync", id=2)
+    synced = bob.recv_until("conversations", id=2)
+    assert not [f for f in synced if f["type"] in ("acked", "error")]  # casts: silent
+    assert synced[-1]["cursors"][conv] == seq  # the ack moved the cursor
+    # Alice's own message moved her cursor too (her gateway's batched own ack, a cast
+    # a second later).
+    deadline = time.monotonic() + 5
+    while True:
+        alice.send(type="sync", id=3)
+        if alice.recv_until("conversations", id=3)[-1]["cursors"].get(conv) == seq:
+            break
+        assert time.monotonic() < deadline, "own message's cursor never moved"
+        time.sleep(0.3)
+    # Eve is not in the conversation: her casts fail, and she hears why.
+    eve.send(type="read", conv=conv, seq=seq)
+    error = eve.recv_until("error")[-1]
+    assert error["code"] == "not_found" and error.get("field") == "conv"
+    eve.send(type="typing", conv=conv)
+    assert eve.recv_until("error")[-1]["code"] == "not_found"
+    eve.send(type="ack", conv=conv, seq=seq)  # nothing pushed to her: a call, answered
+    assert eve.recv_until("error")[-1]["code"] == "not_found"
+
+
 def test_gateway_processes_yield_the_cpu_to_the_router(served: Served, tmp_path: Path) -> None:
     router = os.getpriority(os.PRIO_PROCESS, served.proc.pid)
     workers = served.worker_pids()
