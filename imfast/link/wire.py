@@ -26,8 +26,11 @@ Guarantees of :class:`LinkProtocol`:
 * a handler with a ``now`` attribute (see :data:`NowHandler`) may answer a
   request in the call that received it, with no task: the link's own hot path;
 * casts reach the handler's ``cast`` attribute (see :data:`CastHandler`) in
-  arrival order with the requests around them, so a cast acknowledging a seq
-  follows the send that stored it.  A cast costs one frame instead of a
+  arrival order with the requests around them (a request the handler leaves
+  to its task path runs later, as always), so a cast acknowledging a seq
+  follows the send that stored it.  A cast lost with the connection is not
+  reported: casts carry only what a client asked no answer for - an ack the
+  next resume makes up for, a receipt or indicator.  A cast costs one frame instead of a
   request, a reply, a future and its callback.
 """
 

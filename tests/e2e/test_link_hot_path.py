@@ -94,6 +94,71 @@ async def test_unanswered_calls_expire_and_are_forgotten() -> None:
         await server.close()
 
 
+async def test_casts_keep_their_place_among_calls_and_only_failures_come_back(
+        tmp_path: Path) -> None:
+    """Over a Unix domain socket (as between `imfast serve --workers N`'s processes)."""
+    seen: list[Any] = []
+    pushed: list[tuple[str, Any]] = []
+
+    async def handle(method: str, args: Any) -> Any:
+        seen.append(("call", args))
+        return args
+
+    def now(method: str, args: Any, answer: Any) -> bool:
+        seen.append(("call", args))
+        answer(args, None)
+        return True
+
+    def cast(method: str, args: Any, link: Any) -> None:
+        seen.append(("cast", args))
+        if method == "bad":
+            link.push("cast_failed", [method, args, "bad_request", "no", "seq"])
+
+    handle.now = now  # type: ignore[attr-defined]
+    handle.cast = cast  # type: ignore[attr-defined]
+    server = LinkServer(handle)
+    path = str(tmp_path / "link.sock")
+    await server.start_unix(path)
+    client = LinkClient(f"unix:{path}", timeout=5, on_push=lambda m, a: pushed.append((m, a)))
+    try:
+        await client.connection()
+        first = client.call("c", [1])
+        assert client.cast("ok", [2]) and client.cast("bad", [3])
+        answers: list[Any] = []
+        client.call_with("c", [4], lambda result, exc: answers.append((result, exc)))
+        assert await first == [1]
+        for _ in range(100):
+            if answers and pushed:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [("call", [1]), ("cast", [2]), ("cast", [3]), ("call", [4])]
+        assert answers == [([4], None)]  # answered by callback, no future
+        assert pushed == [("cast_failed", ["bad", [3], "bad_request", "no", "seq"])]
+    finally:
+        await client.close()
+        await server.close()
+    # An endpoint that takes no casts says so instead of dropping them.
+    async def no_casts(method: str, args: Any) -> Any:
+        return None
+
+    plain = LinkServer(no_casts)
+    await plain.start_unix(path)  # the stale socket file is replaced
+    pushed.clear()
+    client = LinkClient(f"unix:{path}", timeout=5, on_push=lambda m, a: pushed.append((m, a)))
+    try:
+        await client.connection()
+        assert client.cast("ack", ["u", "d", "p:a:b", 1])
+        for _ in range(100):
+            if pushed:
+                break
+            await asyncio.sleep(0.01)
+        assert pushed == [("cast_failed", ["ack", ["u", "d", "p:a:b", 1], "internal",
+                                           "internal error: cast not served", None])]
+    finally:
+        await client.close()
+        await plain.close()
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Any:
     s = Served(tmp_path, workers=2)

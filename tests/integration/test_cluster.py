@@ -102,6 +102,29 @@ def test_both_sides_sending_at_once_through_two_replicas_get_everything_live(
         b.close()
 
 
+def test_casts_to_im_service_take_effect_and_report_their_failures(cluster: Cluster) -> None:
+    """An ack, read or typing with no id goes to im-service as a cast: no reply, yet
+    it takes effect; a failure comes back as the error frame."""
+    carol = connect(cluster, 0, "carol")
+    dave = connect(cluster, 1, "dave")
+    mallory = connect(cluster, 1, "mallory")
+    carol.send(type="send", cmid="k1", to="dave", body="hello", id=1)
+    sent = carol.recv_until("sent", id=1)[-1]
+    conv, seq = sent["conv"], sent["seq"]
+    assert dave.recv_until("msg")[-1]["seq"] == seq
+    dave.send(type="ack", conv=conv, seq=seq)
+    dave.send(type="read", conv=conv, seq=seq)
+    receipt = carol.recv_until("receipt")[-1]
+    assert (receipt["user"], receipt["seq"]) == ("dave", seq)
+    dave.send(type="sync", id=2)
+    frames = dave.recv_until("conversations", id=2)
+    assert not [f for f in frames if f["type"] in ("acked", "error")]
+    assert frames[-1]["cursors"][conv] == seq
+    mallory.send(type="read", conv=conv, seq=seq)  # not hers: the cast fails
+    error = mallory.recv_until("error")[-1]
+    assert error["code"] == "not_found" and error.get("field") == "conv"
+
+
 def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) -> None:
     owner = connect(cluster, 0, "gowner")
     near = connect(cluster, 0, "gnear")
