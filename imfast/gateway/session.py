@@ -624,11 +624,11 @@ class Session(FramedListener):
     def _send_now(self, frame: dict[str, Any]) -> bool:
         """A ``send`` taken in this call; False: not taken.
 
-        A private one by the in-process router, or any queued on the link to im-service (which
-        keeps the order frames were read in).  The same reservation, order and
-        answers as :meth:`_on_send`: the entry is reserved (or its request
-        queued) before the next frame is looked at, and ``sent`` (or an error)
-        goes out once it is durable.
+        A private one by the in-process router, or any queued on the link to
+        im-service (which keeps the order frames were read in).  The same
+        reservation, order and answers as :meth:`_on_send`: the entry is
+        reserved (or its request queued) before the next frame is looked at,
+        and ``sent`` (or an error) goes out once it is durable.
         """
         to = frame.get("to")
         router = self.gw.local_router or self.gw.remote_router

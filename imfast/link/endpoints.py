@@ -141,7 +141,6 @@ class LinkClient:
             return proto.call(method, args)
         return asyncio.ensure_future(self._call_after_connecting(method, args))
 
-
     def call_with(self, method: str, args: Any, answer: Any) -> None:
         """:meth:`call` with an answer callback (see LinkProtocol.call_with): queued now
         when connected, so calls keep their order; otherwise after connecting."""

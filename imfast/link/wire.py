@@ -10,7 +10,7 @@ big-endian length followed by an orjson array:
 * ``[4, method, args]``         cast: a request whose success is not answered (an
   ack, a read receipt, a typing indicator the client asked no reply for); a
   failure comes back as a push ``cast_failed`` ``[method, args, code, message,
-  field]`` on the same connection
+  field]`` on the same connection (:meth:`LinkProtocol.cast_failed`)
 
 Guarantees of :class:`LinkProtocol`:
 
@@ -28,10 +28,13 @@ Guarantees of :class:`LinkProtocol`:
 * casts reach the handler's ``cast`` attribute (see :data:`CastHandler`) in
   arrival order with the requests around them (a request the handler leaves
   to its task path runs later, as always), so a cast acknowledging a seq
-  follows the send that stored it.  A cast lost with the connection is not
-  reported: casts carry only what a client asked no answer for - an ack the
-  next resume makes up for, a receipt or indicator.  A cast costs one frame instead of a
-  request, a reply, a future and its callback.
+  follows the send that stored it.  A cast costs one frame instead of a
+  request, a reply, a future and its callback.  A cast lost with the
+  connection is not reported: casts carry only what a client asked no
+  answer for - an ack the next resume makes up for, a receipt, an indicator;
+* a call's answer is a callback run as the reply is read
+  (:meth:`LinkProtocol.call_with`; :meth:`LinkProtocol.call` wraps it in a
+  future).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ Answer = Callable[[Any, "BaseException | None"], None]
 #: call ``answer`` exactly once); False, having changed nothing, for the task path.
 NowHandler = Callable[[str, Any, Answer], bool]
 #: ``handler.cast(method, args, link)``: take a cast; report a failure with
-#: ``link.push("cast_failed", [method, args, code, message, field])``.
+#: ``link.cast_failed(method, args, exc)``.
 CastHandler = Callable[[str, Any, "LinkProtocol"], None]
 _SWEEP_EVERY = 1.0  # seconds between checks for calls past their timeout
 
@@ -78,6 +81,17 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_result(result)
     else:
         fut.set_exception(exc)
+
+
+def _failure(method: str, exc: BaseException) -> tuple[str, str, str | None]:
+    """(code, message, field) of a failed request or cast; an unexpected one is logged."""
+    if isinstance(exc, ImfastError):
+        return exc.code, exc.message, exc.field
+    if isinstance(exc, BackendUnavailable):  # passes without a code change: retry
+        log.warning("link call %s: %s", method, exc)
+        return "unavailable", f"{exc}; retry", None
+    log.error("link call %s failed", method, exc_info=exc)
+    return "internal", f"internal error: {type(exc).__name__}", None
 
 
 def _tell(answer: Answer, result: Any, exc: BaseException | None) -> None:
@@ -233,6 +247,11 @@ class LinkProtocol(asyncio.Protocol):
         """Send a request whose success is not answered (see module docstring)."""
         self._queue([CAST, method, args])
 
+    def cast_failed(self, method: str, args: Any, exc: BaseException) -> None:
+        """Tell the caster that its cast failed with ``exc`` (encoded as a reply's error)."""
+        if not self.closed:
+            self.push("cast_failed", [method, args, *_failure(method, exc)])
+
     # ----------------------------------------------------------- receiving
     def _dispatch(self, frame: list[Any]) -> None:
         kind = frame[0]
@@ -253,8 +272,8 @@ class LinkProtocol(asyncio.Protocol):
         elif kind == CAST:
             if self._cast is None:  # a wiring mistake: say so, to the log and the caller
                 log.error("link cast %s from %s: nothing here takes casts", frame[1], self.peer)
-                self.push("cast_failed", [frame[1], frame[2], "internal",
-                                          "internal error: cast not served", None])
+                self.cast_failed(frame[1], frame[2], ImfastError(
+                    "internal error: cast not served", code="internal"))
                 return
             try:
                 self._cast(frame[1], frame[2], self)
@@ -288,14 +307,8 @@ class LinkProtocol(asyncio.Protocol):
         """Queue the reply to one request: its result, or its failure as (code, message)."""
         if exc is None:
             reply: list[Any] = [OK, call_id, result]
-        elif isinstance(exc, ImfastError):
-            reply = [ERROR, call_id, exc.code, exc.message, exc.field]
-        elif isinstance(exc, BackendUnavailable):  # passes without a code change: retry
-            log.warning("link call %s: %s", method, exc)
-            reply = [ERROR, call_id, "unavailable", f"{exc}; retry", None]
         else:
-            log.error("link call %s failed", method, exc_info=exc)
-            reply = [ERROR, call_id, "internal", f"internal error: {type(exc).__name__}", None]
+            reply = [ERROR, call_id, *_failure(method, exc)]
         if not self.closed:
             try:
                 self._queue(reply)

@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 from imfast.backends.base import StoredMessage
-from imfast.backends.errors import BackendUnavailable
 from imfast.link.endpoints import LinkClient
 from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
@@ -121,16 +120,7 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
             if method == "own_ack":
                 log.debug("own ack %s failed: %s", args, exc)
                 return
-            if isinstance(exc, ImfastError):
-                code, message, field = exc.code, exc.message, exc.field
-            else:  # the link's own encoding of other failures (and their logging)
-                code, message, field = "internal", f"internal error: {type(exc).__name__}", None
-                if isinstance(exc, BackendUnavailable):
-                    code, message = "unavailable", f"{exc}; retry"
-                else:
-                    log.error("link cast %s failed", method, exc_info=exc)
-            if not link.closed:
-                link.push("cast_failed", [method, args, code, message, field])
+            link.cast_failed(method, args, exc)
 
         if method not in _CASTS:
             failed(ImfastError(f"unknown internal cast {method}", code="internal"))

@@ -112,7 +112,7 @@ async def test_casts_keep_their_place_among_calls_and_only_failures_come_back(
     def cast(method: str, args: Any, link: Any) -> None:
         seen.append(("cast", args))
         if method == "bad":
-            link.push("cast_failed", [method, args, "bad_request", "no", "seq"])
+            link.cast_failed(method, args, ImfastError("no", code="bad_request", field="seq"))
 
     handle.now = now  # type: ignore[attr-defined]
     handle.cast = cast  # type: ignore[attr-defined]
