@@ -193,9 +193,9 @@ class Registry(Protocol):
 
 @runtime_checkable
 class SyncFastPath(Protocol):
-    """Optional: synchronous twins of ``reserve`` and ``advance`` (embedded stores).
+    """Optional: synchronous twins of ``reserve``, ``advance`` and ``mark_read`` (embedded stores).
 
-    A store whose ``reserve`` and ``advance`` never wait (memory, SQLite) may
+    A store whose ``reserve``, ``advance`` and ``mark_read`` never wait (memory, SQLite) may
     offer them as plain calls too, so the router can take a send or an ack in
     the call that decoded its frame instead of in a task of its own.  Each
     promises exactly what its coroutine twin promises, and the two share one
@@ -208,6 +208,10 @@ class SyncFastPath(Protocol):
 
     def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
         """:meth:`CursorStore.advance`, synchronously."""
+        ...
+
+    def mark_read_now(self, conv: str, user: str, seq: int) -> bool:
+        """:meth:`ReceiptStore.mark_read`, synchronously."""
         ...
 
 

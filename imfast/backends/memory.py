@@ -145,6 +145,10 @@ class MemoryStore:
 
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:
+        return self.mark_read_now(conv, user, seq)
+
+    def mark_read_now(self, conv: str, user: str, seq: int) -> bool:
+        """:meth:`mark_read` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         receipts = self._receipts[conv]
         if seq <= receipts.get(user, 0):
             return False

@@ -748,6 +748,10 @@ class SQLiteStore:
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:
         """Moves ``user``'s receipt in ``conv`` forward only; written with the cursors."""
+        return self.mark_read_now(conv, user, seq)
+
+    def mark_read_now(self, conv: str, user: str, seq: int) -> bool:
+        """:meth:`mark_read` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         return self._move_forward(
             (conv, user), seq, self._receipt_dirty, self._receipt_cache, _RECEIPT_CACHE,
             self._known.receipts, "SELECT seq FROM read_receipts WHERE conv=? AND user=?", 1)[1]

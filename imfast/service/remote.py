@@ -112,8 +112,9 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
     def cast(method: str, args: list[Any], link: Any) -> None:
         """A cast (an ack, read or typing nobody waits to hear about), in arrival order.
 
-        An ack the router can take now is taken in this call; anything else
-        runs as a task.  A failure goes back to the gateway as ``cast_failed``,
+        An ack, read or typing the router can take now (``ack_now``,
+        ``read_now``, ``typing_now``) is taken in this call; anything else runs
+        as a task, which answers every error the same way.  A failure goes back to the gateway as ``cast_failed``,
         which answers the client with the error frame the request would have got.
         """
         def failed(exc: BaseException) -> None:
@@ -126,13 +127,14 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
             failed(ImfastError(f"unknown internal cast {method}", code="internal"))
             return
         name = "ack" if method == "own_ack" else method
-        if name == "ack":
-            try:
-                if router.ack_now(*args) is not None:
-                    return
-            except Exception as exc:  # noqa: BLE001 - reported to the client
-                failed(exc)
+        try:  # what the router can take now, in this call (no task)
+            if name == "ack" and router.ack_now(*args) is not None or \
+                    name == "read" and router.read_now(*args) or \
+                    name == "typing" and router.typing_now(*args):
                 return
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            failed(exc)
+            return
 
         async def run() -> None:
             try:

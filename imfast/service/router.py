@@ -345,6 +345,7 @@ class Router:
         self._reserve_now = sync_twin(store, "reserve")
         self._advance_now = (sync_twin(store, "advance") if self._cursor_batcher is None
                              and getattr(store, "clear_offline", None) is None else None)
+        self._mark_read_now = sync_twin(store, "mark_read")
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -745,6 +746,45 @@ class Router:
             self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
                               (user, device))
         return moved
+
+    def _members_now(self, user: str, conv: str) -> list[str] | None:
+        """:meth:`conversation_users` when it needs no read and raises nothing; else None."""
+        parsed = parse_conv(conv)
+        if parsed is None:
+            return None
+        kind, ids = parsed
+        if kind == "p":
+            return list(dict.fromkeys(ids)) if user in ids else None
+        members = self._members_cache.get(ids[0])
+        if members is None or user not in members or not self.settings.feature_enabled("groups"):
+            return None
+        return list(members)
+
+    def read_now(self, user: str, device: str, conv: str, seq: int) -> bool:
+        """:meth:`read` in this call when it needs no read and fails nothing; False: not
+        taken (use :meth:`read`, which answers every error the same way)."""
+        mark_read_now = self._mark_read_now
+        if mark_read_now is None or seq > self._committed.get(conv, 0) or \
+                not self.settings.feature_enabled("receipts"):
+            return False
+        users = self._members_now(user, conv)
+        if users is None:
+            return False
+        if mark_read_now(conv, user, seq):
+            self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
+                              (user, device))
+        return True
+
+    def typing_now(self, user: str, device: str, conv: str) -> bool:
+        """:meth:`typing` in this call when it needs no read; False: use :meth:`typing`."""
+        if not self.settings.feature_enabled("typing"):
+            return False
+        users = self._members_now(user, conv)
+        if users is None:
+            return False
+        self.pusher.event([u for u in users if u != user],
+                          {"type": "typing", "conv": conv, "user": user}, None)
+        return True
 
     async def receipts(self, user: str, conv: str) -> dict[str, int]:
         await self.conversation_users(user, conv)

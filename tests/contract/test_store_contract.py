@@ -24,12 +24,13 @@ async def test_reserve_is_sequential_and_deduplicated(store: Any) -> None:
 
 
 async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
-    """SyncFastPath: reserve_now/advance_now share the coroutines' state and answers."""
-    twins = (sync_twin(store, "reserve"), sync_twin(store, "advance"))
+    """SyncFastPath: reserve_now/advance_now/mark_read_now share the coroutines' state."""
+    twins = (sync_twin(store, "reserve"), sync_twin(store, "advance"),
+             sync_twin(store, "mark_read"))
     if None in twins:
         # Stores over network backends have none (each step awaits Redis/MySQL): then
-        # neither may be offered, so the router keeps the coroutines for both steps.
-        assert twins == (None, None), "one synchronous twin without the other"
+        # none may be offered, so the router keeps the coroutines for every step.
+        assert twins == (None, None, None), "some synchronous twins without the others"
         assert type(store).__name__ == "CompositeStore", "only network-backed stores lack twins"
         return
     r1 = store.reserve_now("p:a:b", "a:c1", "m1", 0)
@@ -43,6 +44,10 @@ async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
     assert await store.advance("u", "d", "p:a:b", 1) == 2
     assert store.advance_now("u", "d", "p:a:b", 1) == 2
     assert (await store.cursors("u", "d")) == {"p:a:b": 2}
+    assert store.mark_read_now("p:a:b", "u", 2) is True
+    assert await store.mark_read("p:a:b", "u", 2) is False  # one receipt: not moved again
+    assert store.mark_read_now("p:a:b", "u", 1) is False  # never back
+    assert (await store.read_up_to("p:a:b")) == {"u": 2}
 
 
 async def test_reserve_respects_the_floor(store: Any) -> None:
