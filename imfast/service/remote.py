@@ -11,7 +11,6 @@ a client sees the same error frame in embedded and distributed mode.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -25,8 +24,6 @@ from imfast.service.router import Router, SendResult, settle
 
 __all__ = ["RemoteRouter", "entry_from_wire", "entry_to_wire", "serve_router"]
 
-log = logging.getLogger("imfast.service")
-
 #: Router methods a gateway may call, and how their results are encoded.
 _ENTRIES = {"fetch", "history"}
 _RESULTS = {"recall"}
@@ -36,7 +33,7 @@ _PLAIN = {"ack", "presence", "conversations", "resume_plan", "cursors", "cursor"
 ALLOWED = _ENTRIES | _RESULTS | _PLAIN | {"send"}
 #: Requests a gateway may send as casts (no answer unless they fail).
 #: ``own_ack`` moves the sender's cursor past its own message (the gateway's batch of
-#: them): an ack nobody asked for, so a failure is not reported.
+#: them): an ack the client never sent, so the gateway drops its failure.
 _CASTS = {"ack", "own_ack", "read", "typing"}
 #: Calls that add an entry (a membership event) to the group's conversation.
 _GROUP_CHANGES = {"group_create", "group_join", "group_invite", "group_remove", "group_leave",
@@ -68,8 +65,10 @@ def _decoded(decode: Callable[[Any], Any],
     return answer
 
 
-def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
-    """A link handler running ``router``'s methods for gateways.
+def serve_router(router: Router, extra: dict[str, Callable[..., Awaitable[Any]]] | None = None
+                 ) -> Callable[[str, Any], Awaitable[Any]]:
+    """A link handler running ``router``'s methods for gateways (and ``extra``'s:
+    method name -> coroutine function of the call's arguments).
 
     Its ``now`` attribute is the link's hot path (see imfast.link.wire's
     NowHandler): a private send or an ack the router can take without waiting
@@ -95,7 +94,12 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
             return True
         return False
 
+    extra = extra or {}
+
     async def handle(method: str, args: list[Any]) -> Any:
+        own = extra.get(method)
+        if own is not None:
+            return await own(*args)
         if method not in ALLOWED:
             raise ImfastError(f"unknown internal method {method}", code="internal")
         if method == "send":
@@ -114,17 +118,13 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
 
         An ack, read or typing the router can take now (``ack_now``,
         ``read_now``, ``typing_now``) is taken in this call; anything else runs
-        as a task, which answers every error the same way.  A failure goes back to the gateway as ``cast_failed``,
-        which answers the client with the error frame the request would have got.
+        as a task, which answers every error the same way.  A failure goes back
+        to the gateway as ``cast_failed``, which answers the client with the
+        error frame the request would have got.
         """
-        def failed(exc: BaseException) -> None:
-            if method == "own_ack":
-                log.debug("own ack %s failed: %s", args, exc)
-                return
-            link.cast_failed(method, args, exc)
-
         if method not in _CASTS:
-            failed(ImfastError(f"unknown internal cast {method}", code="internal"))
+            link.cast_failed(method, args, ImfastError(f"unknown internal cast {method}",
+                                                       code="internal"))
             return
         name = "ack" if method == "own_ack" else method
         try:  # what the router can take now, in this call (no task)
@@ -133,14 +133,14 @@ def serve_router(router: Router) -> Callable[[str, Any], Awaitable[Any]]:
                     name == "typing" and router.typing_now(*args):
                 return
         except Exception as exc:  # noqa: BLE001 - reported to the client
-            failed(exc)
+            link.cast_failed(method, args, exc)
             return
 
         async def run() -> None:
             try:
                 await getattr(router, name)(*args)
             except Exception as exc:  # noqa: BLE001 - reported to the client
-                failed(exc)
+                link.cast_failed(method, args, exc)
 
         asyncio.get_running_loop().create_task(run())
 

@@ -121,6 +121,11 @@ def settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> N
         fut.set_result(value)
 
 
+def _already_exists(exc: BaseException) -> bool:
+    """The store refused a batch because one of its (conv, seq) is stored already."""
+    return isinstance(exc, ValueError) and "already exists" in str(exc)
+
+
 def _tell(done: Stored, original: StoredMessage | None, exc: BaseException | None) -> None:
     """Run one submitter's callback; its failure is logged, never the batch's."""
     try:
@@ -192,60 +197,63 @@ class GroupCommitter:
         append_now = self._append_now
         assert append_now is not None
         while self._pending and self._task is None:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            messages = [m for m, _ in batch]
+            batch, messages = self._take_batch()
             started = time.monotonic()
             try:
                 stored = append_now(messages)
             except Exception as exc:  # noqa: BLE001 - every submitter learns the failure
-                if isinstance(exc, ValueError) and "already exists" in str(exc):
-                    stored = False
-                else:
-                    for _, done in batch:
-                        _tell(done, None, exc)
+                if not _already_exists(exc):
+                    self._failed(batch, exc)
                     continue
+                stored = False
             if not stored:
                 self._pending[:0] = batch
                 self._task = asyncio.get_running_loop().create_task(self._run())
                 return
-            self.commit_time.observe(time.monotonic() - started)
-            self.batches += 1
-            try:
-                self._on_commit(messages)
-            finally:
-                self._resolve(batch)
+            self._committed(batch, messages, started)
 
     async def _run(self) -> None:
         try:
             # Yield once so every send arriving in this loop iteration joins the batch.
             await asyncio.sleep(0)
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                messages = [m for m, _ in batch]
+                batch, messages = self._take_batch()
                 started = time.monotonic()
                 try:
                     await self._store.append(messages)
-                    self.commit_time.observe(time.monotonic() - started)
                 except Exception as exc:  # noqa: BLE001 - every future learns the failure
-                    if isinstance(exc, ValueError) and "already exists" in str(exc):
+                    if _already_exists(exc):
                         await self._repair({m.conv for m in messages})
                         await self._one_by_one(batch)
-                        continue
-                    for _, done in batch:
-                        _tell(done, None, exc)
+                    else:
+                        self._failed(batch, exc)
                     continue
-                self.batches += 1
-                try:
-                    self._on_commit(messages)
-                finally:
-                    self._resolve(batch)
+                self._committed(batch, messages, started)
         finally:
             self._task = None
             if self._pending:  # raced in after the loop ended
                 self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def _take_batch(self) -> tuple[list[tuple[StoredMessage, Stored]], list[StoredMessage]]:
+        """The next batch off the queue (at most ``max_batch``), and its messages."""
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        return batch, [m for m, _ in batch]
+
+    def _committed(self, batch: list[tuple[StoredMessage, Stored]],
+                   messages: list[StoredMessage], started: float) -> None:
+        """A batch is durable: count it, route it (``on_commit``), tell its submitters."""
+        self.commit_time.observe(time.monotonic() - started)
+        self.batches += 1
+        try:
+            self._on_commit(messages)
+        finally:
+            self._resolve(batch)
+
+    @staticmethod
+    def _failed(batch: list[tuple[StoredMessage, Stored]], exc: BaseException) -> None:
+        for _, done in batch:
+            _tell(done, None, exc)
 
     def _resolve(self, batch: list[tuple[StoredMessage, Stored]]) -> None:
         """Tell the senders: once the batch's pushes have left (``routed`` awaitable).
@@ -365,6 +373,19 @@ class Router:
 
     async def conversation_users(self, user: str, conv: str) -> list[str]:
         """Members of ``conv`` if ``user`` is one of them, else ``forbidden``."""
+        users = self._members_now(user, conv)
+        if users is not None:
+            return users
+        parsed = parse_conv(conv)  # a group whose members are not cached (a bad id raised)
+        assert parsed is not None
+        members = await self.group_members(parsed[1][0])
+        if user not in members:
+            raise ImfastError("not a member of this group", field="conv", code="forbidden")
+        return list(members)
+
+    def _members_now(self, user: str, conv: str) -> list[str] | None:
+        """:meth:`conversation_users` in this call, raising the same errors; None only for
+        a group whose members are not cached (they need a read)."""
         parsed = parse_conv(conv)
         if parsed is None:
             raise ImfastError("bad conversation id", field="conv", code="bad_request")
@@ -375,7 +396,9 @@ class Router:
             return list(dict.fromkeys(ids))
         if not self.settings.feature_enabled("groups"):
             raise ImfastError("groups are switched off", code="feature_disabled")
-        members = await self.group_members(ids[0])
+        members = self._members_cache.get(ids[0])
+        if members is None:
+            return None
         if user not in members:
             raise ImfastError("not a member of this group", field="conv", code="forbidden")
         return list(members)
@@ -743,26 +766,12 @@ class Router:
         await self._check_seq_exists(conv, seq)
         moved = await self.store.mark_read(conv, user, seq)
         if moved:
-            self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
-                              (user, device))
+            self._tell_receipt(users, user, device, conv, seq)
         return moved
 
-    def _members_now(self, user: str, conv: str) -> list[str] | None:
-        """:meth:`conversation_users` when it needs no read and raises nothing; else None."""
-        parsed = parse_conv(conv)
-        if parsed is None:
-            return None
-        kind, ids = parsed
-        if kind == "p":
-            return list(dict.fromkeys(ids)) if user in ids else None
-        members = self._members_cache.get(ids[0])
-        if members is None or user not in members or not self.settings.feature_enabled("groups"):
-            return None
-        return list(members)
-
     def read_now(self, user: str, device: str, conv: str, seq: int) -> bool:
-        """:meth:`read` in this call when it needs no read and fails nothing; False: not
-        taken (use :meth:`read`, which answers every error the same way)."""
+        """:meth:`read` in this call when it needs no read, raising the same errors;
+        False: not taken (use :meth:`read`)."""
         mark_read_now = self._mark_read_now
         if mark_read_now is None or seq > self._committed.get(conv, 0) or \
                 not self.settings.feature_enabled("receipts"):
@@ -771,19 +780,23 @@ class Router:
         if users is None:
             return False
         if mark_read_now(conv, user, seq):
-            self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
-                              (user, device))
+            self._tell_receipt(users, user, device, conv, seq)
         return True
 
+    def _tell_receipt(self, users: list[str], user: str, device: str, conv: str,
+                      seq: int) -> None:
+        self.pusher.event(users, {"type": "receipt", "conv": conv, "user": user, "seq": seq},
+                          (user, device))
+
     def typing_now(self, user: str, device: str, conv: str) -> bool:
-        """:meth:`typing` in this call when it needs no read; False: use :meth:`typing`."""
+        """:meth:`typing` in this call when it needs no read, raising the same errors;
+        False: not taken (use :meth:`typing`)."""
         if not self.settings.feature_enabled("typing"):
             return False
         users = self._members_now(user, conv)
         if users is None:
             return False
-        self.pusher.event([u for u in users if u != user],
-                          {"type": "typing", "conv": conv, "user": user}, None)
+        self._tell_typing(users, user, conv)
         return True
 
     async def receipts(self, user: str, conv: str) -> dict[str, int]:
@@ -794,7 +807,9 @@ class Router:
         """Tell the other members (droppable; never stored)."""
         if not self.settings.feature_enabled("typing"):
             raise ImfastError("typing indicators are switched off", code="feature_disabled")
-        users = await self.conversation_users(user, conv)
+        self._tell_typing(await self.conversation_users(user, conv), user, conv)
+
+    def _tell_typing(self, users: list[str], user: str, conv: str) -> None:
         self.pusher.event([u for u in users if u != user],
                           {"type": "typing", "conv": conv, "user": user}, None)
 
