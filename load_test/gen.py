@@ -31,7 +31,11 @@ already processed: the protocol's allowed re-push on resume or after ``ACK_TIMEO
 ``lost`` (acknowledged but not delivered to every recipient when the drain
 ended: nothing arrived for ``--drain`` seconds, or a backlog still moving
 after ``--drain`` + ``--drain-extra`` (60 s) - then ``drain_capped`` counts
-the processes where that happened), ``unacknowledged``, ``errors`` by code.
+the processes where that happened), ``to_offline`` (acknowledged, and every
+recipient still waiting for it was not connected when the drain ended - it
+never connected, or its socket closed: the server keeps it for their next
+sync, so it is not lost; their connections count under ``connect_failed``
+and ``unexpected_closes``), ``unacknowledged``, ``errors`` by code.
 
 Each worker process owns its users, and every message it sends goes to users
 of the same process, so each process can match sends to deliveries by itself;
@@ -427,7 +431,9 @@ class Worker:
         self.ping_hist = Histogram()
         self.errors: dict[str, int] = {}
         self.closes: dict[str, int] = {}
-        self.pending: dict[str, list[Any]] = {}   # cmid -> [send_ns, remaining, acked, sender]
+        # cmid -> [send_ns, remaining, acked, sender, frame, (conv, seq) once stored,
+        #          recipients (conn indexes) still waiting]
+        self.pending: dict[str, list[Any]] = {}
         self.refused: set[str] = set()  # cmids answered with an error (see _delivered)
         self.cmid_n = 0
         self.phase = "connect"
@@ -564,6 +570,7 @@ class Worker:
                 self.c.duplicates += 1
             return
         self.c.deliveries += 1
+        rec[6].discard(conn.i)
         rec[1] -= 1
         if rec[1] == 0:
             self.c.delivered += 1
@@ -589,7 +596,7 @@ class Worker:
         if rec is None or rec[2]:
             return
         rec[2] = True
-        rec.append((conv, seq))  # rec[5]: where it was stored, for the lost sample
+        rec[5] = (conv, seq)  # where it was stored, for the lost sample
         self.c.acknowledged += 1
         self.ack_hist.record((time.time_ns() - rec[0]) // 1000)
         if rec[1] <= 0:
@@ -692,12 +699,15 @@ class Worker:
             if group is None:
                 return False
             expected = cfg.group_size - 1
+            recipients = set(range(g * cfg.group_size, (g + 1) * cfg.group_size))
+            recipients.discard(i)
             frame: dict[str, Any] = {"group": group, "body": body}
             conv = f"g:{group}"
         else:
             k = 1 + random.randrange(max(1, min(cfg.contacts, self.n - 1)))
             peer = self.conns[(i + k) % self.n]
             expected = 1
+            recipients = {peer.i}
             frame = {"to": peer.user, "body": body}
             a, b = sorted((conn.user, peer.user))
             conv = f"p:{a}:{b}"
@@ -709,7 +719,7 @@ class Worker:
             frame["cmid"] = cmid
             if conn.pending_cmids is not None:
                 conn.pending_cmids.add(cmid)
-        self.pending[cmid] = [now_ns, expected, False, i, frame]
+        self.pending[cmid] = [now_ns, expected, False, i, frame, None, recipients]
         self.c.expected_deliveries += expected
         self.send(conn, frame)
         self.c.sent += 1
@@ -1054,17 +1064,23 @@ class Worker:
         await asyncio.sleep(0.2)
 
     def finish(self) -> dict[str, Any]:
-        lost = unacked = lost_deliveries = 0
+        lost = unacked = lost_deliveries = to_offline = to_offline_deliveries = 0
         lost_sample: list[dict[str, Any]] = []
+        conns = self.conns
         for cmid, rec in self.pending.items():
             if self.imfast and not rec[2]:
                 unacked += 1
                 lost_deliveries += max(0, rec[1])
+            elif rec[1] > 0 and not any(conns[j].ready for j in rec[6]):
+                # Every recipient still waiting is offline now: stored for their next
+                # sync (their connections are counted as failed or closed).
+                to_offline += 1
+                to_offline_deliveries += rec[1]
             elif rec[1] > 0:
                 lost += 1
                 lost_deliveries += rec[1]
                 if len(lost_sample) < 20:
-                    conv, seq = rec[5] if len(rec) > 5 else (None, None)
+                    conv, seq = rec[5] or (None, None)
                     lost_sample.append({
                         "cmid": cmid, "sender": self.conns[rec[3]].user
                         if rec[3] is not None and rec[3] < len(self.conns) else rec[3],
@@ -1075,6 +1091,8 @@ class Worker:
         counters["lost"] = lost
         counters["unacknowledged"] = unacked
         counters["lost_deliveries"] = lost_deliveries
+        counters["to_offline"] = to_offline
+        counters["to_offline_deliveries"] = to_offline_deliveries
         counters["connected_at_end"] = sum(1 for c in self.conns if c.ready)
         return {"counters": counters, "errors": self.errors, "closes": self.closes,
                 "lost_sample": lost_sample,
@@ -1415,7 +1433,9 @@ def derive(result: dict[str, Any]) -> dict[str, Any]:
     attempts = t.get("sent", 0) + t.get("connect_attempts", 0)
     errors = (t.get("error_frames", 0) + t.get("connect_failed", 0)
               + t.get("unexpected_closes", 0))
-    expected = t.get("expected_deliveries", 0)
+    # Deliveries owed to recipients offline at the end are not judged here: their
+    # connections failed or closed, which the error rate counts.
+    expected = t.get("expected_deliveries", 0) - t.get("to_offline_deliveries", 0)
     delivered = t.get("deliveries", 0)
     return {
         "error_rate": round(errors / attempts, 6) if attempts else 0.0,
@@ -1495,6 +1515,12 @@ def print_summary(result: dict[str, Any], out: Any = sys.stdout) -> None:
           f"delivered after an error {t.get('delivered_after_error', 0)}  lost "
           f"{t.get('lost', 0)}  unacknowledged {t.get('unacknowledged', 0)}  gaps "
           f"{t.get('gaps', 0)}", file=out)
+    if t.get("to_offline"):
+        print(f"  to recipients offline at the end {t['to_offline']} "
+              f"({t.get('to_offline_deliveries', 0)} deliveries; stored for their next sync, "
+              f"not lost: {t.get('connect_failed', 0)} connections failed, "
+              f"{t.get('unexpected_closes', 0)} closed unexpectedly, "
+              f"{t.get('connected_at_end', 0)} connected at the end)", file=out)
     if t.get("drain_capped") and t.get("lost"):
         print(f"  note: in {t['drain_capped']} generator process(es) deliveries were still "
               f"arriving when the drain reached its cap (--drain-extra past --drain): "

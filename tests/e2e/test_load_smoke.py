@@ -81,11 +81,15 @@ class _SlowRelay:
 
     It stands for an overloaded server working through a backlog: deliveries
     keep arriving after the load stopped, for longer than the generator's
-    ``--drain``.
+    ``--drain``.  A user whose name ends with ``refuse`` is never let in (a
+    recipient that stays offline); messages to one ending with ``drop`` are
+    swallowed although it is connected (a server that loses them).
     """
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, refuse: str = "", drop: str = "") -> None:
         self.delay = delay
+        self.refuse = refuse
+        self.drop = drop
         self.users: dict[str, Any] = {}
 
     def listener(self, request: Any) -> Any:
@@ -94,6 +98,8 @@ class _SlowRelay:
 
         relay = self
         user = parse_qs(urlsplit(request.path.decode()).query).get("user", [""])[0]
+        if relay.refuse and user.endswith(relay.refuse):
+            return None  # picows answers the upgrade with an error status
 
         class Conn(WSListener):  # type: ignore[misc]
             def on_ws_connected(self, transport: Any) -> None:
@@ -108,18 +114,20 @@ class _SlowRelay:
                         {"type": "joined", "group": msg["group"]}))
                     return
                 out = orjson.dumps({"from": user, "body": msg["body"]})
-                peer = relay.users.get(msg.get("to", ""))
-                if peer is not None:
+                to = msg.get("to", "")
+                peer = relay.users.get(to)
+                if peer is not None and not (relay.drop and to.endswith(relay.drop)):
                     asyncio.get_running_loop().call_later(
                         relay.delay, peer.send, WSMsgType.TEXT, out)
 
         return Conn()
 
 
-def _run_against_slow_relay(tmp_path: Path, delay: float, *args: str) -> dict[str, Any]:
+def _run_against_slow_relay(tmp_path: Path, delay: float, *args: str, refuse: str = "",
+                            drop: str = "") -> dict[str, Any]:
     from picows import ws_create_server
 
-    relay = _SlowRelay(delay=delay)
+    relay = _SlowRelay(delay=delay, refuse=refuse, drop=drop)
     ready: queue.Queue[int] = queue.Queue()
     stop = threading.Event()
 
@@ -168,3 +176,26 @@ def test_a_drain_cut_short_by_its_cap_says_so(tmp_path: Path) -> None:
     assert t["lost"] > 0 and t["drain_capped"] == 1
     assert t["deliveries"] < t["expected_deliveries"]
     assert "may count messages still in the server's backlog" in run["summary"]
+
+
+def test_messages_to_a_recipient_that_never_connected_are_not_lost(tmp_path: Path) -> None:
+    # User 3 of 10 is refused at every attempt: what the others send it is owed to an
+    # offline recipient (the server would keep it for its next sync), not lost.  Its
+    # failed connection is what the error rate counts.
+    run = _run_against_slow_relay(tmp_path, 0.0, "--drain", "1", refuse="u3")
+    t, derived = run["result"]["totals"], run["result"]["derived"]
+    assert t["connect_failed"] == 1 and t["connected_at_end"] == 9
+    assert t["to_offline"] > 0 and t["to_offline_deliveries"] == t["to_offline"]
+    assert t["lost"] == 0
+    assert t["deliveries"] == t["expected_deliveries"] - t["to_offline_deliveries"]
+    assert derived["delivery_success"] == 1.0
+    assert "to recipients offline at the end" in run["summary"]
+
+
+def test_messages_a_connected_recipient_never_got_are_lost(tmp_path: Path) -> None:
+    # User 5 is connected the whole run, but the relay swallows what is sent to it.
+    run = _run_against_slow_relay(tmp_path, 0.0, "--drain", "1", drop="u5")
+    t, derived = run["result"]["totals"], run["result"]["derived"]
+    assert t["connected_at_end"] == 10 and t["to_offline"] == 0
+    assert t["lost"] > 0 and t["lost"] == t["expected_deliveries"] - t["deliveries"]
+    assert derived["delivery_success"] < 1.0
