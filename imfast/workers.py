@@ -176,6 +176,7 @@ class EmbeddedSupervisor:
             "IMFAST_WORKER_INDEX": str(index),
             "SERVICE_ADDR": self.link_addr,
             "IMFAST_PUSH_SOCKET": push_path,
+            "IMFAST_ROUTER_MOVES_OWN_CURSORS": "1" if self.router.moves_own_cursors else "",
             "GATEWAY_ADVERTISE_ADDR": UNIX_PREFIX + push_path,
             "JWT_SECRET": self.secret,
             "HTTP_PORT": str(s.http_port),
@@ -365,7 +366,9 @@ async def _worker_main() -> None:
         await push.start_unix(push_socket)
     else:
         await push.start("127.0.0.1", settings.push_port)
-    gateway = WorkerGateway(settings, verifier, RemoteRouter(service), _LinkRegistry(service),
+    router = RemoteRouter(service, moves_own_cursors=bool(
+        os.environ.get("IMFAST_ROUTER_MOVES_OWN_CURSORS")))
+    gateway = WorkerGateway(settings, verifier, router, _LinkRegistry(service),
                             settings.advertise_addr)
     push._on_push = gateway.on_push
     await gateway.start()

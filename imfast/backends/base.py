@@ -214,6 +214,15 @@ class SyncFastPath(Protocol):
         """:meth:`ReceiptStore.mark_read`, synchronously."""
         ...
 
+    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
+        """The device's own entry ``seq``: move its cursor there only if it stood at ``seq - 1``.
+
+        A device that had everything before its own message has everything up to
+        it; one that had not keeps its cursor (it never got those entries).
+        True if the cursor moved.  Part of the same cursor state as ``advance``.
+        """
+        ...
+
 
 def sync_twin(store: Any, name: str) -> Any:
     """``store.<name>_now`` (:class:`SyncFastPath`) if it is the step ``store.<name>`` runs.

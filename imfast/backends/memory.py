@@ -114,6 +114,14 @@ class MemoryStore:
             cur[conv] = seq
         return cur.get(conv, 0)
 
+    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
+        """:class:`~imfast.backends.base.SyncFastPath`: past the device's own entry."""
+        cur = self._cursors[(user, device)]
+        if cur.get(conv, 0) != seq - 1:
+            return False
+        cur[conv] = seq
+        return True
+
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:
         if group in self._groups:

@@ -68,6 +68,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 SCHEMA_VERSION = 2
 _DEDUP_CACHE = 100_000  # recent reservations kept in memory; older ones are read from the log
 _CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older ones are re-read
+_SELECT_CURSOR = "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?"
 _CACHE_KIB = 16 * 1024  # SQLite page cache of the writer connection
 _PAIR_CACHE = 200_000  # private conversations known to be recorded for both users
 _RECEIPT_CACHE = 200_000  # (conv, user) read receipts kept in memory; older ones are re-read
@@ -578,18 +579,24 @@ class SQLiteStore:
         """:meth:`advance` as a plain call (:class:`~imfast.backends.base.SyncFastPath`)."""
         return self._move_forward(
             (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
-            self._known.cursors, "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?",
-            0)[0]
+            self._known.cursors, _SELECT_CURSOR, 0)[0]
+
+    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
+        """:class:`~imfast.backends.base.SyncFastPath`: past the device's own entry."""
+        return self._move_forward(
+            (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
+            self._known.cursors, _SELECT_CURSOR, 0, only_from=seq - 1)[1]
 
     def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
                       cache: OrderedDict[Any, int], cache_max: int, known: KeyFilters,
-                      select: str, kind: int) -> tuple[int, bool]:
+                      select: str, kind: int, only_from: int | None = None) -> tuple[int, bool]:
         """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
 
         Known from ``dirty`` (moved, not yet written), else the writes the mover
         has (``payload[kind]``), else ``cache``, else absent by the ``known``
         filter, else one ``select``; a move is queued in ``dirty`` for the next
-        flush.  Returns (the value now, whether it moved).
+        flush.  With ``only_from``, it moves only from that value.  Returns (the
+        value now, whether it moved).
         """
         current = dirty.get(key)
         if current is None:
@@ -606,7 +613,7 @@ class SQLiteStore:
             else:
                 row = self._db.execute(select, key).fetchone()
                 current = int(row[0]) if row else 0
-        moved = seq > current
+        moved = seq > current and (only_from is None or current == only_from)
         if moved:
             if not current:  # its row is written for the first time: the filter learns it
                 known.add(key)

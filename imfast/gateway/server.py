@@ -135,6 +135,8 @@ class Gateway:
         # over the link, ones that queue the call at once (no task per frame).
         self.local_router = router if isinstance(router, Router) else None
         self.remote_router = router if hasattr(router, "ack_with") else None
+        # Then sessions send no ack for their device's own messages: the router moved it.
+        self.router_moves_own_cursors = bool(getattr(router, "moves_own_cursors", False))
 
     # --------------------------------------------------------------- serving
     async def start(self, port: int | None = None, host: str | None = None) -> int:

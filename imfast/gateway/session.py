@@ -316,7 +316,7 @@ class Session(FramedListener):
             if self.acked is not None and self.acked.get(conv) == last:
                 self.acked[conv] = seq
                 caught_up = True
-            if caught_up:
+            if caught_up and not self.gw.router_moves_own_cursors:
                 self._advance_own(conv, seq)
             return False
         self._note_pushed(conv, last)

@@ -157,8 +157,11 @@ class RemoteRouter:
     that owns the conversation, so one router orders its entries.
     """
 
-    def __init__(self, link: LinkClient | ServiceLinks) -> None:
+    def __init__(self, link: LinkClient | ServiceLinks, *, moves_own_cursors: bool = False) -> None:
         self.link = link
+        #: The far router's :attr:`~imfast.service.router.Router.moves_own_cursors`: told
+        #: by whoever starts this process (the embedded supervisor); im-service's is False.
+        self.moves_own_cursors = moves_own_cursors
 
     def _owner(self, conv: str) -> LinkClient | ServiceLinks:
         link = self.link

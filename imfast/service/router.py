@@ -354,6 +354,9 @@ class Router:
         self._advance_now = (sync_twin(store, "advance") if self._cursor_batcher is None
                              and getattr(store, "clear_offline", None) is None else None)
         self._mark_read_now = sync_twin(store, "mark_read")
+        #: Moves a sender's cursor past its own entry at commit (see moves_own_cursors).
+        self._advance_own_now = (getattr(store, "advance_own_now", None)
+                                 if self._advance_now is not None else None)
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -403,6 +406,18 @@ class Router:
             raise ImfastError("not a member of this group", field="conv", code="forbidden")
         return list(members)
 
+    @property
+    def moves_own_cursors(self) -> bool:
+        """True: the sending device's cursor moves past its own entry as it is stored.
+
+        It moves only if the device had every entry before it (its cursor stood
+        at ``seq - 1``), as the gateway's own-message ack would move it; a
+        gateway in front of this router sends no such ack.  False (a store
+        without ``advance_own_now``, e.g. im-service's): the gateway acks its
+        own messages itself.
+        """
+        return self._advance_own_now is not None
+
     def _route_committed(self, messages: list[StoredMessage]) -> None:
         """Runs right after a batch is durable, in commit order."""
         committed = self._committed
@@ -411,6 +426,14 @@ class Router:
         for m in messages:
             if m.seq > committed.get(m.conv, 0):
                 committed[m.conv] = m.seq
+        advance_own = self._advance_own_now
+        if advance_own is not None:
+            try:
+                for m in messages:
+                    if m.sender_device:
+                        advance_own(m.sender, m.sender_device, m.conv, m.seq)
+            except Exception:  # a cursor left behind costs a re-push on resume, never a loss
+                log.exception("moving senders' cursors past their own entries failed")
         if self.settings.route_all_offline:
             return  # emergency switch: clients get everything by sync instead
         for m in messages:

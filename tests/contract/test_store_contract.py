@@ -48,6 +48,16 @@ async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
     assert await store.mark_read("p:a:b", "u", 2) is False  # one receipt: not moved again
     assert store.mark_read_now("p:a:b", "u", 1) is False  # never back
     assert (await store.read_up_to("p:a:b")) == {"u": 2}
+    # The device's own entry: its cursor moves only from just below it, in the same
+    # cursor state as advance.
+    assert store.advance_own_now("u", "d", "p:a:b", 3) is True
+    assert store.advance_own_now("u", "d", "p:a:b", 5) is False  # it never got seq 4
+    assert store.advance_own_now("u", "d", "p:a:b", 3) is False  # already there
+    assert await store.advance("u", "d", "p:a:b", 1) == 3
+    assert store.advance_own_now("u", "d2", "p:a:b", 1) is True  # a new device's first
+    assert store.advance_own_now("u", "d3", "p:a:b", 2) is False  # it never got seq 1
+    assert (await store.cursors("u", "d")) == {"p:a:b": 3}
+    assert (await store.cursors("u", "d3")) == {}
 
 
 async def test_reserve_respects_the_floor(store: Any) -> None:

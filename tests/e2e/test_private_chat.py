@@ -261,3 +261,33 @@ def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) ->
     dup = alice.recv_until("sent", id="again")[-1]
     assert dup["duplicate"] is True and dup["seq"] == 1
     assert taken == {"send": 3, "ack": 1}
+
+
+def cursors(client: Client, request_id: int) -> dict[str, int]:
+    client.send(type="sync", id=request_id)
+    found: dict[str, int] = client.recv_until("conversations", id=request_id)[-1]["cursors"]
+    return found
+
+
+def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_before(
+        node: NodeThread) -> None:
+    # The router moves the sender's cursor as it stores the message (before `sent`), so
+    # a resume does not hand the device back its own messages - unless the device had
+    # not got everything before it: a cursor never claims an entry the device missed.
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="a1", to="bob", body="first", id=1)
+    assert alice.recv_until("sent", id=1)[-1]["seq"] == 1
+    assert cursors(alice, 2) == {"p:alice:bob": 1}  # at once: no ack of her own needed
+    assert bob.recv_until("msg")[-1]["seq"] == 1
+    # Bob answers without acknowledging seq 1 first: his cursor stays where it was.
+    bob.send(type="send", cmid="b1", to="alice", body="reply", id=3)
+    assert bob.recv_until("sent", id=3)[-1]["seq"] == 2
+    assert cursors(bob, 4) == {}
+    bob.send(type="ack", conv="p:alice:bob", seq=1)
+    bob.send(type="send", cmid="b2", to="alice", body="again", id=5)
+    assert bob.recv_until("sent", id=5)[-1]["seq"] == 3
+    assert cursors(bob, 6) == {"p:alice:bob": 1}  # still below his seq 2
+    # Alice had not acknowledged Bob's seq 2 either: her next message leaves her at 1.
+    alice.send(type="send", cmid="a2", to="bob", body="third", id=7)
+    assert alice.recv_until("sent", id=7)[-1]["seq"] == 4
+    assert cursors(alice, 8) == {"p:alice:bob": 1}
