@@ -66,6 +66,8 @@ class EmbeddedNode:
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
+        if self.router is not None:
+            self.router.move_own_cursors()  # what waits for its batch, before the store closes
         if self.store is not None:
             await self.store.close()
 

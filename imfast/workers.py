@@ -219,6 +219,7 @@ class EmbeddedSupervisor:
         await stop_children(self.procs.values())
         await self.link.close()
         await self.links.close()
+        self.router.move_own_cursors()  # what waits for its batch, before the store closes
         await self.store.close()
         shutil.rmtree(self.sockets_dir, ignore_errors=True)
 

@@ -27,6 +27,7 @@ __all__ = [
     "Store",
     "StoredMessage",
     "SyncFastPath",
+    "own_run_end",
     "sync_twin",
 ]
 
@@ -214,14 +215,29 @@ class SyncFastPath(Protocol):
         """:meth:`ReceiptStore.mark_read`, synchronously."""
         ...
 
-    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
-        """The device's own entry ``seq``: move its cursor there only if it stood at ``seq - 1``.
+    def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
+        """Move the device's cursor through its own entries ``seqs`` (ascending) just above it.
 
-        A device that had everything before its own message has everything up to
-        it; one that had not keeps its cursor (it never got those entries).
-        True if the cursor moved.  Part of the same cursor state as ``advance``.
+        A device that had everything before its own entry has everything up to
+        it: the cursor steps onto each own entry directly above it, and stops at
+        the first gap (an entry the device never got).  Returns the cursor now.
+        Part of the same cursor state as ``advance``.
         """
         ...
+
+
+def own_run_end(cursor: int, seqs: list[int]) -> int:
+    """The cursor after stepping onto each of a device's own entries (ascending) right above it.
+
+    Stops at the first gap: an entry above the cursor that is not the device's
+    own and that it has not acknowledged.
+    """
+    for seq in seqs:
+        if seq == cursor + 1:
+            cursor = seq
+        elif seq > cursor:
+            break
+    return cursor
 
 
 def sync_twin(store: Any, name: str) -> Any:

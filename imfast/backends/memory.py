@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-from imfast.backends.base import Reservation, StoredMessage
+from imfast.backends.base import Reservation, StoredMessage, own_run_end
 from imfast.protocol.ids import conv_members_private
 
 __all__ = ["MemoryRegistry", "MemoryStore"]
@@ -114,13 +114,13 @@ class MemoryStore:
             cur[conv] = seq
         return cur.get(conv, 0)
 
-    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
-        """:class:`~imfast.backends.base.SyncFastPath`: past the device's own entry."""
+    def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
+        """:class:`~imfast.backends.base.SyncFastPath`: through the device's own entries."""
         cur = self._cursors[(user, device)]
-        if cur.get(conv, 0) != seq - 1:
-            return False
-        cur[conv] = seq
-        return True
+        cursor = own_run_end(cur.get(conv, 0), seqs)
+        if cursor:
+            cur[conv] = cursor
+        return cursor
 
     # GroupStore
     async def create(self, group: str, owner: str, name: str) -> bool:

@@ -48,7 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imfast.backends.base import Reservation, StoredMessage
+from imfast.backends.base import Reservation, StoredMessage, own_run_end
 from imfast.backends.keyfilter import KeyFilters
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
 from imfast.backends.sqlite_keys import KnownKeys
@@ -581,23 +581,23 @@ class SQLiteStore:
             (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
             self._known.cursors, _SELECT_CURSOR, 0)[0]
 
-    def advance_own_now(self, user: str, device: str, conv: str, seq: int) -> bool:
-        """:class:`~imfast.backends.base.SyncFastPath`: past the device's own entry."""
-        return self._move_forward(
-            (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
-            self._known.cursors, _SELECT_CURSOR, 0, only_from=seq - 1)[1]
+    def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
+        """:class:`~imfast.backends.base.SyncFastPath`: through the device's own entries."""
+        key = (user, device, conv)
+        dirty, cache, known = self._cursor_dirty, self._cursor_cache, self._known.cursors
+        current = self._current(key, dirty, cache, known, _SELECT_CURSOR, 0)
+        target = own_run_end(current, seqs)
+        if target == current:
+            return current
+        return self._move_forward(key, target, dirty, cache, _CURSOR_CACHE, known,
+                                  _SELECT_CURSOR, 0)[0]
 
-    def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
-                      cache: OrderedDict[Any, int], cache_max: int, known: KeyFilters,
-                      select: str, kind: int, only_from: int | None = None) -> tuple[int, bool]:
-        """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
-
-        Known from ``dirty`` (moved, not yet written), else the writes the mover
-        has (``payload[kind]``), else ``cache``, else absent by the ``known``
-        filter, else one ``select``; a move is queued in ``dirty`` for the next
-        flush.  With ``only_from``, it moves only from that value.  Returns (the
-        value now, whether it moved).
-        """
+    def _current(self, key: tuple[str, ...], dirty: dict[Any, int],
+                 cache: OrderedDict[Any, int], known: KeyFilters, select: str,
+                 kind: int) -> int:
+        """``key``'s value: from ``dirty`` (moved, not yet written), else the writes the
+        mover has (``payload[kind]``), else ``cache``, else absent by the ``known``
+        filter, else one ``select``."""
         current = dirty.get(key)
         if current is None:
             for write in reversed(self._writing):
@@ -613,7 +613,18 @@ class SQLiteStore:
             else:
                 row = self._db.execute(select, key).fetchone()
                 current = int(row[0]) if row else 0
-        moved = seq > current and (only_from is None or current == only_from)
+        return current
+
+    def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
+                      cache: OrderedDict[Any, int], cache_max: int, known: KeyFilters,
+                      select: str, kind: int) -> tuple[int, bool]:
+        """Move ``key``'s value (a cursor, a receipt) up to ``seq``, never back.
+
+        Its value now comes from :meth:`_current`; a move is queued in ``dirty``
+        for the next flush.  Returns (the value now, whether it moved).
+        """
+        current = self._current(key, dirty, cache, known, select, kind)
+        moved = seq > current
         if moved:
             if not current:  # its row is written for the first time: the filter learns it
                 known.add(key)

@@ -45,7 +45,8 @@ from imfast.protocol.codes import ImfastError
 from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
 from imfast.service.cursors import CursorBatcher
 
-__all__ = ["GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult", "settle"]
+__all__ = ["OWN_CURSOR_DELAY", "GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult",
+           "settle"]
 
 log = logging.getLogger("imfast.service")
 
@@ -53,6 +54,9 @@ _ROLE_RANK = {"owner": 3, "admin": 2, "member": 1}
 _ABANDONED_AFTER = 30.0  # seconds after which a reserved, never stored entry is given up
 _TURN_WAIT = 1.0  # seconds a send waits for its conversation's previous reservation
 _COMMITTED_MEMORY = 200_000  # conversations whose latest stored seq the router remembers
+#: Seconds within which a sender's cursor moves past its own entries (batched, like the
+#: gateway's own-message acks it replaces).
+OWN_CURSOR_DELAY = 1.0
 
 
 class Pusher(Protocol):
@@ -354,9 +358,12 @@ class Router:
         self._advance_now = (sync_twin(store, "advance") if self._cursor_batcher is None
                              and getattr(store, "clear_offline", None) is None else None)
         self._mark_read_now = sync_twin(store, "mark_read")
-        #: Moves a sender's cursor past its own entry at commit (see moves_own_cursors).
+        #: Moves a sender's cursor past its own entries (see moves_own_cursors).
         self._advance_own_now = (getattr(store, "advance_own_now", None)
                                  if self._advance_now is not None else None)
+        #: (sender, device) -> conv -> its own entries stored since the last move (ascending).
+        self._own_entries: dict[tuple[str, str], dict[str, list[int]]] = {}
+        self._own_timer: asyncio.TimerHandle | None = None
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
@@ -408,15 +415,36 @@ class Router:
 
     @property
     def moves_own_cursors(self) -> bool:
-        """True: the sending device's cursor moves past its own entry as it is stored.
+        """True: this router moves a sending device's cursor past its own entries.
 
-        It moves only if the device had every entry before it (its cursor stood
-        at ``seq - 1``), as the gateway's own-message ack would move it; a
-        gateway in front of this router sends no such ack.  False (a store
-        without ``advance_own_now``, e.g. im-service's): the gateway acks its
-        own messages itself.
+        Batched, within :data:`OWN_CURSOR_DELAY` of the commit (and by
+        :meth:`move_own_cursors` at shutdown); an entry is passed only if the
+        device had every entry before it - the cursor stood right below it - as
+        the gateway's own-message ack would move it, and a gateway in front of
+        this router sends no such ack.  False (a store without
+        ``advance_own_now``, e.g. im-service's): the gateway acks its own
+        messages itself.
         """
         return self._advance_own_now is not None
+
+    def move_own_cursors(self) -> None:
+        """Move the cursors past the own entries stored since the last move (see above)."""
+        if self._own_timer is not None:
+            self._own_timer.cancel()
+            self._own_timer = None
+        entries, self._own_entries = self._own_entries, {}
+        for (user, device), convs in entries.items():
+            self._move_own(user, device, convs)
+
+    def _move_own(self, user: str, device: str, convs: dict[str, list[int]]) -> None:
+        advance_own = self._advance_own_now
+        assert advance_own is not None  # entries are only kept for a store that has it
+        for conv, seqs in convs.items():
+            try:
+                advance_own(user, device, conv, seqs)
+            except Exception:  # a cursor left behind costs a re-push on resume, never a loss
+                log.exception("moving %s/%s's cursor past its own entries in %s failed",
+                              user, device, conv)
 
     def _route_committed(self, messages: list[StoredMessage]) -> None:
         """Runs right after a batch is durable, in commit order."""
@@ -426,14 +454,25 @@ class Router:
         for m in messages:
             if m.seq > committed.get(m.conv, 0):
                 committed[m.conv] = m.seq
-        advance_own = self._advance_own_now
-        if advance_own is not None:
-            try:
-                for m in messages:
-                    if m.sender_device:
-                        advance_own(m.sender, m.sender_device, m.conv, m.seq)
-            except Exception:  # a cursor left behind costs a re-push on resume, never a loss
-                log.exception("moving senders' cursors past their own entries failed")
+        if self._advance_own_now is not None:
+            # Batched: a busy conversation costs one cursor lookup a second, not one per
+            # message.  Commit order keeps each list ascending.
+            own = self._own_entries
+            for m in messages:
+                if m.sender_device:
+                    key = (m.sender, m.sender_device)
+                    convs = own.get(key)
+                    if convs is None:
+                        own[key] = {m.conv: [m.seq]}
+                    else:
+                        seqs = convs.get(m.conv)
+                        if seqs is None:
+                            convs[m.conv] = [m.seq]
+                        else:
+                            seqs.append(m.seq)
+            if own and self._own_timer is None:
+                self._own_timer = asyncio.get_running_loop().call_later(
+                    OWN_CURSOR_DELAY, self.move_own_cursors)
         if self.settings.route_all_offline:
             return  # emergency switch: clients get everything by sync instead
         for m in messages:
@@ -749,6 +788,9 @@ class Router:
         before_resume = getattr(self.pusher, "before_resume", None)
         if before_resume is not None:
             await before_resume(user)
+        own = self._own_entries.pop((user, device), None)
+        if own is not None:  # a device back within the batch: not handed its own entries
+            self._move_own(user, device, own)
         cursors = await self.store.cursors(user, device)
         plan = []
         for conv, latest in (await self.conversations(user)).items():

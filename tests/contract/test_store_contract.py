@@ -48,15 +48,15 @@ async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
     assert await store.mark_read("p:a:b", "u", 2) is False  # one receipt: not moved again
     assert store.mark_read_now("p:a:b", "u", 1) is False  # never back
     assert (await store.read_up_to("p:a:b")) == {"u": 2}
-    # The device's own entry: its cursor moves only from just below it, in the same
-    # cursor state as advance.
-    assert store.advance_own_now("u", "d", "p:a:b", 3) is True
-    assert store.advance_own_now("u", "d", "p:a:b", 5) is False  # it never got seq 4
-    assert store.advance_own_now("u", "d", "p:a:b", 3) is False  # already there
-    assert await store.advance("u", "d", "p:a:b", 1) == 3
-    assert store.advance_own_now("u", "d2", "p:a:b", 1) is True  # a new device's first
-    assert store.advance_own_now("u", "d3", "p:a:b", 2) is False  # it never got seq 1
-    assert (await store.cursors("u", "d")) == {"p:a:b": 3}
+    # A device's own entries: its cursor steps onto each right above it and stops at
+    # the first entry it never got, in the same cursor state as advance.
+    assert store.advance_own_now("u", "d", "p:a:b", [3, 4, 6, 7]) == 4  # never got 5
+    assert store.advance_own_now("u", "d", "p:a:b", [2, 3]) == 4  # never back
+    assert await store.advance("u", "d", "p:a:b", 1) == 4
+    assert store.advance_own_now("u", "d", "p:a:b", [4, 5]) == 5
+    assert store.advance_own_now("u", "d2", "p:a:b", [1, 2]) == 2  # a new device's first
+    assert store.advance_own_now("u", "d3", "p:a:b", [2]) == 0  # it never got seq 1
+    assert (await store.cursors("u", "d")) == {"p:a:b": 5}
     assert (await store.cursors("u", "d3")) == {}
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from imfast.service.router import OWN_CURSOR_DELAY
 from tests.helpers.node import Client, NodeThread, wait_for
 
 
@@ -269,25 +272,35 @@ def cursors(client: Client, request_id: int) -> dict[str, int]:
     return found
 
 
+def cursors_after_own_batch(client: Client, request_id: int) -> dict[str, int]:
+    """The device's cursors once the router's batch of own-entry moves has run."""
+    time.sleep(OWN_CURSOR_DELAY + 0.3)
+    return cursors(client, request_id)
+
+
 def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_before(
         node: NodeThread) -> None:
-    # The router moves the sender's cursor as it stores the message (before `sent`), so
-    # a resume does not hand the device back its own messages - unless the device had
-    # not got everything before it: a cursor never claims an entry the device missed.
+    # The router moves the sender's cursor past its own messages (batched, within
+    # OWN_CURSOR_DELAY), so a resume does not hand the device back its own messages -
+    # unless the device had not got everything before them: a cursor never claims an
+    # entry the device missed.
     alice, bob = connect(node, "alice"), connect(node, "bob")
     alice.send(type="send", cmid="a1", to="bob", body="first", id=1)
     assert alice.recv_until("sent", id=1)[-1]["seq"] == 1
-    assert cursors(alice, 2) == {"p:alice:bob": 1}  # at once: no ack of her own needed
-    assert bob.recv_until("msg")[-1]["seq"] == 1
-    # Bob answers without acknowledging seq 1 first: his cursor stays where it was.
+    alice.send(type="send", cmid="a2", to="bob", body="second", id=2)
+    assert alice.recv_until("sent", id=2)[-1]["seq"] == 2
+    assert [m["seq"] for m in bob.recv_until("msg", seq=2) if m["type"] == "msg"] == [1, 2]
+    # Bob answers without acknowledging what he got: his cursor stays where it was.
     bob.send(type="send", cmid="b1", to="alice", body="reply", id=3)
-    assert bob.recv_until("sent", id=3)[-1]["seq"] == 2
-    assert cursors(bob, 4) == {}
-    bob.send(type="ack", conv="p:alice:bob", seq=1)
-    bob.send(type="send", cmid="b2", to="alice", body="again", id=5)
-    assert bob.recv_until("sent", id=5)[-1]["seq"] == 3
-    assert cursors(bob, 6) == {"p:alice:bob": 1}  # still below his seq 2
-    # Alice had not acknowledged Bob's seq 2 either: her next message leaves her at 1.
-    alice.send(type="send", cmid="a2", to="bob", body="third", id=7)
-    assert alice.recv_until("sent", id=7)[-1]["seq"] == 4
-    assert cursors(alice, 8) == {"p:alice:bob": 1}
+    assert bob.recv_until("sent", id=3)[-1]["seq"] == 3
+    assert cursors_after_own_batch(alice, 4) == {"p:alice:bob": 2}  # no ack of her own
+    assert cursors(bob, 5) == {}
+    # Once he has acknowledged everything, his next message moves his cursor past it.
+    bob.send(type="ack", conv="p:alice:bob", seq=3)
+    bob.send(type="send", cmid="b2", to="alice", body="again", id=6)
+    assert bob.recv_until("sent", id=6)[-1]["seq"] == 4
+    assert cursors_after_own_batch(bob, 7) == {"p:alice:bob": 4}
+    # Alice had not acknowledged Bob's seq 3 and 4: her next message leaves her at 2.
+    alice.send(type="send", cmid="a3", to="bob", body="third", id=8)
+    assert alice.recv_until("sent", id=8)[-1]["seq"] == 5
+    assert cursors_after_own_batch(alice, 9) == {"p:alice:bob": 2}
