@@ -57,6 +57,7 @@ _COMMITTED_MEMORY = 200_000  # conversations whose latest stored seq the router 
 #: Seconds within which a sender's cursor moves past its own entries (batched, like the
 #: gateway's own-message acks it replaces).
 OWN_CURSOR_DELAY = 1.0
+_OWN_SLICE = 256  # devices whose own entries are moved per loop iteration
 
 
 class Pusher(Protocol):
@@ -363,6 +364,8 @@ class Router:
                                  if self._advance_now is not None else None)
         #: (sender, device) -> conv -> its own entries stored since the last move (ascending).
         self._own_entries: dict[tuple[str, str], dict[str, list[int]]] = {}
+        #: Earlier batches being moved a slice per loop iteration, oldest first.
+        self._own_moving: list[dict[tuple[str, str], dict[str, list[int]]]] = []
         self._own_timer: asyncio.TimerHandle | None = None
         self._members_cache: dict[str, dict[str, str]] = {}
         self.sent_total = 0
@@ -428,13 +431,38 @@ class Router:
         return self._advance_own_now is not None
 
     def move_own_cursors(self) -> None:
-        """Move the cursors past the own entries stored since the last move (see above)."""
+        """Move the cursors past every own entry stored so far, now (see above)."""
         if self._own_timer is not None:
             self._own_timer.cancel()
             self._own_timer = None
-        entries, self._own_entries = self._own_entries, {}
-        for (user, device), convs in entries.items():
-            self._move_own(user, device, convs)
+        self._own_moving.append(self._own_entries)
+        self._own_entries = {}
+        self._move_own_slice(everything=True)
+
+    def _own_batch_due(self) -> None:
+        """The batch's time: moved :data:`_OWN_SLICE` devices per loop iteration."""
+        self._own_timer = None
+        self._own_moving.append(self._own_entries)
+        self._own_entries = {}
+        if len(self._own_moving) == 1:  # else the slices under way take it
+            self._move_own_slice()
+
+    def _move_own_slice(self, everything: bool = False) -> None:
+        # In slices: one batch holds every device that sent in the last second, and
+        # moving them at once would hold every other message up for that long.
+        moving = self._own_moving
+        left = None if everything else _OWN_SLICE
+        while moving and (left is None or left > 0):
+            batch = moving[0]
+            while batch and (left is None or left > 0):
+                (user, device), convs = batch.popitem()  # devices in any order, each's in turn
+                self._move_own(user, device, convs)
+                if left is not None:
+                    left -= 1
+            if not batch:
+                moving.pop(0)  # a device's older entries are always moved before its newer
+        if moving:
+            asyncio.get_running_loop().call_soon(self._move_own_slice)
 
     def _move_own(self, user: str, device: str, convs: dict[str, list[int]]) -> None:
         advance_own = self._advance_own_now
@@ -472,7 +500,7 @@ class Router:
                             seqs.append(m.seq)
             if own and self._own_timer is None:
                 self._own_timer = asyncio.get_running_loop().call_later(
-                    OWN_CURSOR_DELAY, self.move_own_cursors)
+                    OWN_CURSOR_DELAY, self._own_batch_due)
         if self.settings.route_all_offline:
             return  # emergency switch: clients get everything by sync instead
         for m in messages:
@@ -788,9 +816,10 @@ class Router:
         before_resume = getattr(self.pusher, "before_resume", None)
         if before_resume is not None:
             await before_resume(user)
-        own = self._own_entries.pop((user, device), None)
-        if own is not None:  # a device back within the batch: not handed its own entries
-            self._move_own(user, device, own)
+        for batch in (*self._own_moving, self._own_entries):  # oldest first
+            own = batch.pop((user, device), None)
+            if own is not None:  # a device back within the batch: not handed its own entries
+                self._move_own(user, device, own)
         cursors = await self.store.cursors(user, device)
         plan = []
         for conv, latest in (await self.conversations(user)).items():
