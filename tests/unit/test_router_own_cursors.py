@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -55,7 +56,7 @@ async def test_own_entries_move_in_one_batch_then_in_slices(quick_batches: None)
         if len(store.moves) == 10:
             break
     assert len(store.moves) == 10
-    steps = [b - a for a, b in zip(seen, seen[1:]) if b != a]
+    steps = [b - a for a, b in itertools.pairwise(seen) if b != a]
     assert steps and max(steps) <= 4 and len(steps) >= 3  # 4 devices per loop iteration
     assert all(seqs == [1, 2] for *_, seqs in store.moves)
     for i in range(10):
