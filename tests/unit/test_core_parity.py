@@ -430,3 +430,21 @@ def test_coalescer_parity(core_pair: Any) -> None:
                 assert a.out == b.out
 
     check()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=30), st.integers(min_value=-(2**70), max_value=2**70),
+                          st.tuples(st.text(max_size=8), st.text(max_size=8), st.text(max_size=8))),
+                max_size=400),
+       st.lists(st.text(max_size=30), max_size=400))
+def test_keyfilter_parity(core_pair: Any, added: list[Any], asked: list[Any]) -> None:
+    # The same bits: every question - added keys, absent ones and their false "maybe"s
+    # alike - gets the same answer from both, with a filter small enough to be crowded.
+    py, cy = (impl._load("keyfilter").KeyFilter(capacity=4) for impl in core_pair)
+    for f in (py, cy):
+        f.add_all(added[: len(added) // 2])
+        for key in added[len(added) // 2:]:
+            f.add(key)
+    assert (py.count, py.nbytes, py.capacity) == (cy.count, cy.nbytes, cy.capacity)
+    assert [k in py for k in added + asked] == [k in cy for k in added + asked]
+    assert py.to_bytes() == cy.to_bytes()
