@@ -22,18 +22,18 @@ from typing import Any
 
 import orjson
 
-from imfast._core import codec_py, fanout_py, table_py
+from imfast._core import codec_py, fanout_py, keyfilter_py, table_py
 
 try:
-    from imfast._core import _codec, _fanout, _table
+    from imfast._core import _codec, _fanout, _keyfilter, _table
 
-    CY: tuple[ModuleType, ModuleType, ModuleType] | None = (_codec, _table, _fanout)
+    CY: tuple[ModuleType, ...] | None = (_codec, _table, _fanout, _keyfilter)
     CY_ERROR = ""
 except ImportError as exc:  # pragma: no cover - depends on the build
     CY = None
     CY_ERROR = str(exc)
 
-PY = (codec_py, table_py, fanout_py)
+PY = (codec_py, table_py, fanout_py, keyfilter_py)
 
 SEND_FRAME = orjson.dumps({"type": "send", "id": 17, "cmid": "c-8f2a41", "to": "bob",
                            "body": "hello there, are we still on for lunch tomorrow at noon?"})
@@ -183,7 +183,27 @@ CASES = [
     ("coalescer push+flush (1/session)", "pushes", _coalescer_case(1)),
     ("coalescer push+flush (4/session)", "pushes", _coalescer_case(4)),
     ("coalescer broadcast+flush (200)", "deliveries", case_broadcast),
+    ("key filter add (dedup keys)", "keys", lambda mods: case_keyfilter(mods, False)),
+    ("key filter lookup (absent keys)", "keys", lambda mods: case_keyfilter(mods, True)),
 ]
+
+
+def case_keyfilter(mods: tuple[ModuleType, ...], lookup: bool
+                   ) -> tuple[Callable[[], object], int]:
+    keys = [f"user{i}:c{i}" for i in range(1000)]
+    absent = [f"other{i}:c{i}" for i in range(1000)]
+    f = mods[3].KeyFilter(100_000)
+    f.add_all(keys)
+
+    def run() -> None:
+        if lookup:
+            for key in absent:
+                key in f  # noqa: B015 - the lookup is what is timed
+        else:
+            for key in keys:
+                f.add(key)
+
+    return run, len(keys)
 
 
 def ops_per_sec(make: Callable[..., tuple[Callable[[], object], int]],
