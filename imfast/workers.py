@@ -45,7 +45,8 @@ from imfast.service.pusher import ClusterPusher
 from imfast.service.remote import RemoteRouter, serve_router
 from imfast.service.router import Router
 
-__all__ = ["EmbeddedSupervisor", "GatewaySupervisor", "WorkerGateway", "report_loop", "run_worker"]
+__all__ = ["EmbeddedSupervisor", "GatewaySupervisor", "WorkerGateway", "remove_orphan_socket_dirs",
+           "report_loop", "run_worker"]
 
 log = logging.getLogger("imfast.workers")
 
@@ -127,6 +128,50 @@ class _Aggregate:
         return [snap, generate_latest(registry).decode()]
 
 
+SOCKETS_DIR_PREFIX = "imfast-"
+
+
+def remove_orphan_socket_dirs(parent: str | None = None) -> list[str]:
+    """Remove the socket directories of supervisors that died without cleaning up.
+
+    A SIGKILLed ``imfast serve --workers N`` leaves its private directory
+    behind.  Only directories this user owns, named like ours, whose ``pid``
+    file names a process that no longer exists are removed: a live node's, one
+    without a pid file, or another user's are left alone.  Returns the paths
+    removed.
+    """
+    parent = parent or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not name.startswith(SOCKETS_DIR_PREFIX):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, "pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue  # not ours, not a directory, or no pid written yet
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or reused by another process): keep it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a process of another user has that pid now
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed socket directories of supervisors no longer running: %s",
+                 ", ".join(removed))
+    return removed
+
+
 class EmbeddedSupervisor:
     """The main process of ``imfast serve --workers N`` (see module docstring)."""
 
@@ -136,8 +181,12 @@ class EmbeddedSupervisor:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         # The link and the workers' push servers listen on Unix domain sockets
         # here: private to this machine, and a write costs about half a
-        # loopback TCP one.
-        self.sockets_dir = tempfile.mkdtemp(prefix="imfast-")
+        # loopback TCP one.  The owner's pid is written in it, so that a later
+        # node can remove it if this one is killed before it can.
+        remove_orphan_socket_dirs()
+        self.sockets_dir = tempfile.mkdtemp(prefix=SOCKETS_DIR_PREFIX)
+        with open(os.path.join(self.sockets_dir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
         self._stopping = False
 
     async def start(self) -> int:
