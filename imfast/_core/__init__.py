@@ -5,10 +5,11 @@ Each module exists twice: a Cython extension (``_codec``, ``_table``,
 ``_fanout``, ``_keyfilter``, ``_wsbuffers``) and a pure-Python twin
 (``codec_py``, ``table_py``, ``fanout_py``, ``keyfilter_py``, ``wsbuffers_py``)
 with the same behaviour, proven by the same tests.  The extensions are used
-when they were built; ``IMFAST_NO_EXTENSIONS=1`` forces the twins.  :data:`USING_EXTENSIONS` tells which one loaded (tests
-assert it).  ``_wsbuffers`` is built against picows's Cython declarations and
-loads on its own (:data:`TRIMS_PICOWS_BUFFERS`): without it connections keep
-picows's buffer sizes and the rest of the core is unaffected.
+when they were built; ``IMFAST_NO_EXTENSIONS=1`` forces the twins.
+:data:`USING_EXTENSIONS` tells which one loaded (tests assert it).
+``_wsbuffers`` is built against picows's Cython declarations and loads on its
+own (:data:`TRIMS_PICOWS_BUFFERS`): without it connections keep picows's
+buffer sizes and the rest of the core is unaffected.
 """
 
 from __future__ import annotations

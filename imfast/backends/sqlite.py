@@ -586,11 +586,8 @@ class SQLiteStore:
         key = (user, device, conv)
         dirty, cache, known = self._cursor_dirty, self._cursor_cache, self._known.cursors
         current = self._current(key, dirty, cache, known, _SELECT_CURSOR, 0)
-        target = own_run_end(current, seqs)
-        if target == current:
-            return current
-        return self._move_forward(key, target, dirty, cache, _CURSOR_CACHE, known,
-                                  _SELECT_CURSOR, 0)[0]
+        return self._raise_to(key, current, own_run_end(current, seqs), dirty, cache,
+                              _CURSOR_CACHE, known)[0]
 
     def _current(self, key: tuple[str, ...], dirty: dict[Any, int],
                  cache: OrderedDict[Any, int], known: KeyFilters, select: str,
@@ -623,7 +620,13 @@ class SQLiteStore:
         Its value now comes from :meth:`_current`; a move is queued in ``dirty``
         for the next flush.  Returns (the value now, whether it moved).
         """
-        current = self._current(key, dirty, cache, known, select, kind)
+        return self._raise_to(key, self._current(key, dirty, cache, known, select, kind), seq,
+                              dirty, cache, cache_max, known)
+
+    def _raise_to(self, key: tuple[str, ...], current: int, seq: int, dirty: dict[Any, int],
+                  cache: OrderedDict[Any, int], cache_max: int,
+                  known: KeyFilters) -> tuple[int, bool]:
+        """:meth:`_move_forward` once ``key``'s value ``current`` is known."""
         moved = seq > current
         if moved:
             if not current:  # its row is written for the first time: the filter learns it
