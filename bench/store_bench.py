@@ -17,7 +17,11 @@ the same run, with the ratio to the first:
   the store worked before the key filters);
 * ``key filters``: the default - certain "no" answers from memory
   (imfast/backends/sqlite_keys.py);
-* ``... cursors every N batches``: the same with fewer cursor writes.
+* ``... cursors every N batches``: the same with fewer cursor writes;
+* ``... blind acks``: the default, with the recipient's ack taken as a cast
+  ack is (``advance_blind_now``: a cursor not in memory is moved without
+  reading it).  With ``--contacts`` above 1 there are more cursors than the
+  store keeps in memory (at 80K users and 4 contacts, most acks).
 
 ``loop us`` is the part of it on the driving thread (the event loop's, in the
 server): what limits one router process's messages per second when the
@@ -43,23 +47,30 @@ from imfast.backends.base import StoredMessage
 from imfast.backends.sqlite import SQLiteStore
 
 
-def _workload(users: int, count: int, seed: int, start: int) -> list[tuple[str, str, str, str]]:
-    """(conv, sender, recipient, cmid): random pairs of neighbours, gen.py-style cmids."""
+def _workload(users: int, count: int, seed: int, start: int,
+              contacts: int = 1) -> list[tuple[str, str, str, str]]:
+    """(conv, sender, recipient, cmid), gen.py-style cmids: random pairs of neighbours, or
+    with ``contacts`` above 1 a random user and one of the next ``contacts`` users."""
     rnd = random.Random(seed)
     out = []
     for n in range(start, start + count):
-        a = rnd.randrange(users // 2) * 2
-        sender, recipient = (f"u{a}", f"u{a + 1}") if rnd.random() < 0.5 else \
-            (f"u{a + 1}", f"u{a}")
-        conv = f"p:u{a}:u{a + 1}" if f"u{a}" < f"u{a + 1}" else f"p:u{a + 1}:u{a}"
+        if contacts > 1:
+            i = rnd.randrange(users)
+            a, b = sorted((i, (i + 1 + rnd.randrange(contacts)) % users))
+        else:
+            a = rnd.randrange(users // 2) * 2
+            b = a + 1
+        sender, recipient = (f"u{a}", f"u{b}") if rnd.random() < 0.5 else (f"u{b}", f"u{a}")
+        conv = f"p:u{a}:u{b}" if f"u{a}" < f"u{b}" else f"p:u{b}:u{a}"
         out.append((conv, sender, recipient, f"1.{n}"))
     return out
 
 
 async def _drive(store: SQLiteStore, work: list[tuple[str, str, str, str]], batch: int,
-                 flush_every: int) -> None:
+                 flush_every: int, blind: bool = False) -> None:
     body = "x" * 64
     ts = int(time.time() * 1000)
+    advance = store.advance_blind_now if blind else store.advance_now
     for b, i in enumerate(range(0, len(work), batch)):
         chunk = work[i:i + batch]
         messages = []
@@ -69,7 +80,7 @@ async def _drive(store: SQLiteStore, work: list[tuple[str, str, str, str]], batc
             messages.append(StoredMessage(conv, res.seq, msg_id, sender, "d1", cmid, body, ts))
         await store.append(messages)
         for m, (_, _, recipient, _) in zip(messages, chunk, strict=True):
-            store.advance_now(recipient, "d1", m.conv, m.seq)
+            advance(recipient, "d1", m.conv, m.seq)
         if (b + 1) % flush_every == 0:
             store._flush_moved()
     settle = getattr(store, "settle", None)  # the entry log's moves count too
@@ -98,9 +109,10 @@ async def _one(path: str, variant: str, opts: argparse.Namespace,
         else:
             print(f"  ({variant}: key scan of the reopened file took {scan:.2f} s)", flush=True)
         flush_every = opts.flush_every if "cursors every" in variant else 1
-        work = _workload(opts.users, opts.messages, seed, start=10_000_000 * seed)
+        work = _workload(opts.users, opts.messages, seed, start=10_000_000 * seed,
+                         contacts=opts.contacts)
         io, cpu, loop = _io(), time.process_time(), time.thread_time()
-        await _drive(store, work, opts.batch, flush_every)
+        await _drive(store, work, opts.batch, flush_every, blind="blind" in variant)
         cpu = (time.process_time() - cpu) / opts.messages * 1e6
         loop = (time.thread_time() - loop) / opts.messages * 1e6
         after = _io()
@@ -125,10 +137,11 @@ async def main(opts: argparse.Namespace) -> None:
     try:
         seed_file = os.path.join(tmp, "seed.db")
         store = SQLiteStore(seed_file)
-        await _drive(store, _workload(opts.users, opts.prefill, 1, start=0), 1000, 1)
+        await _drive(store, _workload(opts.users, opts.prefill, 1, start=0, contacts=opts.contacts),
+                     1000, 1)
         await store.close()
         every = f"key filters, cursors every {opts.flush_every} batches"
-        variants = ["file reads", "key filters", every]
+        variants = ["file reads", "key filters", every, "key filters, blind acks"]
         results: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
         for r in range(opts.repeats):
             for v in variants:  # interleaved: the machine's noise hits all alike
@@ -136,7 +149,8 @@ async def main(opts: argparse.Namespace) -> None:
                 shutil.copyfile(seed_file, path)  # closed: the WAL is checkpointed and empty
                 results[v].append(await _one(path, v, opts, seed=2 + r))
                 os.unlink(path)
-        print(f"\nstore per message ({opts.users:,} users, {opts.prefill:,} messages "
+        print(f"\nstore per message ({opts.users:,} users, {opts.contacts} contacts each, "
+              f"{opts.prefill:,} messages "
               f"before, {opts.messages:,} measured in batches of {opts.batch}; median of "
               f"{opts.repeats} interleaved runs; {platform.python_version()}, "
               f"{os.cpu_count()} CPUs).  CPU time varies run to run on a shared VM; the\n"
@@ -160,6 +174,8 @@ if __name__ == "__main__":
     p.add_argument("--prefill", type=int, default=200_000)
     p.add_argument("--messages", type=int, default=40_000)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--contacts", type=int, default=1,
+                   help="each user writes to this many neighbours (1: fixed pairs)")
     p.add_argument("--flush-every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     asyncio.run(main(p.parse_args(sys.argv[1:])))

@@ -29,6 +29,7 @@ __all__ = [
     "SyncFastPath",
     "own_run_end",
     "sync_twin",
+    "variant_of",
 ]
 
 KIND_MESSAGE = "msg"  # a chat message written by a user
@@ -215,6 +216,16 @@ class SyncFastPath(Protocol):
         """:meth:`ReceiptStore.mark_read`, synchronously."""
         ...
 
+    def advance_blind_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:meth:`advance_now` for a caller that needs no exact answer (a cast ack).
+
+        The cursor moves exactly as :meth:`advance_now` moves it (up to ``seq``,
+        never back), but a store may skip reading a cursor it does not hold in
+        memory.  Returns a lower bound of the cursor now, at least ``seq``; every
+        later read of the cursor returns its exact value.
+        """
+        ...
+
     def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
         """Move the device's cursor through its own entries ``seqs`` (ascending) just above it.
 
@@ -259,6 +270,20 @@ def sync_twin(store: Any, name: str) -> Any:
     if vars(owner).get(name) is not getattr(cls, name, None):
         return None
     return getattr(store, twin)
+
+
+def variant_of(store: Any, fast_path: Any, name: str) -> Any:
+    """``store.<name>``, a variant of the sync twin ``fast_path``, if one class defines both.
+
+    A subclass that replaces the twin (a test double counting moves) is never
+    bypassed by a variant it inherited.  None: use ``fast_path``.
+    """
+    if fast_path is None:
+        return None
+    cls = type(store)
+    owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+    twin_owner = next((c for c in cls.__mro__ if fast_path.__name__ in vars(c)), None)
+    return getattr(store, name) if owner is not None and owner is twin_owner else None
 
 
 class Store(MessageLog, SequenceStore, CursorStore, GroupStore, ReceiptStore, Protocol):

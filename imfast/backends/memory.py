@@ -114,6 +114,11 @@ class MemoryStore:
             cur[conv] = seq
         return cur.get(conv, 0)
 
+    def advance_blind_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:class:`~imfast.backends.base.SyncFastPath`: every cursor is in memory, so
+        this is :meth:`advance_now` (the exact cursor is a valid lower bound)."""
+        return self.advance_now(user, device, conv, seq)
+
     def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
         """:class:`~imfast.backends.base.SyncFastPath`: through the device's own entries."""
         cur = self._cursors[(user, device)]

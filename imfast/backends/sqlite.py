@@ -33,6 +33,13 @@ thread ``_FLUSH_DELAY`` later and written in one transaction of its own (one
 row per key per flush, however often it moved).  A process crash in that window can only
 move a cursor or receipt back: a redelivery the client drops by seq, or a
 receipt the client sends again - never a lost message.
+
+An ack nobody is told the cursor of (a cast from a gateway process)
+may move a cursor that is not in memory without reading it
+(``advance_blind_now``): the move is queued as a floor, the upsert never
+moves a row back, and the next read of that cursor takes the larger of its
+row and its floors.  At 80K users most cursors have left the cache by their
+next ack, so this spares the loop a ``SELECT`` per ack.
 """
 
 from __future__ import annotations
@@ -189,6 +196,10 @@ class SQLiteStore:
         self._pairs: OrderedDict[str, None] = OrderedDict()  # private convs with both rows
         self._cursor_cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._cursor_dirty: dict[tuple[str, str, str], int] = {}
+        # Cursors moved by advance_blind_now without reading them: their moves (in
+        # _cursor_dirty, in the write held by the mover) are floors, not values, until
+        # a read resolves them (_resolve_blind) or their write commits (_drop_moved).
+        self._cursor_blind: set[tuple[str, str, str]] = set()
         self._receipt_cache: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._receipt_dirty: dict[tuple[str, str], int] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -416,6 +427,8 @@ class SQLiteStore:
             if isinstance(seg, Write):  # cursors and receipts: now read from the table
                 if seg in self._writing:
                     self._writing.remove(seg)
+                if self._cursor_blind:  # committed floors: the table holds the value now
+                    self._settle_blind(seg.payload[0])
                 if (self._cursor_dirty or self._receipt_dirty) and self._flush_handle is None \
                         and not self._closed:
                     self._schedule_flush()  # what moved meanwhile
@@ -581,6 +594,59 @@ class SQLiteStore:
             (user, device, conv), seq, self._cursor_dirty, self._cursor_cache, _CURSOR_CACHE,
             self._known.cursors, _SELECT_CURSOR, 0)[0]
 
+    def advance_blind_now(self, user: str, device: str, conv: str, seq: int) -> int:
+        """:class:`~imfast.backends.base.SyncFastPath`: :meth:`advance_now` without a read.
+
+        A cursor in memory (or known absent) moves exactly as :meth:`advance_now`
+        moves it.  One that would need a ``SELECT`` - at 80K users most cursors
+        have left the cache by their next ack - is moved blind: ``seq`` is queued
+        as a floor, the flush's upsert never moves a row back, and the next read
+        of that cursor takes the larger of the row and the floors.
+        """
+        key = (user, device, conv)
+        blind = self._cursor_blind
+        dirty = self._cursor_dirty
+        if key not in blind:
+            known = self._known.cursors
+            store_known = self._known
+            in_memory = key in dirty or key in self._cursor_cache or \
+                any(key in write.payload[0] for write in self._writing) or \
+                (store_known.complete or store_known.ready()) and key not in known
+            if in_memory:
+                return self._move_forward(key, seq, dirty, self._cursor_cache, _CURSOR_CACHE,
+                                          known, _SELECT_CURSOR, 0)[0]
+            if key not in known:  # the start-up scan still runs: it may be a new row
+                known.add(key)
+            blind.add(key)
+        floor = dirty.get(key, 0)
+        if seq > floor:
+            dirty[key] = floor = seq
+            if self._flush_handle is None:
+                self._schedule_flush()
+        return floor
+
+    def _resolve_blind(self, key: tuple[str, str, str]) -> int:
+        """A blind cursor's value: the larger of its row and its floors (then exact again)."""
+        row = self._db.execute(_SELECT_CURSOR, key).fetchone()
+        value = int(row[0]) if row else 0
+        for write in self._writing:
+            value = max(value, write.payload[0].get(key, 0))
+        dirty = self._cursor_dirty
+        value = max(value, dirty.get(key, 0))
+        self._cursor_blind.discard(key)
+        # In dirty, the value shadows the smaller floor the mover may still hold.
+        dirty[key] = value
+        if self._flush_handle is None:
+            self._schedule_flush()
+        return value
+
+    def _settle_blind(self, written: dict[tuple[str, str, str], int]) -> None:
+        """After a cursor write commits: its blind keys with no newer floor are exact in the table."""
+        blind, dirty = self._cursor_blind, self._cursor_dirty
+        for key in written:
+            if key in blind and key not in dirty:
+                blind.discard(key)
+
     def advance_own_now(self, user: str, device: str, conv: str, seqs: list[int]) -> int:
         """:class:`~imfast.backends.base.SyncFastPath`: through the device's own entries."""
         key = (user, device, conv)
@@ -594,7 +660,9 @@ class SQLiteStore:
                  kind: int) -> int:
         """``key``'s value: from ``dirty`` (moved, not yet written), else the writes the
         mover has (``payload[kind]``), else ``cache``, else absent by the ``known``
-        filter, else one ``select``."""
+        filter, else one ``select``.  A cursor moved blind is read first (_resolve_blind)."""
+        if kind == 0 and key in self._cursor_blind:
+            return self._resolve_blind(key)
         current = dirty.get(key)
         if current is None:
             for write in reversed(self._writing):

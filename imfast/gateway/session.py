@@ -673,7 +673,10 @@ class Session(FramedListener):
             remote.ack_with(self.user, self.device, conv, seq, partial(self._remote_acked, frame))
             return True
         try:
-            cursor = router.ack_now(self.user, self.device, frame["conv"], frame["seq"])
+            # Without an id nobody is told the cursor: _acked's bookkeeping needs only a
+            # lower bound, so the store may skip reading a cursor it no longer holds.
+            cursor = router.ack_now(self.user, self.device, frame["conv"], frame["seq"],
+                                    exact="id" in frame)
         except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
             self._failed(frame, exc)
             return True

@@ -128,9 +128,15 @@ def serve_router(router: Router, extra: dict[str, Callable[..., Awaitable[Any]]]
             return
         name = "ack" if method == "own_ack" else method
         try:  # what the router can take now, in this call (no task)
-            if name == "ack" and router.ack_now(*args) is not None or \
-                    name == "read" and router.read_now(*args) or \
-                    name == "typing" and router.typing_now(*args):
+            if name == "ack":
+                user, device, conv, seq = args
+                # Nobody is told a cast ack's cursor: the store may move it without a read.
+                taken = router.ack_now(user, device, conv, seq, exact=False) is not None
+            elif name == "read":
+                taken = router.read_now(*args)
+            else:
+                taken = router.typing_now(*args)
+            if taken:
                 return
         except Exception as exc:  # noqa: BLE001 - reported to the client
             link.cast_failed(method, args, exc)

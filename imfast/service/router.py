@@ -39,6 +39,7 @@ from imfast.backends.base import (
     Store,
     StoredMessage,
     sync_twin,
+    variant_of,
 )
 from imfast.config import Settings
 from imfast.protocol.codes import ImfastError
@@ -360,6 +361,8 @@ class Router:
                              and getattr(store, "clear_offline", None) is None else None)
         self._mark_read_now = sync_twin(store, "mark_read")
         #: Moves a sender's cursor past its own entries (see moves_own_cursors).
+        #: An ack nobody waits to hear the cursor of: moved without a read where it can be.
+        self._advance_blind_now = variant_of(store, self._advance_now, "advance_blind_now")
         self._advance_own_now = (getattr(store, "advance_own_now", None)
                                  if self._advance_now is not None else None)
         #: (sender, device) -> conv -> its own entries stored since the last move (ascending).
@@ -761,14 +764,17 @@ class Router:
             await clear_offline(user, conv, cursor)
         return cursor
 
-    def ack_now(self, user: str, device: str, conv: str, seq: int) -> int | None:
+    def ack_now(self, user: str, device: str, conv: str, seq: int,
+                exact: bool = True) -> int | None:
         """:meth:`ack` in this call when it needs no read; None: use :meth:`ack`.
 
         Taken only with a store offering ``advance_now`` (embedded), for a
         member of ``conv`` (a private one, or a group whose members are cached)
         acknowledging a seq this process stored; the cursor moves exactly as
         :meth:`ack` moves it.  Anything else (an error to report, a read) is
-        left to :meth:`ack`.
+        left to :meth:`ack`.  ``exact`` False (nobody is told the cursor): the
+        store may move it without reading it, and the answer is only a lower
+        bound of the cursor (at least ``seq``).
         """
         advance_now = self._advance_now
         if advance_now is None or seq > self._committed.get(conv, 0):
@@ -785,6 +791,8 @@ class Router:
             if members is None or user not in members or \
                     not self.settings.feature_enabled("groups"):
                 return None
+        if not exact and self._advance_blind_now is not None:
+            advance_now = self._advance_blind_now
         cursor: int = advance_now(user, device, conv, seq)
         return cursor
 

@@ -200,6 +200,48 @@ async def test_new_keys_cost_no_read_once_the_reopened_store_knows_its_keys(
         await again.close()
 
 
+async def test_a_cast_ack_moves_a_cursor_it_does_not_hold_without_reading_it(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    store = SQLiteStore(path)
+    await store.append([_msg("p:alice:bob", s) for s in range(1, 13)])
+    await store.advance("bob", "d1", "p:alice:bob", 10)
+    await store.advance("bob", "d2", "p:alice:bob", 3)
+    await store.close()
+    again = SQLiteStore(path)
+    try:
+        await _until_ready(again)
+        reads = _reads(again)
+        # Rows the file holds and memory does not: moved blind, no read, a lower bound.
+        assert again.advance_blind_now("bob", "d1", "p:alice:bob", 5) == 5
+        assert again.advance_blind_now("bob", "d2", "p:alice:bob", 7) == 7
+        assert again.advance_blind_now("bob", "d2", "p:alice:bob", 6) == 7  # its floor
+        assert reads == []
+        # Every read after that is exact: the larger of the row and the floors.
+        assert await again.cursors("bob", "d1") == {"p:alice:bob": 10}
+        assert again.advance_now("bob", "d1", "p:alice:bob", 0) == 10  # never back
+        assert again.advance_now("bob", "d2", "p:alice:bob", 0) == 7
+        assert len(reads) == 3  # cursors() and one read per blind cursor
+        assert again.advance_blind_now("bob", "d1", "p:alice:bob", 11) == 11  # held: exact
+        assert len(reads) == 3
+        await asyncio.sleep(_FLUSH_DELAY * 3)  # written; then out of memory again
+        again._cursor_cache.clear()
+        assert again.advance_blind_now("bob", "d1", "p:alice:bob", 4) == 4  # blind, lower
+        await asyncio.sleep(_FLUSH_DELAY * 3)
+        rows = dict(sqlite3.connect(path).execute("SELECT device, seq FROM cursors").fetchall())
+        assert rows == {"d1": 11, "d2": 7}  # the lower floor never moved a row back
+        assert again.advance_own_now("bob", "d1", "p:alice:bob", [12]) == 12
+        assert await again.cursors("bob", "d1") == {"p:alice:bob": 12}
+    finally:
+        await again.close()
+    reopened = SQLiteStore(path)
+    try:
+        assert await reopened.cursors("bob", "d2") == {"p:alice:bob": 7}
+        assert await reopened.cursors("bob", "d1") == {"p:alice:bob": 12}
+    finally:
+        await reopened.close()
+
+
 async def test_until_the_scan_is_done_and_during_it_nothing_is_missed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading

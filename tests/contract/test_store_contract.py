@@ -44,6 +44,9 @@ async def test_the_synchronous_twins_are_the_same_steps(store: Any) -> None:
     assert await store.advance("u", "d", "p:a:b", 1) == 2
     assert store.advance_now("u", "d", "p:a:b", 1) == 2
     assert (await store.cursors("u", "d")) == {"p:a:b": 2}
+    # A move nobody is told the answer of: the same step, answered with a lower bound.
+    assert store.advance_blind_now("u", "d", "p:a:b", 1) >= 1
+    assert store.advance_now("u", "d", "p:a:b", 0) == 2  # it never moved back
     assert store.mark_read_now("p:a:b", "u", 2) is True
     assert await store.mark_read("p:a:b", "u", 2) is False  # one receipt: not moved again
     assert store.mark_read_now("p:a:b", "u", 1) is False  # never back

@@ -246,8 +246,8 @@ def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) ->
         taken["send"] += ok
         return ok
 
-    def counting_ack(*args: object) -> int | None:
-        cursor = ack_now(*args)
+    def counting_ack(*args: object, **kwargs: bool) -> int | None:
+        cursor = ack_now(*args, **kwargs)
         taken["ack"] += cursor is not None
         return cursor
 

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from imfast.backends.base import Reservation, StoredMessage, sync_twin
+from imfast.backends.base import Reservation, StoredMessage, sync_twin, variant_of
 from imfast.backends.composite import CompositeStore
 from imfast.backends.memory import MemoryStore
 from imfast.backends.sqlite import SQLiteStore
@@ -170,3 +170,47 @@ async def test_ack_now_moves_the_cursor_as_ack_does_and_leaves_the_rest_to_ack()
     assert router.ack_now("bob", "d1", "g:team", 1) is None  # no cached membership
     assert router.ack_now("bob", "d1", "nonsense", 1) is None
     assert await store.cursors("carol", "d1") == {}
+
+
+async def test_an_ack_nobody_is_told_the_cursor_of_may_move_it_blind() -> None:
+    class Recording(MemoryStore):
+        """Counts blind moves; defines the ack steps together, as a store must."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blind: list[int] = []
+
+        async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+            return self.advance_now(user, device, conv, seq)
+
+        def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
+            return super().advance_now(user, device, conv, seq)
+
+        def advance_blind_now(self, user: str, device: str, conv: str, seq: int) -> int:
+            self.blind.append(seq)
+            return super().advance_blind_now(user, device, conv, seq)
+
+    store = Recording()
+    router = Router(load_settings({}), store, RecordingPusher())
+    for i in range(3):
+        await router.send("alice", "d1", f"c{i}", "bob", None, "x")
+    assert router.ack_now("bob", "d1", "p:alice:bob", 2) == 2
+    assert store.blind == []  # the exact answer (an `acked` reply) reads it
+    assert router.ack_now("bob", "d1", "p:alice:bob", 3, exact=False) == 3
+    assert store.blind == [3]
+    assert router.ack_now("bob", "d1", "p:alice:bob", 4, exact=False) is None  # checks first
+    assert await store.cursors("bob", "d1") == {"p:alice:bob": 3}
+
+
+def test_a_store_that_replaces_advance_now_is_never_bypassed_by_an_inherited_variant() -> None:
+    class Counting(MemoryStore):
+        async def advance(self, user: str, device: str, conv: str, seq: int) -> int:
+            return self.advance_now(user, device, conv, seq)
+
+        def advance_now(self, user: str, device: str, conv: str, seq: int) -> int:
+            return super().advance_now(user, device, conv, seq)
+
+    store = Counting()
+    assert variant_of(store, sync_twin(store, "advance"), "advance_blind_now") is None
+    plain = MemoryStore()
+    assert variant_of(plain, sync_twin(plain, "advance"), "advance_blind_now") is not None
