@@ -360,9 +360,9 @@ class Router:
         self._advance_now = (sync_twin(store, "advance") if self._cursor_batcher is None
                              and getattr(store, "clear_offline", None) is None else None)
         self._mark_read_now = sync_twin(store, "mark_read")
-        #: Moves a sender's cursor past its own entries (see moves_own_cursors).
         #: An ack nobody waits to hear the cursor of: moved without a read where it can be.
         self._advance_blind_now = variant_of(store, self._advance_now, "advance_blind_now")
+        #: Moves a sender's cursor past its own entries (see moves_own_cursors).
         self._advance_own_now = (getattr(store, "advance_own_now", None)
                                  if self._advance_now is not None else None)
         #: (sender, device) -> conv -> its own entries stored since the last move (ascending).
