@@ -607,14 +607,10 @@ class SQLiteStore:
         blind = self._cursor_blind
         dirty = self._cursor_dirty
         if key not in blind:
-            known = self._known.cursors
-            store_known = self._known
-            in_memory = key in dirty or key in self._cursor_cache or \
-                any(key in write.payload[0] for write in self._writing) or \
-                (store_known.complete or store_known.ready()) and key not in known
-            if in_memory:
-                return self._move_forward(key, seq, dirty, self._cursor_cache, _CURSOR_CACHE,
-                                          known, _SELECT_CURSOR, 0)[0]
+            known, cache = self._known.cursors, self._cursor_cache
+            current = self._in_memory(key, dirty, cache, known, 0)
+            if current is not None:
+                return self._raise_to(key, current, seq, dirty, cache, _CURSOR_CACHE, known)[0]
             if key not in known:  # the start-up scan still runs: it may be a new row
                 known.add(key)
             blind.add(key)
@@ -658,11 +654,21 @@ class SQLiteStore:
     def _current(self, key: tuple[str, ...], dirty: dict[Any, int],
                  cache: OrderedDict[Any, int], known: KeyFilters, select: str,
                  kind: int) -> int:
-        """``key``'s value: from ``dirty`` (moved, not yet written), else the writes the
-        mover has (``payload[kind]``), else ``cache``, else absent by the ``known``
-        filter, else one ``select``.  A cursor moved blind is read first (_resolve_blind)."""
+        """``key``'s value: from memory (:meth:`_in_memory`), else one ``select``.
+        A cursor moved blind is read first (:meth:`_resolve_blind`)."""
         if kind == 0 and key in self._cursor_blind:
             return self._resolve_blind(key)
+        current = self._in_memory(key, dirty, cache, known, kind)
+        if current is None:
+            row = self._db.execute(select, key).fetchone()
+            current = int(row[0]) if row else 0
+        return current
+
+    def _in_memory(self, key: tuple[str, ...], dirty: dict[Any, int],
+                   cache: OrderedDict[Any, int], known: KeyFilters, kind: int) -> int | None:
+        """``key``'s value as memory knows it: from ``dirty`` (moved, not yet written),
+        else the writes the mover has (``payload[kind]``), else ``cache``, else 0 if
+        the ``known`` filter says it was never stored.  None: only the table knows."""
         current = dirty.get(key)
         if current is None:
             for write in reversed(self._writing):
@@ -675,9 +681,6 @@ class SQLiteStore:
             store_known = self._known
             if (store_known.complete or store_known.ready()) and key not in known:
                 current = 0
-            else:
-                row = self._db.execute(select, key).fetchone()
-                current = int(row[0]) if row else 0
         return current
 
     def _move_forward(self, key: tuple[str, ...], seq: int, dirty: dict[Any, int],
