@@ -522,11 +522,11 @@ class Session(FramedListener):
                 and not self._rate_ok():
             return
         if self.inbox is None:
-            # Nothing queued before it: a send or ack the in-process router can take
-            # without waiting is handled in this call (no task), and so is one the
-            # link to im-service can queue at once (its answer comes back as a
-            # callback); anything else, or anything behind a queued frame, goes
-            # through the inbox in order.
+            # Nothing queued before it: a send, ack, read or typing the in-process
+            # router can take without waiting is handled in this call (no task), and
+            # so is one the link to im-service can queue at once (its answer comes
+            # back as a callback); anything else, or anything behind a queued frame,
+            # goes through the inbox in order.
             ftype = frame["type"]
             if (gw.local_router is not None or gw.remote_router is not None) and \
                     self.identity is not None and not self.closed and (
@@ -624,7 +624,8 @@ class Session(FramedListener):
     def _send_now(self, frame: dict[str, Any]) -> bool:
         """A ``send`` taken in this call; False: not taken.
 
-        A private one by the in-process router, or any queued on the link to
+        One the in-process router can reserve without a read (a private one, or
+        to a group whose members it holds), or any queued on the link to
         im-service (which keeps the order frames were read in).  The same
         reservation, order and answers as :meth:`_on_send`: the entry is
         reserved (or its request queued) before the next frame is looked at,
@@ -634,14 +635,11 @@ class Session(FramedListener):
         router = self.gw.local_router or self.gw.remote_router
         if router is None:
             return False
-        remote = self.gw.remote_router
-        if to is None and remote is None:
-            return False  # a group send in process: the coroutine path
         cmid = frame["cmid"]
         try:
             reply = self._send_reply(cmid, frame.get("id"), time.monotonic())
-            if to is None:  # a group send over the link: queued now like a private one
-                return bool(remote.send_group_now(self.user, self.device, cmid,
+            if to is None:
+                return bool(router.send_group_now(self.user, self.device, cmid,
                                                   frame["group"], frame["body"], reply))
             return router.send_now(self.user, self.device, cmid, to, frame["body"], reply)
         except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
@@ -803,12 +801,27 @@ class Session(FramedListener):
         pending.add_done_callback(done)
 
     def _cast_now(self, frame: dict[str, Any]) -> bool:
-        """A ``read`` or ``typing`` with no id sent to im-service as a cast; False: not taken.
+        """A ``read`` or ``typing`` taken in this call; False: not taken.
 
-        Nothing is answered on success (a ``read`` with an id gets ``read_ok`` and
-        takes the inbox); a failure comes back as the error frame
-        (:meth:`cast_failed`).
+        The in-process router takes it when it needs no read of the store
+        (``read_now`` / ``typing_now``), answering as :meth:`_on_read` and
+        :meth:`_on_typing` do.  Over the link, one with no id is sent to
+        im-service as a cast: nothing is answered on success (a ``read`` with
+        an id gets ``read_ok`` and takes the inbox), a failure comes back as
+        the error frame (:meth:`cast_failed`).
         """
+        router = self.gw.local_router
+        if router is not None:
+            try:
+                if frame["type"] == "read":
+                    taken = router.read_now(self.user, self.device, frame["conv"], frame["seq"])
+                    if taken:
+                        self._read_ok(frame, frame.get("id"))
+                    return taken
+                return router.typing_now(self.user, self.device, frame["conv"])
+            except Exception as exc:  # noqa: BLE001 - _failed answers (and logs) it
+                self._failed(frame, exc)
+                return True
         remote = self.gw.remote_router
         if remote is None or "id" in frame:
             return False
@@ -898,6 +911,9 @@ class Session(FramedListener):
 
     async def _on_read(self, frame: dict[str, Any], rid: Any) -> None:
         await self.gw.router.read(self.user, self.device, frame["conv"], frame["seq"])
+        self._read_ok(frame, rid)
+
+    def _read_ok(self, frame: dict[str, Any], rid: Any) -> None:
         if rid is not None:
             self.send_frame({"type": "read_ok", "id": rid, "conv": frame["conv"],
                              "seq": frame["seq"]})

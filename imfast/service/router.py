@@ -723,10 +723,32 @@ class Router:
         ``unavailable`` if the store refused it.  A failing reservation raises,
         as :meth:`submit_send` does.
         """
-        reserve_now = self._reserve_now
-        if reserve_now is None:
+        if self._reserve_now is None:
             return False
-        conv = private_conv(user, to)
+        return self._take_send_now(private_conv(user, to), user, device, cmid, body, reply)
+
+    def send_group_now(self, user: str, device: str, cmid: str, group: str, body: str,
+                       reply: SendReply) -> bool:
+        """:meth:`send_now` for a group message, when the group's members are cached.
+
+        Raises what :meth:`submit_send` raises for a sender who is not a member;
+        anything that needs a read (members not cached) or an answer from the
+        coroutine (groups switched off) returns False, having changed nothing.
+        """
+        if self._reserve_now is None or not self.settings.feature_enabled("groups"):
+            return False
+        members = self._members_cache.get(group)
+        if members is None:
+            return False
+        if user not in members:
+            raise ImfastError("not a member of this group", field="group", code="forbidden")
+        return self._take_send_now(group_conv(group), user, device, cmid, body, reply)
+
+    def _take_send_now(self, conv: str, user: str, device: str, cmid: str, body: str,
+                       reply: SendReply) -> bool:
+        """The reservation and queueing shared by :meth:`send_now` and :meth:`send_group_now`."""
+        reserve_now = self._reserve_now
+        assert reserve_now is not None
         dedup_key = f"{user}:{cmid}" if cmid else ""
         if (dedup_key and dedup_key in self._inflight) or conv in self._conv_turns:
             return False

@@ -96,6 +96,81 @@ def test_read_receipts_move_forward_only_and_reach_the_other_side(node: NodeThre
     assert mallory.recv()["code"] == "not_found"
 
 
+def test_group_sends_are_taken_in_process_once_the_members_are_held(node: NodeThread) -> None:
+    """Router.send_group_now answers a group send in the call that decoded it, with the
+    same frames and errors as the coroutine path."""
+    router = node.node.router
+    taken: list[object] = []
+    send_group_now = router.send_group_now
+
+    def counting(*args: object) -> bool:
+        try:
+            ok = send_group_now(*args)
+        except Exception:
+            taken.append("raised")
+            raise
+        taken.append(ok)
+        return ok
+
+    router.send_group_now = counting
+    owner, bob, carol = connect(node, "owner"), connect(node, "bob"), connect(node, "carol")
+    owner.send(type="group_create", group="fast", members=["bob"], id=1)
+    owner.recv_until("group", id=1)
+    assert bob.recv()["event"]["event"] == "created"
+    for i in range(3):
+        owner.send(type="send", cmid=f"g{i}", group="fast", body=str(i), id=i)
+    sent = [f for f in owner.recv_until("sent", cmid="g2") if f["type"] == "sent"]
+    assert [(f["seq"], f["id"]) for f in sent] == [(2, 0), (3, 1), (4, 2)]
+    assert [bob.recv()["body"] for _ in range(3)] == ["0", "1", "2"]
+    assert taken == [True] * 3
+    carol.send(type="send", cmid="c", group="fast", body="let me in", id="c")
+    err = carol.recv()
+    assert (err["code"], err["field"], err["cmid"]) == ("forbidden", "group", "c")
+    assert taken == [True] * 3 + ["raised"]  # refused in the call
+    assert [f for f in frames_until_pong(bob) if f["type"] == "msg"] == []
+
+
+def test_reads_and_typing_are_taken_in_process_without_a_task(node: NodeThread) -> None:
+    """The embedded node takes a read or a typing through Router.read_now / typing_now
+    (no task per frame), with the same frames and errors as the coroutine path."""
+    router = node.node.router
+    taken = {"read": 0, "typing": 0}
+    read_now, typing_now = router.read_now, router.typing_now
+
+    def counting_read(*args: object) -> bool:
+        ok = read_now(*args)
+        taken["read"] += ok
+        return ok
+
+    def counting_typing(*args: object) -> bool:
+        ok = typing_now(*args)
+        taken["typing"] += ok
+        return ok
+
+    router.read_now, router.typing_now = counting_read, counting_typing
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    for i in range(2):
+        alice.send(type="send", cmid=f"t{i}", to="bob", body=str(i))
+    alice.recv_until("sent", cmid="t1")
+    bob.send(type="read", conv="p:alice:bob", seq=1)  # no id: nothing answered
+    bob.send(type="read", conv="p:alice:bob", seq=2, id="r")
+    assert bob.recv_until("read_ok", id="r")[-1] == {
+        "type": "read_ok", "id": "r", "conv": "p:alice:bob", "seq": 2}
+    bob.send(type="typing", conv="p:alice:bob")
+    receipts = [f for f in alice.recv_until("typing") if f["type"] == "receipt"]
+    assert [r["seq"] for r in receipts] == [1, 2]
+    assert taken == {"read": 2, "typing": 1}
+    bob.send(type="read", conv="p:alice:bob", seq=99, id="far")  # not committed: the coroutine
+    assert bob.recv_until("error")[-1]["field"] == "seq"
+    mallory = connect(node, "mallory")
+    mallory.send(type="typing", conv="p:alice:bob")  # refused in the call
+    assert mallory.recv()["code"] == "not_found"
+    mallory.send(type="read", conv="p:alice:bob", seq=1, id="m")
+    assert mallory.recv()["code"] == "not_found"
+    assert taken == {"read": 2, "typing": 1}
+    assert [f for f in frames_until_pong(alice) if f["type"] in ("receipt", "typing")] == []
+
+
 def test_typing_and_presence(node: NodeThread) -> None:
     alice, bob = connect(node, "alice"), connect(node, "bob")
     alice.send(type="typing", conv="p:alice:bob")

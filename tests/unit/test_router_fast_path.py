@@ -141,6 +141,36 @@ async def test_send_now_declines_while_a_reservation_of_the_conversation_is_unde
     assert router.send_now("alice", "d1", "c1", "carol", "x", _Replies())
 
 
+async def test_send_group_now_takes_a_group_send_only_with_its_members_cached() -> None:
+    store = MemoryStore()
+    pusher = RecordingPusher()
+    router = Router(load_settings({}), store, pusher)
+    await router.group_create("owner", "d0", "team", "Team", ["alice"])
+    router._members_cache.clear()  # as after a restart: members need a read
+    replies = _Replies()
+    assert not router.send_group_now("alice", "d1", "g0", "team", "x", replies)
+    assert (await router.send("alice", "d1", "g0", None, "team", "x")).seq == 2  # loads them
+    assert router.send_group_now("alice", "d1", "g1", "team", "y", replies)
+    await replies.wait(1)
+    result, exc = replies.got[0]
+    assert exc is None and result is not None and (result.conv, result.seq) == ("g:team", 3)
+    assert pusher.order[-2:] == [("g:team", 2), ("g:team", 3)]
+    # A non-member is refused in the call, as submit_send refuses it.
+    try:
+        router.send_group_now("mallory", "d1", "g2", "team", "z", replies)
+        raise AssertionError("a non-member's send was taken")
+    except ImfastError as refused:
+        assert (refused.code, refused.field) == ("forbidden", "group")
+    # A retry of a cmid being stored and a switched-off feature go to the coroutine.
+    assert router.send_group_now("alice", "d1", "g3", "team", "w", replies)
+    assert not router.send_group_now("alice", "d1", "g3", "team", "w", replies)
+    off = Router(load_settings({"FEATURES_DISABLED": "groups"}), store, RecordingPusher())
+    off._members_cache["team"] = {"alice": "member"}
+    assert not off.send_group_now("alice", "d1", "g4", "team", "v", _Replies())
+    await replies.wait(2)
+    assert [m.cmid for m in await store.fetch("g:team", 1, 10)] == ["g0", "g1", "g3"]
+
+
 async def test_a_refused_append_answers_unavailable_and_the_retry_takes_the_same_seq() -> None:
     store = _FailingAppend(failures=1)
     router = Router(load_settings({}), store, RecordingPusher())
