@@ -71,20 +71,21 @@ def serve_router(router: Router, extra: dict[str, Callable[..., Awaitable[Any]]]
     method name -> coroutine function of the call's arguments).
 
     Its ``now`` attribute is the link's hot path (see imfast.link.wire's
-    NowHandler): a private send or an ack the router can take without waiting
-    (:meth:`Router.send_now`, :meth:`Router.ack_now`) is taken in the call that
-    read it, with the same order, dedup and answers as the coroutine.
+    NowHandler): a send or an ack the router can take without waiting
+    (:meth:`Router.send_now`, :meth:`Router.send_group_now`,
+    :meth:`Router.ack_now`) is taken in the call that read it, with the same
+    order, dedup and answers as the coroutine.
     """
 
     def now(method: str, args: list[Any], answer: Any) -> bool:
         if method == "send":
-            user, device, cmid, to, _group, body = args
-            if to is None:
-                return False
+            user, device, cmid, to, group, body = args
 
             def reply(result: SendResult | None, exc: BaseException | None) -> None:
                 answer(None if result is None else _result_to_wire(result), exc)
 
+            if to is None:
+                return router.send_group_now(user, device, cmid, group, body, reply)
             return router.send_now(user, device, cmid, to, body, reply)
         if method == "ack":
             cursor = router.ack_now(*args)
@@ -204,7 +205,8 @@ class RemoteRouter:
 
     def send_group_now(self, user: str, device: str, cmid: str, group: str, body: str,
                        reply: Any) -> bool:
-        """:meth:`send_now` for a group send (im-service takes it on its task path)."""
+        """:meth:`send_now` for a group send (im-service takes it in the call that reads it
+        when it holds the group's members, on its task path otherwise)."""
         self._send(user, device, cmid, None, group, body, reply)
         return True
 

@@ -15,6 +15,7 @@ from imfast.backends.sqlite import SQLiteStore
 from imfast.backends.sqlite_log import read_segment
 from imfast.config import load_settings
 from imfast.protocol.codes import ImfastError
+from imfast.service.remote import _result_from_wire, serve_router
 from imfast.service.router import Router, SendResult
 from tests.helpers.pushers import RecordingPusher
 
@@ -169,6 +170,31 @@ async def test_send_group_now_takes_a_group_send_only_with_its_members_cached() 
     assert not off.send_group_now("alice", "d1", "g4", "team", "v", _Replies())
     await replies.wait(2)
     assert [m.cmid for m in await store.fetch("g:team", 1, 10)] == ["g0", "g1", "g3"]
+
+
+async def test_the_link_takes_a_group_send_in_the_call_that_read_it() -> None:
+    """serve_router's hot path (what a gateway process's group send reaches)."""
+    router = Router(load_settings({}), MemoryStore(), RecordingPusher())
+    await router.group_create("owner", "d0", "team", "Team", ["alice"])
+    now = serve_router(router).now  # type: ignore[attr-defined]
+    answers: list[tuple[Any, BaseException | None]] = []
+    done = asyncio.Event()
+
+    def answer(result: Any, exc: BaseException | None) -> None:
+        answers.append((result, exc))
+        done.set()
+
+    assert now("send", ["alice", "d1", "l1", None, "team", "hi"], answer)
+    await asyncio.wait_for(done.wait(), 5)
+    result = _result_from_wire(answers[0][0])
+    assert answers[0][1] is None and (result.conv, result.seq) == ("g:team", 2)
+    try:
+        now("send", ["mallory", "d1", "l2", None, "team", "x"], answer)
+        raise AssertionError("a non-member's send was taken")
+    except ImfastError as refused:  # the link answers it as the task path would
+        assert refused.code == "forbidden"
+    router._members_cache.clear()
+    assert not now("send", ["alice", "d1", "l3", None, "team", "y"], answer)  # needs a read
 
 
 async def test_a_refused_append_answers_unavailable_and_the_retry_takes_the_same_seq() -> None:
