@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.helpers.fast_path import RAISED, record_fast_path
 from tests.helpers.node import Client, NodeThread
 
 
@@ -99,20 +100,7 @@ def test_read_receipts_move_forward_only_and_reach_the_other_side(node: NodeThre
 def test_group_sends_are_taken_in_process_once_the_members_are_held(node: NodeThread) -> None:
     """Router.send_group_now answers a group send in the call that decoded it, with the
     same frames and errors as the coroutine path."""
-    router = node.node.router
-    taken: list[object] = []
-    send_group_now = router.send_group_now
-
-    def counting(*args: object) -> bool:
-        try:
-            ok = send_group_now(*args)
-        except Exception:
-            taken.append("raised")
-            raise
-        taken.append(ok)
-        return ok
-
-    router.send_group_now = counting
+    taken = record_fast_path(node.node.router, "send_group_now")["send_group_now"]
     owner, bob, carol = connect(node, "owner"), connect(node, "bob"), connect(node, "carol")
     owner.send(type="group_create", group="fast", members=["bob"], id=1)
     owner.recv_until("group", id=1)
@@ -126,28 +114,14 @@ def test_group_sends_are_taken_in_process_once_the_members_are_held(node: NodeTh
     carol.send(type="send", cmid="c", group="fast", body="let me in", id="c")
     err = carol.recv()
     assert (err["code"], err["field"], err["cmid"]) == ("forbidden", "group", "c")
-    assert taken == [True] * 3 + ["raised"]  # refused in the call
+    assert taken == [True] * 3 + [RAISED]  # refused in the call
     assert [f for f in frames_until_pong(bob) if f["type"] == "msg"] == []
 
 
 def test_reads_and_typing_are_taken_in_process_without_a_task(node: NodeThread) -> None:
     """The embedded node takes a read or a typing through Router.read_now / typing_now
     (no task per frame), with the same frames and errors as the coroutine path."""
-    router = node.node.router
-    taken = {"read": 0, "typing": 0}
-    read_now, typing_now = router.read_now, router.typing_now
-
-    def counting_read(*args: object) -> bool:
-        ok = read_now(*args)
-        taken["read"] += ok
-        return ok
-
-    def counting_typing(*args: object) -> bool:
-        ok = typing_now(*args)
-        taken["typing"] += ok
-        return ok
-
-    router.read_now, router.typing_now = counting_read, counting_typing
+    calls = record_fast_path(node.node.router, "read_now", "typing_now")
     alice, bob = connect(node, "alice"), connect(node, "bob")
     for i in range(2):
         alice.send(type="send", cmid=f"t{i}", to="bob", body=str(i))
@@ -159,7 +133,7 @@ def test_reads_and_typing_are_taken_in_process_without_a_task(node: NodeThread) 
     bob.send(type="typing", conv="p:alice:bob")
     receipts = [f for f in alice.recv_until("typing") if f["type"] == "receipt"]
     assert [r["seq"] for r in receipts] == [1, 2]
-    assert taken == {"read": 2, "typing": 1}
+    assert calls == {"read_now": [True, True], "typing_now": [True]}
     bob.send(type="read", conv="p:alice:bob", seq=99, id="far")  # not committed: the coroutine
     assert bob.recv_until("error")[-1]["field"] == "seq"
     mallory = connect(node, "mallory")
@@ -167,7 +141,8 @@ def test_reads_and_typing_are_taken_in_process_without_a_task(node: NodeThread) 
     assert mallory.recv()["code"] == "not_found"
     mallory.send(type="read", conv="p:alice:bob", seq=1, id="m")
     assert mallory.recv()["code"] == "not_found"
-    assert taken == {"read": 2, "typing": 1}
+    # The seq not yet committed declined; the outsider's typing and read were refused.
+    assert calls == {"read_now": [True, True, False, RAISED], "typing_now": [True, RAISED]}
     assert [f for f in frames_until_pong(alice) if f["type"] in ("receipt", "typing")] == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from imfast.service.router import OWN_CURSOR_DELAY
+from tests.helpers.fast_path import record_fast_path
 from tests.helpers.node import Client, NodeThread, wait_for
 
 
@@ -237,21 +238,7 @@ def test_metrics_carry_the_contract_names_and_per_hop_latencies(node: NodeThread
 def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) -> None:
     """The embedded node answers a private send and an ack through Router.send_now /
     ack_now (no task per frame), with the same frames as the coroutine path."""
-    router = node.node.router
-    taken = {"send": 0, "ack": 0}
-    send_now, ack_now = router.send_now, router.ack_now
-
-    def counting_send(*args: object) -> bool:
-        ok = send_now(*args)
-        taken["send"] += ok
-        return ok
-
-    def counting_ack(*args: object, **kwargs: bool) -> int | None:
-        cursor = ack_now(*args, **kwargs)
-        taken["ack"] += cursor is not None
-        return cursor
-
-    router.send_now, router.ack_now = counting_send, counting_ack
+    calls = record_fast_path(node.node.router, "send_now", "ack_now")
     alice, bob = connect(node, "alice"), connect(node, "bob")
     for i in range(3):
         alice.send(type="send", cmid=f"f{i}", to="bob", body=f"m{i}", id=i)
@@ -263,7 +250,8 @@ def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) ->
     alice.send(type="send", cmid="f0", to="bob", body="m0", id="again")  # a duplicate
     dup = alice.recv_until("sent", id="again")[-1]
     assert dup["duplicate"] is True and dup["seq"] == 1
-    assert taken == {"send": 3, "ack": 1}
+    assert calls["send_now"] == [True] * 3 + [False]  # the duplicate went to the coroutine
+    assert [cursor is not None for cursor in calls["ack_now"]] == [True]
 
 
 def cursors(client: Client, request_id: int) -> dict[str, int]:
