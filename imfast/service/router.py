@@ -337,6 +337,12 @@ class GroupCommitter:
                 log.exception("sequence repair failed conv=%s", conv)
 
 
+def _check_group_sender(user: str, members: dict[str, str]) -> None:
+    """Refuse a group send by ``user`` unless it is one of ``members``."""
+    if user not in members:
+        raise ImfastError("not a member of this group", field="group", code="forbidden")
+
+
 class Router:
     """Implements every client operation that touches shared state."""
 
@@ -703,9 +709,7 @@ class Router:
             assert group is not None
             if not self.settings.feature_enabled("groups"):
                 raise ImfastError("groups are switched off", code="feature_disabled")
-            members = await self.group_members(group)
-            if user not in members:
-                raise ImfastError("not a member of this group", field="group", code="forbidden")
+            _check_group_sender(user, await self.group_members(group))
             conv = group_conv(group)
         return await self.submit_entry(conv, user, device, cmid, body, KIND_MESSAGE)
 
@@ -723,8 +727,6 @@ class Router:
         ``unavailable`` if the store refused it.  A failing reservation raises,
         as :meth:`submit_send` does.
         """
-        if self._reserve_now is None:
-            return False
         return self._take_send_now(private_conv(user, to), user, device, cmid, body, reply)
 
     def send_group_now(self, user: str, device: str, cmid: str, group: str, body: str,
@@ -735,20 +737,20 @@ class Router:
         anything that needs a read (members not cached) or an answer from the
         coroutine (groups switched off) returns False, having changed nothing.
         """
-        if self._reserve_now is None or not self.settings.feature_enabled("groups"):
+        if not self.settings.feature_enabled("groups"):
             return False
         members = self._members_cache.get(group)
         if members is None:
             return False
-        if user not in members:
-            raise ImfastError("not a member of this group", field="group", code="forbidden")
+        _check_group_sender(user, members)
         return self._take_send_now(group_conv(group), user, device, cmid, body, reply)
 
     def _take_send_now(self, conv: str, user: str, device: str, cmid: str, body: str,
                        reply: SendReply) -> bool:
         """The reservation and queueing shared by :meth:`send_now` and :meth:`send_group_now`."""
         reserve_now = self._reserve_now
-        assert reserve_now is not None
+        if reserve_now is None:
+            return False
         dedup_key = f"{user}:{cmid}" if cmid else ""
         if (dedup_key and dedup_key in self._inflight) or conv in self._conv_turns:
             return False
