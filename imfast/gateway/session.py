@@ -86,6 +86,7 @@ class Session(FramedListener):
         "tokens_ts",
         "unacked_since",
         "user",
+        "waiting",
         "worker",
         "writable",
     )
@@ -104,6 +105,9 @@ class Session(FramedListener):
         self.pushed: dict[str, int] | None = None  # conv -> last seq sent (active convs only)
         self.acked: dict[str, int] | None = None  # conv -> last seq the client acknowledged
         self.unacked_since = 0.0  # when the oldest unacknowledged push happened (0: none)
+        # A superset of the convs in ``acked`` with pushes beyond it, so that an ack
+        # looks at those, not at every conversation this connection was ever pushed.
+        self.waiting: set[str] | None = None
         self.timer_at = 0.0  # deadline of the wheel entry that counts
         self.own_acks: dict[str, int] | None = None  # cursor moves for our own messages
         self.ack_claims: dict[str, int] | None = None  # conv -> highest seq an ack frame named
@@ -237,6 +241,7 @@ class Session(FramedListener):
         if acked is None:
             acked = self.acked = {}
         acked.setdefault(conv, before)
+        self._wait_for(conv)
         if not self.unacked_since:
             self.unacked_since = self.gw.now
             self._schedule_timer()
@@ -316,6 +321,8 @@ class Session(FramedListener):
             if self.acked is not None and self.acked.get(conv) == last:
                 self.acked[conv] = seq
                 caught_up = True
+            elif self.acked is not None and conv in self.acked:
+                self._wait_for(conv)  # earlier pushes are still unacknowledged
             if caught_up and not self.gw.router_moves_own_cursors:
                 self._advance_own(conv, seq)
             return False
@@ -409,6 +416,8 @@ class Session(FramedListener):
                         if m.seq > after:
                             if self.acked is None or conv not in self.acked:
                                 self._note_pushed(conv, after)
+                            else:
+                                self._wait_for(conv)
                             self.gw.coalescer.push(self, self.gw.encode_entry(m))
                             after = m.seq
                     pushed[conv] = after
@@ -854,20 +863,42 @@ class Session(FramedListener):
         cursor = await self.gw.router.ack(self.user, self.device, frame["conv"], frame["seq"])
         self._acked(frame, rid, cursor)
 
+    def _wait_for(self, conv: str) -> None:
+        """Note that ``conv`` (in ``acked``) may now have pushes beyond its acknowledgement."""
+        waiting = self.waiting
+        if waiting is None:
+            waiting = self.waiting = set()
+        waiting.add(conv)
+
+    def _still_waiting(self) -> bool:
+        """True if some conversation has pushes not acknowledged yet.
+
+        Conversations found acknowledged on the way are dropped from ``waiting``, so
+        each is looked at about once per push that put it there (not once per ack).
+        """
+        waiting = self.waiting
+        if not waiting:
+            return False
+        pushed, acked = self.pushed or {}, self.acked or {}
+        done = []
+        found = False
+        for c in waiting:
+            a = acked.get(c)
+            if a is not None and pushed.get(c, 0) > a:
+                found = True
+                break
+            done.append(c)
+        waiting.difference_update(done)
+        return found
+
     def _acked(self, frame: dict[str, Any], rid: Any, cursor: int) -> None:
         """Bookkeeping once an ack moved the stored cursor to ``cursor``; ``acked`` reply."""
         acked = self.acked
         conv = frame["conv"]
         if acked is not None and conv in acked:
             acked[conv] = max(acked[conv], cursor)
-            pushed = self.pushed or {}
-            # A plain loop: this runs for every ack, over every conversation pushed to.
-            for c, a in acked.items():
-                if pushed.get(c, 0) > a:
-                    self.unacked_since = self.gw.now  # progress: restart the clock
-                    break
-            else:
-                self.unacked_since = 0.0  # everything pushed is acknowledged
+            # Progress: restart the clock while anything pushed is unacknowledged.
+            self.unacked_since = self.gw.now if self._still_waiting() else 0.0
         if rid is not None:
             self.send_frame({"type": "acked", "id": rid, "conv": conv, "seq": cursor})
 

@@ -200,6 +200,33 @@ def test_unacknowledged_entries_are_retransmitted_with_the_same_seq(make_node) -
     assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]
 
 
+def test_an_ack_of_one_conversation_leaves_the_others_to_be_retransmitted(make_node) -> None:
+    """The retransmit clock follows every conversation with unacknowledged pushes,
+    not just the one an ack names (the session keeps a set of those it waits for)."""
+    import time
+
+    node = make_node(ack_timeout=1.0)
+    alice, bob, carol = connect(node, "alice"), connect(node, "bob"), connect(node, "carol")
+    alice.send(type="send", cmid="a1", to="bob", body="from alice")
+    alice.recv_until("sent")
+    carol.send(type="send", cmid="c1", to="bob", body="from carol")
+    carol.recv_until("sent")
+    got = [bob.recv(), bob.recv()]
+    assert sorted(f["conv"] for f in got) == ["p:alice:bob", "p:bob:carol"]
+    bob.send(type="ack", conv="p:alice:bob", seq=1, id="a")
+    # Acked before ACK_TIMEOUT (1 s) has passed: the only frame before `acked` is a
+    # retransmit of carol's entry, if the clock already ran out.
+    before = bob.recv_until("acked")
+    assert all(f["conv"] == "p:bob:carol" for f in before[:-1]), before
+    again = bob.recv_until("msg")[-1]
+    assert (again["conv"], again["seq"], again["body"]) == ("p:bob:carol", 1, "from carol")
+    bob.send(type="ack", conv="p:bob:carol", seq=1, id="c")
+    bob.recv_until("acked")
+    time.sleep(2.5)  # longer than ACK_TIMEOUT plus the wheel's resolution: nothing comes again
+    bob.send(type="ping", id="later")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]
+
+
 def test_a_device_does_not_get_its_own_messages_back_on_resume(node: NodeThread) -> None:
     alice, bob = connect(node, "alice"), connect(node, "bob")
     bob.send(type="send", cmid="b1", to="alice", body="first")
