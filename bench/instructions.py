@@ -247,6 +247,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="keep the callgrind files")
+    p.add_argument("--json", help="also write every run's figures here")
     opts = p.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("instructions: valgrind is needed (apt-get install valgrind)", file=sys.stderr)
@@ -277,6 +278,9 @@ def main() -> int:
         ratio = medians[checkout] / medians[ROOT]
         print(f"| {os.path.relpath(checkout, ROOT) if checkout != ROOT else 'this'} | {runs} "
               f"| {medians[checkout]:,.0f} | {roles} | {ratio:.3f}x |")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"options": vars(opts), "runs": rows}, f, indent=1)
     return 0
 
 

@@ -25,6 +25,7 @@ declare -A DEB_FILES=(
     [mariadb-server]=/usr/sbin/mariadbd
     [etcd-server]=/usr/bin/etcd
     [etcd-client]=/usr/bin/etcdctl
+    [valgrind]=/usr/bin/callgrind_control  # bench/instructions.py (and its smoke test)
 )
 
 die() { echo "install-test-services: $*" >&2; exit 1; }
