@@ -889,6 +889,8 @@ class Session(FramedListener):
                 break
             done.append(c)
         waiting.difference_update(done)
+        if not waiting:
+            self.waiting = None  # a connection that has caught up keeps no set
         return found
 
     def _acked(self, frame: dict[str, Any], rid: Any, cursor: int) -> None:
