@@ -84,8 +84,9 @@ class _Aggregate:
         now = time.monotonic()
         live = [r for r in self.reports.values() if now - r["at"] < 5 * REPORT_EVERY]
         stats = GatewayStats()
-        gauges = {"active_connections": 0, "authenticated": 0, "write_buffer": 0, "writes": 0,
-                  "capacity": self.settings.max_connections, "draining": 0}
+        gauges: dict[str, Any] = {"active_connections": 0, "authenticated": 0, "write_buffer": 0,
+                                  "writes": 0, "capacity": self.settings.max_connections,
+                                  "draining": 0}
         users = 0
         for r in live:
             raw = r["stats"]
@@ -102,6 +103,8 @@ class _Aggregate:
                 gauges[g] += r[g]
             gauges["draining"] = max(gauges["draining"], r["draining"])
             users += r["users"]
+        store_gauges = self.router.store_gauges() if self.router is not None else []
+        gauges["store_gauges"] = store_gauges
         registry = CollectorRegistry(auto_describe=False)
         registry.register(GatewayCollector(stats, lambda: gauges))
         snap = {
@@ -125,6 +128,7 @@ class _Aggregate:
         if self.router is not None:
             snap["messages_accepted"] = self.router.sent_total
             snap["duplicates"] = self.router.duplicates_total
+        snap.update({key: value for key, _, _, value in store_gauges})
         return [snap, generate_latest(registry).decode()]
 
 

@@ -395,6 +395,20 @@ class SQLiteStore:
         return None
 
     # The entry log's segments: rolled on the loop, moved on the mover's thread.
+    @property
+    def segments_waiting(self) -> int:
+        """Entry-log segments written but not yet moved into the table (appends wait at
+        ``_MAX_BEHIND``): one or two at a time is normal, a count that keeps rising
+        means the mover thread (its disk, or its core) is slower than the appends."""
+        return len(self._moving)
+
+    def gauges(self) -> list[tuple[str, str, str, int]]:
+        """Live gauges for /stats and /metrics: (stats key, metric name, help, value)."""
+        help_text = ("Entry-log segments not yet moved into SQLite by the mover thread "
+                     f"(appends wait at {_MAX_BEHIND})")
+        return [("store_segments_waiting", "im_store_log_segments_waiting", help_text,
+                 self.segments_waiting)]
+
     def _roll(self) -> None:
         """Hand the current segment to the mover (on a timer, when full, and at close)."""
         if self._roll_handle is not None:

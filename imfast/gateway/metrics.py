@@ -151,6 +151,8 @@ class GatewayCollector(Collector):
                                 "to the router and the durable store)")
         for name, help_text, hist in g.get("histograms", ()):
             yield hist.family(name, help_text)
+        for _key, name, help_text, value in g.get("store_gauges", ()):
+            yield GaugeMetricFamily(name, help_text, value=value)
         errors = CounterMetricFamily("im_gateway_errors", "Errors reported to clients or hit",
                                      labels=["kind"])
         for kind, n in sorted(s.errors.items()):

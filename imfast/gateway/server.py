@@ -320,7 +320,13 @@ class Gateway:
             "write_buffer": write_buffer,
             "writes": self.coalescer.writes,
             "histograms": getattr(self.router, "histograms", ()),
+            "store_gauges": self.store_gauges(),
         }
+
+    def store_gauges(self) -> list[tuple[str, str, str, int]]:
+        """The in-process router's store gauges (none behind a link: im-service has them)."""
+        gauges = getattr(self.router, "store_gauges", None)
+        return [] if gauges is None else list(gauges())
 
     def metrics_text(self) -> bytes:
         """What ``GET /metrics`` returns (Prometheus text format)."""
@@ -351,6 +357,7 @@ class Gateway:
         }
         if self.extra_stats is not None:
             snap.update(self.extra_stats())
+        snap.update({key: value for key, _, _, value in self.store_gauges()})
         return snap
 
     # --------------------------------------------------------------- delivery

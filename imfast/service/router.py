@@ -384,6 +384,12 @@ class Router:
                             "One group commit of entries to the durable store",
                             self._committer.commit_time)]
 
+    def store_gauges(self) -> list[tuple[str, str, str, int]]:
+        """The store's live gauges, for /stats and /metrics: (stats key, metric name,
+        help, value); none for a store without an entry log (memory, MySQL)."""
+        gauges = getattr(self.store, "gauges", None)
+        return [] if gauges is None else list(gauges())
+
     # ---------------------------------------------------------------- helpers
     async def group_members(self, group: str) -> dict[str, str]:
         """user -> role, cached until membership changes."""

@@ -218,6 +218,30 @@ async def test_appends_wait_once_the_mover_is_far_behind(
     await store.close()
 
 
+async def test_the_segments_the_mover_has_not_moved_are_counted(tmp_path: Path) -> None:
+    """``segments_waiting`` (``store_segments_waiting`` in /stats, the
+    ``im_store_log_segments_waiting`` gauge) counts what the mover still has to move."""
+    path = str(tmp_path / "backlog.db")
+    store = SQLiteStore(path)
+    assert store.segments_waiting == 0
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the mover cannot commit
+    for seq in (1, 2, 3):
+        await store.append([_msg("p:alice:bob", seq)])
+        store._roll()
+    await asyncio.sleep(0.05)
+    assert store.segments_waiting == 3
+    ((key, name, help_text, value),) = store.gauges()
+    assert (key, name, value) == ("store_segments_waiting", "im_store_log_segments_waiting", 3)
+    assert f"appends wait at {sqlite_module._MAX_BEHIND}" in help_text
+    holder.execute("COMMIT")
+    await store.settle()
+    assert store.segments_waiting == 0
+    assert _table(path) == [("p:alice:bob", s) for s in (1, 2, 3)]
+    holder.close()
+    await store.close()
+
+
 async def test_an_in_memory_store_moves_inline_with_the_same_answers() -> None:
     store = SQLiteStore(":memory:")  # no file for a thread to open: moves run on the loop
     conv = "p:alice:bob"

@@ -274,6 +274,21 @@ async def _gateway_metrics() -> set[str]:
     return _sample_names(gateway.metrics_text())
 
 
+async def _embedded_metrics() -> set[str]:
+    """What ``imfast serve``'s /metrics renders: the SQLite store adds its gauges."""
+    from imfast.backends.sqlite import SQLiteStore
+    from imfast.gateway.server import Gateway
+    from imfast.service.router import Router
+
+    settings = Settings()
+    store = SQLiteStore(":memory:")
+    router = Router(settings, store, SimpleNamespace())
+    gateway = Gateway(settings, None, router, role="embedded")  # type: ignore[arg-type]
+    names = _sample_names(gateway.metrics_text())
+    await store.close()
+    return names
+
+
 @cache
 def exported_metrics() -> frozenset[str]:
     """Every sample name imfast's roles expose on /metrics, rendered by their collectors."""
@@ -287,7 +302,7 @@ def exported_metrics() -> frozenset[str]:
     from imfast.service.pusher import ClusterPusher
     from imfast.service.router import Router
 
-    gateway = asyncio.run(_gateway_metrics())
+    gateway = asyncio.run(_gateway_metrics()) | asyncio.run(_embedded_metrics())
     pusher = ClusterPusher(None, None, LinkPool())
     service = SimpleNamespace(
         pusher=pusher,

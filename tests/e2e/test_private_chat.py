@@ -258,8 +258,13 @@ def test_metrics_carry_the_contract_names_and_per_hop_latencies(node: NodeThread
                  'im_gateway_messages_delivered_total{status="success"}',
                  "im_gateway_message_delivery_duration_seconds_bucket",
                  "im_gateway_errors_total", "im_gateway_send_ack_duration_seconds_count 1.0",
-                 "im_service_store_commit_duration_seconds_count"):
+                 "im_service_store_commit_duration_seconds_count",
+                 "im_store_log_segments_waiting "):
         assert name in text, name
+    # The SQLite store's backlog for the mover thread, also in /stats (a count, 0 at rest).
+    stats = node.http("/stats")[1]
+    assert isinstance(stats["store_segments_waiting"], int)
+    assert stats["store_segments_waiting"] >= 0
 
 
 def test_sends_and_acks_are_taken_in_process_without_a_task(node: NodeThread) -> None:

@@ -98,6 +98,7 @@ def test_chat_and_groups_across_worker_processes(served: Served) -> None:
     clients = {u: served.client(u) for u in users}
     stats = served.wait_for(lambda s: s["active_connections"] == 8)
     assert stats["workers"] == 2
+    assert isinstance(stats["store_segments_waiting"], int)  # the main process's store
     assert len(served.worker_pids()) == 2
     # Every user messages the next one: with 8 connections over 2 processes, some
     # pairs are on different workers.
