@@ -55,6 +55,10 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = os.path.join(ROOT, "load_test", "gen.py")
+sys.path.insert(0, os.path.join(ROOT, "load_test"))
+
+from gen import proc_tree  # the generator's /proc walk: the server and its workers
+
 WARMUP = 3.0  # seconds of load before counting: connections settled, caches warm
 
 
@@ -116,22 +120,6 @@ def callgrind_control(flag: str, pids: list[int]) -> None:
         # A pid that is not a callgrind run (it ended, or valgrind does not trace it) is
         # reported by callgrind_control and skipped: its exit status is not checked.
         proc.wait(timeout=120)
-
-
-def traced_pids(root: int) -> list[int]:
-    """``root`` and every process below it (valgrind keeps the pids of the programs it runs)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True,
-                         check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        pid, ppid = (int(x) for x in line.split())
-        children.setdefault(ppid, []).append(pid)
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
 
 
 def read_totals(workdir: str) -> dict[str, int]:
@@ -203,7 +191,7 @@ def measure(checkout: str, opts: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"the generator exited before its load; see {gen_log}")
             time.sleep(0.2)
         time.sleep(WARMUP)
-        pids = traced_pids(server.pid)
+        pids = proc_tree(server.pid)  # valgrind keeps the pids of the programs it runs
         first = fresh_accepted(port)
         callgrind_control("--instr=on", pids)
         time.sleep(opts.seconds)
