@@ -873,8 +873,9 @@ class Session(FramedListener):
     def _still_waiting(self) -> bool:
         """True if some conversation has pushes not acknowledged yet.
 
-        Conversations found acknowledged on the way are dropped from ``waiting``, so
-        each is looked at about once per push that put it there (not once per ack).
+        Conversations found acknowledged on the way are dropped from ``waiting``: an
+        ack looks at the first one still waiting plus those it drops, not at every
+        conversation the connection was ever pushed.
         """
         waiting = self.waiting
         if not waiting:
