@@ -7,8 +7,9 @@ from one evening to the next (docs/performance.md), so a change worth 5 % can
 not be told from noise with them.  Here every server process runs under
 ``valgrind --tool=callgrind``, which counts the instructions it executes
 (user space: the interpreter, the Cython core, uvloop, picows, orjson,
-SQLite; not the kernel).  The count is the same from run to run within about
-1 %, whatever else the machine is doing.
+SQLite; not the kernel).  The count repeats within 1-2 % for one process and
+within about 4 % with ``--workers`` (docs/performance.md), whatever else the
+machine is doing.
 
 Per checkout (this one, then ``--baseline DIR``, alternately, ``--repeats``
 times): ``python -m imfast serve`` (``--workers N``: its gateway processes too)
@@ -217,6 +218,7 @@ def measure(checkout: str, opts: argparse.Namespace) -> dict[str, Any]:
     row = {"checkout": checkout, "messages": messages,
            "per_message": sum(roles.values()) / messages,
            "roles": {role: n / messages for role, n in sorted(roles.items())},
+           "sent": totals.get("sent", 0),
            "lost": totals.get("lost", 0) + totals.get("unacknowledged", 0)}
     if not opts.keep:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -257,7 +259,8 @@ def main() -> int:
             "closed loop (1:1)")
     print(f"\n{opts.connections} connections, {load}, "
           f"{opts.seconds:g} s counted, workers {opts.workers}; {platform.python_version()}\n")
-    print("| checkout | instructions per message (each run) | median | by process role | vs this |")
+    print("| checkout | instructions per message (each run) | median | by process role "
+          "(last run) | vs this |")
     print("|---|---|---|---|---|")
     medians = {c: sorted(r["per_message"] for r in rs)[len(rs) // 2] for c, rs in rows.items()}
     for checkout, rs in rows.items():
