@@ -46,7 +46,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,18 +58,13 @@ GEN = os.path.join(ROOT, "load_test", "gen.py")
 sys.path.insert(0, os.path.join(ROOT, "load_test"))
 
 from gen import proc_tree  # the generator's /proc walk: the server and its workers
+from runner import free_port  # run-load-tests.sh's
 
 WARMUP = 3.0  # seconds of load before counting: connections settled, caches warm
 
 
 def log(msg: str) -> None:
     print(f"instructions: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def accepted(port: int) -> int | None:
