@@ -90,14 +90,14 @@ async def agent_rounds(port: int, pid: int, n: int, secret: str) -> float:
     return spent / (rounds * n)
 
 
-def serve(checkout: str, secret: str) -> tuple[subprocess.Popen[bytes], int]:
+def serve(checkout: str, secret: str, data_dir: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = dict(os.environ, JWT_SECRET=secret, LOG_LEVEL="WARNING",
                RATE_MSGS_PER_SEC="100000", RATE_BURST="100000")
     env.pop("IMFAST_CONFIG", None)
     proc = subprocess.Popen(
         [os.path.join(checkout, ".venv", "bin", "python"), "-m", "imfast", "serve", "--host",
-         "127.0.0.1", "--port", str(port), "--data-dir", tempfile.mkdtemp(prefix="imfast-conv-")],
+         "127.0.0.1", "--port", str(port), "--data-dir", data_dir],
         cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     deadline = time.time() + 30
@@ -126,7 +126,9 @@ def main() -> int:
         return 2
     checkouts = [ROOT] + ([os.path.abspath(opts.baseline)] if opts.baseline else [])
     secret = secrets.token_urlsafe(32)
-    servers = {c: serve(c, secret) for c in checkouts}
+    data = tempfile.TemporaryDirectory(prefix="imfast-conv-")
+    servers = {c: serve(c, secret, os.path.join(data.name, str(i)))
+               for i, c in enumerate(checkouts)}
     results: dict[str, dict[int, float]] = {c: {} for c in checkouts}
     try:
         for n in sizes:
@@ -137,6 +139,7 @@ def main() -> int:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
+        data.cleanup()
     print("\n| checkout | " + " | ".join(f"{n:,} conversations" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     for checkout in checkouts:

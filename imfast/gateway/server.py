@@ -325,8 +325,7 @@ class Gateway:
 
     def store_gauges(self) -> list[tuple[str, str, str, int]]:
         """The in-process router's store gauges (none behind a link: im-service has them)."""
-        gauges = getattr(self.router, "store_gauges", None)
-        return [] if gauges is None else list(gauges())
+        return [] if self.local_router is None else self.local_router.store_gauges()
 
     def metrics_text(self) -> bytes:
         """What ``GET /metrics`` returns (Prometheus text format)."""
