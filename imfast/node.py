@@ -20,9 +20,21 @@ from imfast.config import Settings
 from imfast.gateway.server import Gateway
 from imfast.service.router import Router
 
-__all__ = ["EmbeddedNode", "run_until_signalled"]
+__all__ = ["EmbeddedNode", "router_stats", "run_until_signalled"]
 
 log = logging.getLogger("imfast.node")
+
+
+def router_stats(router: Router, settings: Settings) -> dict[str, Any]:
+    """The /stats fields of an embedded node's router (one process or ``--workers``)."""
+    return {
+        "messages_accepted": router.sent_total,
+        "duplicates": router.duplicates_total,
+        "commit_batches": router._committer.batches,
+        "route_all_offline": settings.route_all_offline,
+        "features_disabled": list(settings.features_disabled),
+        "backends": {"store": type(router.store).__name__},
+    }
 
 
 class EmbeddedNode:
@@ -47,14 +59,7 @@ class EmbeddedNode:
         self.router = Router(s, self.store, self.gateway)
         self.gateway.router = self.router
         router = self.router
-        self.gateway.extra_stats = lambda: {
-            "messages_accepted": router.sent_total,
-            "duplicates": router.duplicates_total,
-            "commit_batches": router._committer.batches,
-            "route_all_offline": s.route_all_offline,
-            "features_disabled": list(s.features_disabled),
-            "backends": {"store": type(self.store).__name__},
-        }
+        self.gateway.extra_stats = lambda: router_stats(router, s)
         self.port = await self.gateway.start()
         return self.port
 

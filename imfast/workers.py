@@ -32,15 +32,16 @@ import tempfile
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from imfast.auth import TokenVerifier, dev_secret
 from imfast.backends.memory import MemoryRegistry, MemoryStore
 from imfast.backends.sqlite import SQLiteStore
 from imfast.config import Settings, load_settings
+from imfast.gateway.aggregate import NodeAggregate, worker_report
 from imfast.gateway.cluster import ClusterGateway
-from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.link.endpoints import UNIX_PREFIX, LinkClient, LinkPool, LinkServer
+from imfast.node import router_stats
 from imfast.service.pusher import ClusterPusher
 from imfast.service.remote import RemoteRouter, serve_router
 from imfast.service.router import Router
@@ -51,8 +52,6 @@ __all__ = ["EmbeddedSupervisor", "GatewaySupervisor", "WorkerGateway", "remove_o
 log = logging.getLogger("imfast.workers")
 
 REPORT_EVERY = 1.0
-_COUNTERS = ("connections_opened", "frames_in", "delivered", "dropped", "failed",
-             "auth_failures", "slow_consumers", "internal_errors", "lat_sum", "lat_n")
 
 
 async def stop_children(procs: Any, grace: float = 10.0) -> None:
@@ -67,69 +66,6 @@ async def stop_children(procs: Any, grace: float = 10.0) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-
-
-class _Aggregate:
-    """Node-wide statistics summed from the workers' reports."""
-
-    def __init__(self, settings: Settings, router: Router | None) -> None:
-        self.settings = settings
-        self.router = router
-        self.reports: dict[str, dict[str, Any]] = {}
-
-    def report(self, worker: str, snapshot: dict[str, Any]) -> list[Any]:
-        """Store a worker's counters; answer the node-wide /stats JSON and /metrics text."""
-        snapshot["at"] = time.monotonic()
-        self.reports[worker] = snapshot
-        now = time.monotonic()
-        live = [r for r in self.reports.values() if now - r["at"] < 5 * REPORT_EVERY]
-        stats = GatewayStats()
-        gauges: dict[str, Any] = {"active_connections": 0, "authenticated": 0, "write_buffer": 0,
-                                  "writes": 0, "capacity": self.settings.max_connections,
-                                  "draining": 0}
-        users = 0
-        for r in live:
-            raw = r["stats"]
-            for name in _COUNTERS:
-                setattr(stats, name, getattr(stats, name) + raw[name])
-            stats.lat_counts = [a + b for a, b in zip(stats.lat_counts, raw["lat_counts"])]
-            for field in ("errors", "refused"):
-                target = getattr(stats, field)
-                for k, v in raw[field].items():
-                    target[k] = target.get(k, 0) + v
-            for k, v in raw["closes"].items():
-                stats.closes[int(k)] = stats.closes.get(int(k), 0) + v
-            for g in ("active_connections", "authenticated", "write_buffer", "writes"):
-                gauges[g] += r[g]
-            gauges["draining"] = max(gauges["draining"], r["draining"])
-            users += r["users"]
-        store_gauges = self.router.store_gauges() if self.router is not None else []
-        gauges["store_gauges"] = store_gauges
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(GatewayCollector(stats, lambda: gauges))
-        snap = {
-            "active_connections": gauges["active_connections"],
-            "authenticated_connections": gauges["authenticated"],
-            "online_users": users,
-            "capacity": self.settings.max_connections,
-            "draining": bool(gauges["draining"]),
-            "hostname": self.settings.display_hostname,
-            "role": "embedded",
-            "workers": len(live),
-            "frames_received": stats.frames_in,
-            "messages_delivered": stats.delivered,
-            "events_dropped": stats.dropped,
-            "socket_writes": gauges["writes"],
-            "delivery_p99_seconds_upper_bound": stats.latency_quantile(0.99),
-            "errors": stats.errors,
-            "closes": {str(k): v for k, v in stats.closes.items()},
-            "refused": stats.refused,
-        }
-        if self.router is not None:
-            snap["messages_accepted"] = self.router.sent_total
-            snap["duplicates"] = self.router.duplicates_total
-        snap.update({key: value for key, _, _, value in store_gauges})
-        return [snap, generate_latest(registry).decode()]
 
 
 SOCKETS_DIR_PREFIX = "imfast-"
@@ -202,7 +138,21 @@ class EmbeddedSupervisor:
         self.registry = MemoryRegistry()
         self.links = LinkPool()
         self.router = Router(s, self.store, ClusterPusher(self.registry, None, self.links))
-        self.aggregate = _Aggregate(s, self.router)
+        router = self.router
+
+        def own_metrics() -> list[Metric]:
+            families: list[Metric] = [hist.family(name, help_text)
+                                      for name, help_text, hist in router.histograms]
+            families += [GaugeMetricFamily(name, help_text, value=value)
+                         for _key, name, help_text, value in router.store_gauges()]
+            return families
+
+        def own_stats() -> dict[str, Any]:
+            snap = router_stats(router, s)
+            snap.update({key: value for key, _, _, value in router.store_gauges()})
+            return snap
+
+        self.aggregate = NodeAggregate(s, "embedded", own_stats, own_metrics)
         registry, aggregate = self.registry, self.aggregate
 
         async def report(worker: str, snapshot: dict[str, Any]) -> list[Any]:
@@ -312,16 +262,8 @@ class WorkerGateway(ClusterGateway):
         return super().metrics_text()
 
     def worker_report(self) -> dict[str, Any]:
-        s = self.stats
-        g = self._gauges()
-        return {
-            "stats": {**{n: getattr(s, n) for n in _COUNTERS}, "lat_counts": s.lat_counts,
-                      "errors": s.errors, "refused": s.refused,
-                      "closes": {str(k): v for k, v in s.closes.items()}},
-            "active_connections": g["active_connections"], "authenticated": g["authenticated"],
-            "write_buffer": g["write_buffer"], "writes": g["writes"],
-            "draining": g["draining"], "users": self.table.users,
-        }
+        """This process's own /stats and metrics, for the supervisor to merge."""
+        return worker_report(super().stats_snapshot(), self.stats, self.metrics_registry)
 
 
 async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> None:
@@ -354,7 +296,7 @@ class GatewaySupervisor:
         self._stopping = False
 
     async def start(self) -> int:
-        self.aggregate = _Aggregate(self.settings, None)
+        self.aggregate = NodeAggregate(self.settings, "gateway")
 
         async def handle(method: str, args: list[Any]) -> Any:
             if method == "report":

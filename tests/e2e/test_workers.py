@@ -220,3 +220,70 @@ def test_connect_rate_per_address_is_enforced_by_each_worker(tmp_path: Path) -> 
     finally:
         served.stop()
 
+
+
+def _metrics(port: int) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """family name -> {(sample name, labels): value} of a node's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    return {f.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples}
+            for f in text_string_to_metric_families(text)}
+
+
+def test_a_workers_node_reports_every_stat_and_metric_one_process_does(tmp_path: Path) -> None:
+    """/stats and /metrics of ``--workers 2`` hold what one process reports, node-wide:
+    the gateway counters (retransmits too), the send->sent histogram, the router's
+    commit histogram and counters - not only the fields someone remembered to add up."""
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    port = free_port()
+    single = subprocess.Popen(
+        [sys.executable, "-m", "imfast", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(single_dir / "data")],
+        env={**os.environ, "JWT_SECRET": SECRET}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2) as r:
+                    one_stats = json.loads(r.read())
+                break
+            except OSError:
+                assert single.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        one_metrics = _metrics(port)
+    finally:
+        single.terminate()
+        single.wait(10)
+
+    served = Served(tmp_path, workers=2, ACK_TIMEOUT="1")
+    try:
+        users = [f"m{i}" for i in range(6)]
+        clients = {u: served.client(u) for u in users}
+        served.wait_for(lambda s: s["active_connections"] == 6)
+        for i, u in enumerate(users):  # nobody acknowledges: each push is sent again
+            clients[u].send(type="send", cmid=f"m{i}", to=users[(i + 1) % 6], body="x", id=i)
+            clients[u].recv_until("sent", id=i)
+        for u in users:
+            clients[u].recv_until("msg")
+        stats = served.wait_for(lambda s: s["messages_accepted"] == 6
+                                and s["messages_delivered"] >= 12)  # each pushed twice
+        assert set(stats) == set(one_stats) | {"workers"}
+        assert (stats["role"], stats["workers"], stats["capacity"]) == ("embedded", 2, 100_000)
+        assert stats["active_connections"] == 6 and stats["commit_batches"] >= 1
+        assert stats["backends"] == {"store": "SQLiteStore"}
+        metrics = _metrics(served.port)
+        assert set(metrics) == set(one_metrics)
+        counts = {name: samples.get((name + "_count", ()), samples.get((name + "_total", ())))
+                  for name, samples in metrics.items()}
+        assert counts["im_gateway_retransmits"] >= 6  # every worker's, summed
+        assert counts["im_gateway_send_ack_duration_seconds"] == 6
+        assert counts["im_service_store_commit_duration_seconds"] >= 1  # the main process's
+        assert counts["im_gateway_connections_opened"] == 6
+        assert metrics["im_gateway_capacity_connections"] == {
+            ("im_gateway_capacity_connections", ()): 100_000}  # the node's, not a sum
+    finally:
+        served.stop()

@@ -279,5 +279,21 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
 
         s = until(both_workers, what="aggregated /stats of both workers")
         assert s["authenticated_connections"] == 4
+        # What one gateway process reports, the pod reports too (runbooks jq these).
+        assert s["role"] == "gateway" and s["service_link_connected"] is True
+        assert isinstance(s["kafka_consumer_lag"], int)
+        assert len(s["advertise_addr"]) == 2  # each worker's push address
+
+        def all_sends_counted() -> str | None:  # workers report once a second
+            with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/metrics") as r:
+                text = r.read().decode()
+            sends = [line for line in text.splitlines()
+                     if line.startswith("im_gateway_send_ack_duration_seconds_count")]
+            return text if sends and float(sends[0].split()[-1]) == 4 else None
+
+        text = until(all_sends_counted, what="both workers' sends in the pod's histogram")
+        for name in ("im_backend_errors_total", "im_kafka_consumer_lag",
+                     "im_gateway_retransmits_total"):
+            assert name in text, name
     finally:
         proc.stop()
