@@ -195,16 +195,19 @@ class GatewayNode:
         remote: dict[str, list[Any]] = defaultdict(list)
         offline: list[tuple[bytes, bytes]] = []
         for _key, value in batch:
-            try:
+            try:  # every field used below is checked here: a bad record is skipped whole
                 record = orjson.loads(value)
                 entry = entry_from_wire(record["e"])
+                members = list(record["u"])
+                if not all(isinstance(u, str) for u in members):
+                    raise TypeError("member ids must be strings")
+                skip = tuple(record["s"]) if record.get("s") else None
             except Exception:  # noqa: BLE001 - a bad record must not stall the partition
                 log.error("skipping unreadable group_msg record (%d bytes)", len(value))
                 continue
-            skip = tuple(record["s"]) if record.get("s") else None
             local: list[str] = []
             by_gateway: dict[str, list[str]] = defaultdict(list)
-            for user in record["u"]:
+            for user in members:
                 devices = gw.registry.cached_lookup(user)
                 if not devices:
                     offline.append((user.encode(), orjson.dumps(
@@ -217,7 +220,7 @@ class GatewayNode:
                         by_gateway[address].append(user)
             if gw.table.users:
                 # Also anyone connected here whose registration is still in flight.
-                local = list(dict.fromkeys(local + [u for u in record["u"]
+                local = list(dict.fromkeys(local + [u for u in members
                                                     if gw.table.sessions_of(u)]))
             gw.deliver(local, entry, skip)
             for address, users in by_gateway.items():

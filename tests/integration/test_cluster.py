@@ -160,6 +160,53 @@ def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) ->
         assert (m["conv"], m["seq"], m["body"]) == ("g:ops", seq, "hello ops")
 
 
+def test_unreadable_kafka_records_are_skipped_not_stalling_their_partition(
+        cluster: Cluster, kafka_broker: Any) -> None:
+    """Records imfast cannot use (not JSON, or JSON of the wrong shape) are logged and
+    skipped: the real entry behind them on the same partition still fans out."""
+    import asyncio
+
+    from imfast.backends.kafka import KafkaBus
+    from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
+
+    owner = connect(cluster, 0, "kowner")
+    near = connect(cluster, 0, "knear")
+    far = connect(cluster, 1, "kfar")
+    owner.send(type="group_create", group="kbad", members=["knear", "kfar"], id=1)
+    owner.recv_until("group", id=1)
+    for c in (near, far):
+        c.recv_until("msg")
+    entry = ["g:kbad", 99, "m", "kowner", "default", "c", "x", 0, "msg"]
+    junk = [b"free text", b'{"e": 5, "u": ["knear"]}', b'["not", "a", "record"]',
+            b'{"e": %s, "u": 7}' % str(entry).replace("'", '"').encode(),
+            b'{"e": %s, "u": [1, 2]}' % str(entry).replace("'", '"').encode()]
+
+    async def publish() -> None:
+        bus = KafkaBus([kafka_broker.bootstrap_servers], client_id="test-junk")
+        await bus.start()
+        try:  # keyed like the group's entries: the same partition, before the next one
+            await bus.publish_many(TOPIC_GROUP, [(b"g:kbad", j) for j in junk])
+            await bus.publish_many(TOPIC_OFFLINE, [(b"knear", j) for j in junk])
+        finally:
+            await bus.close()
+
+    asyncio.run(publish())
+    owner.send(type="send", cmid="k1", group="kbad", body="after the junk")
+    seq = owner.recv_until("sent")[-1]["seq"]
+    for c in (near, far):
+        m = c.recv_until("msg", kind="msg")[-1]
+        assert (m["seq"], m["body"]) == (seq, "after the junk")
+
+    def logged(phrase: str) -> int:
+        return sum(p.log_path.read_text(errors="replace").count(phrase) for p in cluster.procs)
+
+    # Each record is consumed by one gateway (one consumer group); all are logged.
+    until(lambda: logged("skipping unreadable group_msg record") == len(junk),
+          what="each junk group_msg record logged")
+    until(lambda: logged("skipping unreadable offline_msg record") == len(junk),
+          what="each junk offline_msg record logged")
+
+
 def test_offline_user_goes_through_offline_msg_to_mysql_and_gets_it_on_reconnect(
         cluster: Cluster, mariadb_server: Any) -> None:
     sender = connect(cluster, 0, "osender")
