@@ -112,7 +112,22 @@ def remove_orphan_socket_dirs(parent: str | None = None) -> list[str]:
     return removed
 
 
-class EmbeddedSupervisor:
+class _NodeDrain:
+    """A supervisor's drain of all its workers, asked by one of them."""
+
+    #: Set once any worker is asked to drain (``/admin/drain``): every worker drains.
+    drain_reason: str | None = None
+
+    def node_drain(self, reason: str) -> None:
+        """A worker was asked to drain (``/admin/drain``): every worker drains, told in
+        the answer to its next report.  The processes keep running, like one
+        gateway's after the endpoint: the pod is replaced or stopped later."""
+        if self.drain_reason is None:
+            log.warning("draining every gateway worker (%s)", reason)
+            self.drain_reason = reason
+
+
+class EmbeddedSupervisor(_NodeDrain):
     """The main process of ``imfast serve --workers N`` (see module docstring)."""
 
     def __init__(self, settings: Settings, workers: int) -> None:
@@ -156,12 +171,15 @@ class EmbeddedSupervisor:
         registry, aggregate = self.registry, self.aggregate
 
         async def report(worker: str, snapshot: dict[str, Any]) -> list[Any]:
-            return aggregate.report(worker, snapshot)
+            return [*aggregate.report(worker, snapshot), self.drain_reason]
+
+        async def drain(reason: str) -> None:
+            self.node_drain(reason)
 
         # The workers' own calls beside the router's (whose hot paths the handler keeps).
         self.link = LinkServer(serve_router(self.router, {
             "register": registry.register, "unregister": registry.unregister,
-            "report": report}))
+            "report": report, "drain": drain}))
         self.link_addr = UNIX_PREFIX + os.path.join(self.sockets_dir, "router.sock")
         await self.link.start_unix(self.link_addr[len(UNIX_PREFIX):])
         self.secret = s.jwt_secret or dev_secret(s.data_dir)
@@ -247,9 +265,22 @@ class _LinkRegistry:
 
 
 class WorkerGateway(ClusterGateway):
-    """A gateway worker: node-wide /stats and /metrics come from the main process."""
+    """A gateway worker: node-wide /stats and /metrics come from the main process.
+
+    A drain asked of one worker (``/admin/drain`` reaches whichever worker the
+    kernel hands the request) is a drain of the whole node: the worker tells
+    its supervisor, whose answer to every worker's next report (within
+    :data:`REPORT_EVERY`) makes it drain too.
+    """
 
     aggregate: tuple[dict[str, Any], bytes] | None = None
+    #: The link to the supervisor (the main process, or ``imfast gateway --workers``').
+    supervisor: LinkClient | None = None
+
+    def request_drain(self, reason: str) -> None:
+        self.start_drain(reason)
+        if self.supervisor is not None:
+            self.supervisor.call("drain", [reason]).add_done_callback(_log_drain_failure)
 
     def stats_snapshot(self) -> dict[str, Any]:
         if self.aggregate is not None:
@@ -266,13 +297,24 @@ class WorkerGateway(ClusterGateway):
         return worker_report(super().stats_snapshot(), self.stats, self.metrics_registry)
 
 
+def _log_drain_failure(answer: asyncio.Future[Any]) -> None:
+    if not answer.cancelled() and answer.exception() is not None:
+        log.error("could not ask the supervisor to drain the other workers: %s",
+                  answer.exception())
+
+
 async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> None:
-    """Send this worker's counters to the supervisor; keep the node-wide answer."""
+    """Send this worker's counters to the supervisor; keep the node-wide answer, and
+    drain when the supervisor says the node drains."""
     parent = int(os.environ.get("IMFAST_PARENT_PID", "0"))
+    gateway.supervisor = link
     while True:
         try:
-            snap, text = await link.call("report", [name, gateway.worker_report()])
+            snap, text, drain = await link.call("report", [name, gateway.worker_report()])
             gateway.aggregate = (snap, text.encode())
+            if drain and not gateway.draining:
+                log.warning("drain requested by the supervisor (%s)", drain)
+                gateway.start_drain(drain)
         except Exception:  # noqa: BLE001 - serve this worker's own numbers meanwhile
             gateway.aggregate = None
         if parent and os.getppid() != parent:
@@ -281,7 +323,7 @@ async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> No
         await asyncio.sleep(REPORT_EVERY)
 
 
-class GatewaySupervisor:
+class GatewaySupervisor(_NodeDrain):
     """``imfast gateway --workers N``: N gateway processes of one pod.
 
     Each child is a full ``imfast gateway`` with its own push port
@@ -300,7 +342,9 @@ class GatewaySupervisor:
 
         async def handle(method: str, args: list[Any]) -> Any:
             if method == "report":
-                return self.aggregate.report(*args)
+                return [*self.aggregate.report(*args), self.drain_reason]
+            if method == "drain":
+                return self.node_drain(*args)
             raise ValueError(method)
 
         self.link = LinkServer(handle)

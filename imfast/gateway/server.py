@@ -282,7 +282,7 @@ class Gateway:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             return _json_response(403, {"error": "bad or missing X-Admin-Token"})
         log.warning("drain requested by the admin endpoint")
-        self.start_drain("admin")
+        self.request_drain("admin")
         return _json_response(200, {"status": "draining",
                                     "active_connections": len(self.table)})
 
@@ -444,6 +444,11 @@ class Gateway:
         return result
 
     # ------------------------------------------------------------------ drain
+    def request_drain(self, reason: str) -> None:
+        """Drain everything this endpoint answers for: this process (a worker of several
+        also has its supervisor drain the others)."""
+        self.start_drain(reason)
+
     def start_drain(self, reason: str, deadline: float = 30.0) -> asyncio.Task[None]:
         """Begin draining (idempotent); returns the task that finishes it."""
         if self._drain_task is None:

@@ -625,6 +625,14 @@ def test_mysql_dsn_is_built_from_the_secret():
         assert "MYSQL_DSN" not in config_map_data("imfast-config"), "DSN holds a password"
 
 
+def test_gateways_take_the_admin_token_from_the_secret():
+    env = env_map(container(find("Deployment", "im-gateway-service")))
+    assert env["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "imfast-secrets", "key": "ADMIN_TOKEN", "optional": True}
+    assert "ADMIN_TOKEN" in find("Secret", "imfast-secrets")["stringData"]
+    assert "ADMIN_TOKEN" not in config_map_data("imfast-config"), "a token in a ConfigMap"
+
+
 def test_config_values_point_at_the_deployed_services():
     cfg = config_map_data("imfast-config")
     assert all(isinstance(v, str) for v in cfg.values()), "ConfigMap values must be strings"
@@ -647,7 +655,9 @@ def test_config_values_point_at_the_deployed_services():
     assert cfg["DB_MAX_OPEN_CONNS"] == "20"
     assert cfg["LOG_FORMAT"] in {"json", "text"}
     assert cfg["ROUTE_ALL_OFFLINE"] in {"true", "false"}
-    assert int(cfg["MAX_CONNECTIONS"]) * int(cfg["GATEWAY_WORKERS"]) == 100_000
+    # Per pod: `imfast gateway --workers N` divides it over its N processes.
+    assert int(cfg["MAX_CONNECTIONS"]) == 100_000
+    assert int(cfg["GATEWAY_WORKERS"]) <= 16, "the NetworkPolicy opens 9093-9108"
 
 
 # Variables a pod defines only to build others ($(POD_IP), $(MYSQL_PASSWORD)).

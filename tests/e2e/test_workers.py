@@ -287,3 +287,22 @@ def test_a_workers_node_reports_every_stat_and_metric_one_process_does(tmp_path:
             ("im_gateway_capacity_connections", ()): 100_000}  # the node's, not a sum
     finally:
         served.stop()
+
+
+def test_admin_drain_on_any_worker_drains_the_whole_node(tmp_path: Path) -> None:
+    """/admin/drain reaches one worker (whichever the kernel picks); every worker drains:
+    all clients are moved off and the node answers draining."""
+    served = Served(tmp_path, workers=2, ADMIN_TOKEN="drain-me")
+    try:
+        clients = [served.client(f"a{i}") for i in range(10)]  # over both workers
+        served.wait_for(lambda s: s["active_connections"] == 10)
+        status, _ = http_exchange(served.port, b"GET /admin/drain HTTP/1.1\r\nHost: x\r\n"
+                                               b"X-Admin-Token: drain-me\r\n\r\n")
+        assert status == 200
+        for c in clients:
+            assert c.recv_until("reconnect")[-1]["reason"] == "draining"
+        stats = served.wait_for(lambda s: s["draining"] and s["active_connections"] == 0)
+        assert stats["workers"] == 2
+        assert served.proc.poll() is None  # drained, still running (like one gateway)
+    finally:
+        served.stop()

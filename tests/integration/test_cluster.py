@@ -327,7 +327,13 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
         s = until(both_workers, what="aggregated /stats of both workers")
         assert s["authenticated_connections"] == 4
         # What one gateway process reports, the pod reports too (runbooks jq these).
-        assert s["role"] == "gateway" and s["service_link_connected"] is True
+        assert s["role"] == "gateway"
+
+        def linked() -> dict | None:  # once every worker's link to im-service is up
+            s = stats()
+            return s if s["service_link_connected"] is True else None
+
+        s = until(linked, what="every worker linked to im-service")
         assert isinstance(s["kafka_consumer_lag"], int)
         assert len(s["advertise_addr"]) == 2  # each worker's push address
 
