@@ -303,6 +303,17 @@ class Settings:
         "longest a consumer's fetch waits for records; Kafka answers as soon as records "
         "arrive, but brokers that hold every fetch this long (tansu) add it to group delivery",
     )
+    kafka_topic_partitions: int = _setting(
+        "KAFKA_TOPIC_PARTITIONS", _positive_int, 6,
+        "partitions of group_msg/offline_msg when imfast creates them (an existing topic "
+        "keeps its own): every gateway process consumes group_msg, so at least the "
+        "number of gateway processes",
+    )
+    kafka_topic_replication: int = _setting(
+        "KAFKA_TOPIC_REPLICATION", _positive_int, 1,
+        "replication factor of group_msg/offline_msg when imfast creates them "
+        "(at most the number of brokers)",
+    )
     etcd_endpoints: tuple[str, ...] = _setting(
         "ETCD_ENDPOINTS", _parse_list, (), "distributed mode: http://host:2379,..."
     )

@@ -68,7 +68,8 @@ class OfflineWorker:
         self.bus = KafkaBus(list(s.kafka_brokers), client_id="offline-worker",
                             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
-        await self.bus.ensure_topics([TOPIC_OFFLINE])
+        await self.bus.ensure_topics([TOPIC_OFFLINE], s.kafka_topic_partitions,
+                                     s.kafka_topic_replication)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.bus.consume(TOPIC_OFFLINE, GROUP_OFFLINE,
                                                              self.handle)))

@@ -102,7 +102,8 @@ class ServiceNode:
         self.bus = KafkaBus(list(s.kafka_brokers), client_id="im-service",
                             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
-        await self.bus.ensure_topics([TOPIC_GROUP, TOPIC_OFFLINE])
+        await self.bus.ensure_topics([TOPIC_GROUP, TOPIC_OFFLINE], s.kafka_topic_partitions,
+                                     s.kafka_topic_replication)
         self._closers.append(self.bus)
         self.links = LinkPool()
         self._closers.append(self.links)

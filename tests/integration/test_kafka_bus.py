@@ -61,12 +61,14 @@ async def test_round_trip_commit_only_after_the_handler_and_redelivery(broker: K
     bus = KafkaBus([broker.bootstrap_servers], client_id="test-gw")
     await bus.start()
     try:
-        assert sorted(await bus.ensure_topics(partitions=2)) == [TOPIC_GROUP, TOPIC_OFFLINE]
-        assert await bus.ensure_topics(partitions=2) == []  # idempotent
+        assert sorted(await bus.ensure_topics(partitions=3)) == [TOPIC_GROUP, TOPIC_OFFLINE]
+        assert await bus.ensure_topics(partitions=5) == []  # idempotent: existing ones stay
         admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
         await admin.start()
         try:
             assert {TOPIC_GROUP, TOPIC_OFFLINE} <= set(await admin.list_topics())
+            described = await admin.describe_topics([TOPIC_GROUP, TOPIC_OFFLINE])
+            assert [len(t["partitions"]) for t in described] == [3, 3]  # as asked
         finally:
             await admin.close()
 
