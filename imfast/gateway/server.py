@@ -189,9 +189,18 @@ class Gateway:
                     session.check_timers(now)
                 except Exception:
                     log.exception("timer check failed")
-            if annotations_file and not self.draining and _drain_requested(annotations_file):
-                log.warning("drain requested by pod annotation drain=true")
-                self.start_drain("annotation")
+            if annotations_file:
+                self._follow_annotation(_drain_requested(annotations_file))
+
+    def _follow_annotation(self, requested: bool | None) -> None:
+        """Drain when the pod is annotated drain=true; take connections again when a
+        drain that the annotation started loses it (``None``: the file is unreadable,
+        change nothing)."""
+        if requested and not self.draining:
+            log.warning("drain requested by pod annotation drain=true")
+            self.start_drain("annotation")
+        elif requested is False and self.draining and self.drain_reason == "annotation":
+            self.end_drain("pod annotation drain=true removed")
 
     # ---------------------------------------------------------------- routing
     def _listener_factory(self, request: WSUpgradeRequest, protocol: Any = None) -> Any:
@@ -450,12 +459,27 @@ class Gateway:
         self.start_drain(reason)
 
     def start_drain(self, reason: str, deadline: float = 30.0) -> asyncio.Task[None]:
-        """Begin draining (idempotent); returns the task that finishes it."""
+        """Begin draining (idempotent); returns the task that finishes it.
+
+        A drain asked for another reason while the annotation's runs (the admin
+        endpoint, SIGTERM) takes it over: removing the annotation no longer ends it.
+        """
         if self._drain_task is None:
             self.draining = True
             self.drain_reason = reason
             self._drain_task = self.loop.create_task(self._drain(deadline))
+        elif self.drain_reason == "annotation":
+            self.drain_reason = reason
         return self._drain_task
+
+    def end_drain(self, why: str) -> None:
+        """Stop draining: clients not yet moved stay, new connections are taken again."""
+        task, self._drain_task = self._drain_task, None
+        if task is not None:
+            task.cancel()
+        self.draining = False
+        self.drain_reason = ""
+        log.warning("drain ended (%s): taking connections again", why)
 
     async def _drain(self, deadline: float) -> None:
         """Move clients off in stages so they do not all reconnect at once."""
@@ -568,8 +592,9 @@ def _check_upgrade(request: WSUpgradeRequest) -> Any:
     return None
 
 
-def _drain_requested(path: str) -> bool:
-    """True if a downward-API annotations file says ``drain="true"``."""
+def _drain_requested(path: str) -> bool | None:
+    """Whether a downward-API annotations file says ``drain="true"``; None if it cannot
+    be read (the kubelet rewrites it by a rename, so this is rare and passes)."""
     try:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
@@ -577,7 +602,7 @@ def _drain_requested(path: str) -> bool:
                 if key.strip() == "drain" and value.strip().strip('"').lower() == "true":
                     return True
     except OSError:
-        return False
+        return None
     return False
 
 

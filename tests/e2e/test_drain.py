@@ -55,6 +55,30 @@ def test_pod_annotation_drains(make_node, tmp_path: Path) -> None:
     assert_moved_off(node, clients)
 
 
+def test_removing_the_annotation_ends_its_drain(make_node, tmp_path: Path) -> None:
+    """The alert's advice works: a pod annotated drain=true and then un-annotated takes
+    connections again (a drain the admin endpoint or SIGTERM asked for stays)."""
+    annotations = tmp_path / "annotations"
+    annotations.write_text('drain="true"\n')
+    node = make_node(drain_annotations_file=str(annotations), admin_token="t")
+    wait_for(lambda: node.http("/health")[0] == 503)
+    annotations.write_text('kubernetes.io/config.seen="x"\n')  # kubectl annotate ... drain-
+    wait_for(lambda: node.http("/health")[0] == 200)
+    assert node.http("/stats")[1]["draining"] is False
+    clients = connected(node, 2)  # taken again
+    clients[0].send(type="send", cmid="back", to="u1", body="back in service")
+    assert clients[1].recv_until("msg")[-1]["body"] == "back in service"
+    # Annotated again, then the admin endpoint: removing the annotation ends nothing.
+    annotations.write_text('drain="true"\n')
+    wait_for(lambda: node.http("/health")[0] == 503)
+    urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{node.port}/admin/drain", headers={"X-Admin-Token": "t"}))
+    annotations.write_text("")
+    time.sleep(2.5)  # two of the gateway's once-a-second checks
+    status, health = node.http("/health")
+    assert status == 503 and health["reason"] == "admin"
+
+
 def test_admin_endpoint_drains_only_with_the_token(make_node) -> None:
     node = make_node(admin_token="s3cret")
     clients = connected(node, 2)
