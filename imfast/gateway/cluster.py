@@ -226,8 +226,12 @@ class GatewayNode:
             for address, users in by_gateway.items():
                 remote[address].append(["deliver", {"e": record["e"], "u": users,
                                                     "s": record.get("s")}])
-        for address, items in remote.items():
-            if not await self.links.push(address, "batch", items):
+        # Concurrently: one unreachable gateway must not hold up the others.
+        addresses = list(remote)
+        results = await asyncio.gather(*(self.links.push(a, "batch", remote[a])
+                                         for a in addresses))
+        for address, ok in zip(addresses, results, strict=True):
+            if not ok:
                 log.warning("route failed: gateway %s unreachable for group fan-out", address)
         if offline:
             await self.bus.publish_many(TOPIC_OFFLINE, offline)
