@@ -45,6 +45,7 @@ KNOWN_METRICS = [
     "im_gateway_capacity_connections",
     "im_gateway_draining",
     "im_service_messages_routed_total",
+    "im_service_route_failures_total",
     "im_backend_errors_total",
     "im_kafka_consumer_lag",
     "im_offline_messages_stored_total",
