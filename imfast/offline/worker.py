@@ -76,7 +76,7 @@ class OfflineWorker:
         self._tasks.append(loop.create_task(self._purge_loop()))
         metrics = CollectorRegistry(auto_describe=False)
         metrics.register(_Collector(self))
-        metrics.register(BackendCollector([(self.bus, GROUP_OFFLINE)]))
+        metrics.register(BackendCollector([(self.bus, GROUP_OFFLINE)], mysql=self.mysql))
         self.http = await serve_http(s.host, s.http_port, {
             "/health": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),
             "/health/live": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),

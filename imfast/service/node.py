@@ -65,6 +65,10 @@ class _ServiceCollector(Collector):
                                 value=n.pusher.spooled)
         yield GaugeMetricFamily("im_service_gateway_links", "Connected gateway links",
                                 value=len(n.link_server.connections))
+        yield CounterMetricFamily(
+            "im_service_seq_counter_initialisations",
+            "Conversation counters (re)started in Redis from MySQL's highest seq: a new "
+            "conversation, or a counter Redis lost", value=n.sequences.floor_lookups)
         for name, help_text, hist in n.router.histograms:
             yield hist.family(name, help_text)
 
@@ -89,7 +93,8 @@ class ServiceNode:
             s.mysql_dsn, s.db_max_open_conns, read_timeout=s.db_read_timeout,
             write_timeout=s.db_write_timeout)
         self._closers.append(mysql)
-        sequences = RedisSequenceStore(s.redis_url, dedup_ttl=s.dedup_ttl,
+        self.mysql = mysql
+        self.sequences = sequences = RedisSequenceStore(s.redis_url, dedup_ttl=s.dedup_ttl,
                                        floor_source=mysql.latest_seq)
         start = getattr(sequences, "start", None)
         if start is not None:
@@ -114,7 +119,7 @@ class ServiceNode:
         self._closers.append(self.link_server)
         metrics = CollectorRegistry(auto_describe=False)
         metrics.register(_ServiceCollector(self))
-        metrics.register(BackendCollector())
+        metrics.register(BackendCollector(mysql=self.mysql))
         self.http = await serve_http(s.host, s.http_port, {
             "/health": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),
             "/health/live": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),

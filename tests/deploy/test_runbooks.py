@@ -308,12 +308,14 @@ def exported_metrics() -> frozenset[str]:
         pusher=pusher,
         router=Router(Settings(), MemoryStore(), pusher),
         link_server=LinkServer(None),
+        sequences=SimpleNamespace(floor_lookups=2),
     )
-    bus = SimpleNamespace(consumer_lag=lambda: {("group_msg", 0): 3})
+    bus = SimpleNamespace(consumer_lag=lambda: {("group_msg", 0): 3}, handler_failures=0)
+    mysql = SimpleNamespace(pool_stats=lambda: {"max": 20, "open": 3, "idle": 2})
     others = _render(
         _ServiceCollector(service),
         OfflineCollector(SimpleNamespace(stored=1, purged=0)),
-        BackendCollector([(bus, "gateway-group")]),
+        BackendCollector([(bus, "gateway-group")], mysql=mysql),
     )
     return frozenset(gateway | others)
 

@@ -280,9 +280,14 @@ def test_health_stats_metrics_on_every_role(cluster: Cluster) -> None:
             "gateway": ["im_gateway_active_connections", "im_gateway_messages_delivered_total",
                         "im_gateway_message_delivery_duration_seconds_bucket",
                         "im_gateway_errors_total", "im_gateway_capacity_connections",
-                        "im_gateway_draining", "im_kafka_consumer_lag"],
-            "service": ["im_service_messages_routed_total"],
-            "offline-worker": ["im_offline_messages_stored_total", "im_kafka_consumer_lag"],
+                        "im_gateway_draining", "im_kafka_consumer_lag",
+                        'im_kafka_handler_failures_total{group="gateway-group"} 0.0'],
+            "service": ["im_service_messages_routed_total",
+                        "im_service_seq_counter_initialisations_total",
+                        'im_mysql_pool_connections{state="max"} 5.0'],
+            "offline-worker": ["im_offline_messages_stored_total", "im_kafka_consumer_lag",
+                               'im_kafka_handler_failures_total{group="offline-worker"} 0.0',
+                               'im_mysql_pool_connections{state="max"}'],
         }[p.role]
         for name in expected:
             assert name in text, (p.role, name)
