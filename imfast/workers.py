@@ -176,10 +176,13 @@ class EmbeddedSupervisor(_NodeDrain):
         async def drain(reason: str) -> None:
             self.node_drain(reason)
 
+        async def online(users: list[str]) -> list[str]:
+            return [u for u in users if registry.cached_lookup(u)]
+
         # The workers' own calls beside the router's (whose hot paths the handler keeps).
         self.link = LinkServer(serve_router(self.router, {
             "register": registry.register, "unregister": registry.unregister,
-            "report": report, "drain": drain}))
+            "report": report, "drain": drain, "online": online}))
         self.link_addr = UNIX_PREFIX + os.path.join(self.sockets_dir, "router.sock")
         await self.link.start_unix(self.link_addr[len(UNIX_PREFIX):])
         self.secret = s.jwt_secret or dev_secret(s.data_dir)
@@ -260,6 +263,10 @@ class _LinkRegistry:
     def cached_lookup(self, user: str) -> dict[str, str]:
         return {}
 
+    async def online(self, users: list[str]) -> list[str]:
+        """Those of ``users`` with a device registered on any worker."""
+        return list(await self.link.call("online", [users]))
+
     async def close(self) -> None:
         return None
 
@@ -276,6 +283,18 @@ class WorkerGateway(ClusterGateway):
     aggregate: tuple[dict[str, Any], bytes] | None = None
     #: The link to the supervisor (the main process, or ``imfast gateway --workers``').
     supervisor: LinkClient | None = None
+
+    async def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """Users on other workers of ``imfast serve --workers`` are online too: the main
+        process's registry says who is (this worker's cache holds nobody)."""
+        result = self.presence_of(users)
+        registry = self.registry
+        if isinstance(registry, _LinkRegistry):
+            offline = [u for u, state in result.items() if not state["online"]]
+            if offline:
+                for user in await registry.online(offline):
+                    result[user] = {"online": True, "last_seen": None}
+        return result
 
     def request_drain(self, reason: str) -> None:
         self.start_drain(reason)

@@ -444,8 +444,14 @@ class Gateway:
         task = self.loop.create_task(self.router.presence(user, online))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    async def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """A ``presence`` request's answer: :meth:`presence_of`, plus whatever this
+        process must ask elsewhere (a worker of several asks its main process)."""
+        return self.presence_of(users)
+
     def presence_of(self, users: list[str]) -> dict[str, dict[str, Any]]:
-        """user -> {"online": bool, "last_seen": epoch seconds or None}."""
+        """user -> {"online": bool, "last_seen": epoch seconds or None}, as this process
+        knows it."""
         result = {}
         for u in users:
             online = bool(self.table.sessions_of(u))

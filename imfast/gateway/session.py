@@ -981,7 +981,7 @@ class Session(FramedListener):
         if not self.gw.settings.feature_enabled("presence"):
             raise ImfastError("presence is switched off", code="feature_disabled")
         reply: dict[str, Any] = {"type": "presence",
-                                 "users": self.gw.presence_of(frame["users"])}
+                                 "users": await self.gw.presence(frame["users"])}
         if rid is not None:
             reply["id"] = rid
         self.send_frame(reply)

@@ -306,3 +306,15 @@ def test_admin_drain_on_any_worker_drains_the_whole_node(tmp_path: Path) -> None
         assert served.proc.poll() is None  # drained, still running (like one gateway)
     finally:
         served.stop()
+
+
+def test_presence_sees_users_on_every_worker(served: Served) -> None:
+    """A presence request answers for the whole node, not just the worker it reached."""
+    users = [f"p{i}" for i in range(10)]  # spread over both workers by the kernel
+    clients = {u: served.client(u) for u in users}
+    served.wait_for(lambda s: s["active_connections"] == 10)
+    for i, u in enumerate(users):
+        clients[u].send(type="presence", users=[*users, "nobody"], id=i)
+        states = clients[u].recv_until("presence", id=i)[-1]["users"]
+        assert {v for v, s in states.items() if s["online"]} == set(users), u
+        assert states["nobody"] == {"online": False, "last_seen": None}
