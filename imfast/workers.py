@@ -331,7 +331,8 @@ async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> No
         try:
             snap, text, drain = await link.call("report", [name, gateway.worker_report()])
             gateway.aggregate = (snap, text.encode())
-            if drain and not gateway.draining:
+            if drain and (not gateway.draining or gateway.drain_reason == "annotation"):
+                # (An annotation's drain is taken over: removing it must not end this one.)
                 log.warning("drain requested by the supervisor (%s)", drain)
                 gateway.start_drain(drain)
         except Exception:  # noqa: BLE001 - serve this worker's own numbers meanwhile

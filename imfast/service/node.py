@@ -94,8 +94,8 @@ class ServiceNode:
             write_timeout=s.db_write_timeout)
         self._closers.append(mysql)
         self.mysql = mysql
-        self.sequences = sequences = RedisSequenceStore(s.redis_url, dedup_ttl=s.dedup_ttl,
-                                       floor_source=mysql.latest_seq)
+        self.sequences = sequences = RedisSequenceStore(
+            s.redis_url, dedup_ttl=s.dedup_ttl, floor_source=mysql.latest_seq)
         start = getattr(sequences, "start", None)
         if start is not None:
             await start()
