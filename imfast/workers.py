@@ -176,12 +176,21 @@ class EmbeddedSupervisor(_NodeDrain):
         async def drain(reason: str) -> None:
             self.node_drain(reason)
 
-        async def online(users: list[str]) -> list[str]:
-            return [u for u in users if registry.cached_lookup(u)]
+        last_seen: dict[str, float] = {}  # user -> when their last device left any worker
+
+        async def unregister(user: str, device: str, gateway: str) -> None:
+            await registry.unregister(user, device, gateway)
+            if not registry.cached_lookup(user):
+                last_seen[user] = time.time()
+
+        async def online(users: list[str]) -> list[list[Any]]:
+            """[user, online, last seen or None] of each of ``users``, node-wide."""
+            return [[u, True, None] if registry.cached_lookup(u) else [u, False, last_seen.get(u)]
+                    for u in users]
 
         # The workers' own calls beside the router's (whose hot paths the handler keeps).
         self.link = LinkServer(serve_router(self.router, {
-            "register": registry.register, "unregister": registry.unregister,
+            "register": registry.register, "unregister": unregister,
             "report": report, "drain": drain, "online": online}))
         self.link_addr = UNIX_PREFIX + os.path.join(self.sockets_dir, "router.sock")
         await self.link.start_unix(self.link_addr[len(UNIX_PREFIX):])
@@ -263,8 +272,8 @@ class _LinkRegistry:
     def cached_lookup(self, user: str) -> dict[str, str]:
         return {}
 
-    async def online(self, users: list[str]) -> list[str]:
-        """Those of ``users`` with a device registered on any worker."""
+    async def online(self, users: list[str]) -> list[list[Any]]:
+        """[user, online, last seen or None] of each of ``users``, over every worker."""
         return list(await self.link.call("online", [users]))
 
     async def close(self) -> None:
@@ -285,15 +294,18 @@ class WorkerGateway(ClusterGateway):
     supervisor: LinkClient | None = None
 
     async def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
-        """Users on other workers of ``imfast serve --workers`` are online too: the main
-        process's registry says who is (this worker's cache holds nobody)."""
+        """Users on other workers of ``imfast serve --workers`` are online too, and one who
+        left another worker has a ``last_seen``: the main process's registry says
+        (this worker's cache holds nobody)."""
         result = self.presence_of(users)
         registry = self.registry
         if isinstance(registry, _LinkRegistry):
             offline = [u for u, state in result.items() if not state["online"]]
             if offline:
-                for user in await registry.online(offline):
-                    result[user] = {"online": True, "last_seen": None}
+                for user, online, seen in await registry.online(offline):
+                    mine = result[user]["last_seen"]
+                    result[user] = {"online": online, "last_seen": None if online else (
+                        max(mine, seen) if mine and seen else mine or seen)}
         return result
 
     def request_drain(self, reason: str) -> None:

@@ -318,3 +318,20 @@ def test_presence_sees_users_on_every_worker(served: Served) -> None:
         states = clients[u].recv_until("presence", id=i)[-1]["users"]
         assert {v for v, s in states.items() if s["online"]} == set(users), u
         assert states["nobody"] == {"online": False, "last_seen": None}
+    # Those who leave are offline with a last_seen, whichever worker they were on.
+    left = users[:4]
+    for u in left:
+        clients.pop(u).close()
+    served.wait_for(lambda s: s["active_connections"] == 6)
+    rid = 100
+    for u, c in clients.items():
+        deadline = time.monotonic() + 5  # the unregistrations travel to the main process
+        while True:
+            rid += 1
+            c.send(type="presence", users=left, id=rid)
+            states = c.recv_until("presence", id=rid)[-1]["users"]
+            if not any(states[v]["online"] for v in left) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for v in left:
+            assert states[v]["online"] is False and states[v]["last_seen"] > 0, (u, v, states)
