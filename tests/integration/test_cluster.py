@@ -145,14 +145,23 @@ def test_casts_to_im_service_take_effect_and_report_their_failures(cluster: Clus
         time.sleep(0.3)
 
 
-def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) -> None:
-    owner = connect(cluster, 0, "gowner")
-    near = connect(cluster, 0, "gnear")
-    far = connect(cluster, 1, "gfar")
-    owner.send(type="group_create", group="ops", members=["gnear", "gfar"], id=1)
+def group_across_gateways(cluster: Cluster, prefix: str, group: str
+                          ) -> tuple[Client, Client, Client]:
+    """``group`` of <prefix>owner and <prefix>near on gateway 0, <prefix>far on gateway 1,
+    each member past the `created` event."""
+    owner = connect(cluster, 0, f"{prefix}owner")
+    near = connect(cluster, 0, f"{prefix}near")
+    far = connect(cluster, 1, f"{prefix}far")
+    owner.send(type="group_create", group=group, members=[f"{prefix}near", f"{prefix}far"],
+               id=1)
     owner.recv_until("group", id=1)
     for c in (near, far):
         assert c.recv_until("msg")[-1]["event"]["event"] == "created"
+    return owner, near, far
+
+
+def test_group_message_fans_out_to_members_on_both_gateways(cluster: Cluster) -> None:
+    owner, near, far = group_across_gateways(cluster, "g", "ops")
     owner.send(type="send", cmid="g1", group="ops", body="hello ops")
     seq = owner.recv_until("sent")[-1]["seq"]
     for c in (near, far):
@@ -169,13 +178,7 @@ def test_unreadable_kafka_records_are_skipped_not_stalling_their_partition(
     from imfast.backends.kafka import KafkaBus
     from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
 
-    owner = connect(cluster, 0, "kowner")
-    near = connect(cluster, 0, "knear")
-    far = connect(cluster, 1, "kfar")
-    owner.send(type="group_create", group="kbad", members=["knear", "kfar"], id=1)
-    owner.recv_until("group", id=1)
-    for c in (near, far):
-        c.recv_until("msg")
+    owner, near, far = group_across_gateways(cluster, "k", "kbad")
     entry = ["g:kbad", 99, "m", "kowner", "default", "c", "x", 0, "msg"]
     junk = [b"free text", b'{"e": 5, "u": ["knear"]}', b'["not", "a", "record"]',
             b'{"e": %s, "u": 7}' % str(entry).replace("'", '"').encode(),
@@ -305,8 +308,7 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
     import urllib.request
 
     proc = cluster._proc("gateway", {"PUSH_PORT": str(cluster.free_pair()),
-                                     "POD_NAME": "gw-multi", "GATEWAY_WORKERS": "2",
-                                     "ADMIN_TOKEN": "multi-drain"})
+                                     "POD_NAME": "gw-multi", "GATEWAY_WORKERS": "2"})
     proc.start()
     try:
         proc.wait_healthy()
@@ -354,14 +356,5 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
         for name in ("im_backend_errors_total", "im_kafka_consumer_lag",
                      "im_gateway_retransmits_total"):
             assert name in text, name
-        # /admin/drain reaches one of the two processes; the pod drains whole.
-        request = urllib.request.Request(f"http://127.0.0.1:{proc.http_port}/admin/drain",
-                                         headers={"X-Admin-Token": "multi-drain"})
-        with urllib.request.urlopen(request) as r:
-            assert json.loads(r.read())["status"] == "draining"
-        for c in clients.values():
-            assert c.recv_until("reconnect")[-1]["reason"] == "draining"
-        until(lambda: stats()["draining"] and stats()["active_connections"] == 0,
-              timeout=40, what="both workers drained")
     finally:
         proc.stop()
