@@ -113,10 +113,15 @@ def remove_orphan_socket_dirs(parent: str | None = None) -> list[str]:
 
 
 class _NodeDrain:
-    """A supervisor's drain of all its workers, asked by one of them."""
+    """A supervisor's drain of all its workers, asked by one of them, and its answer to
+    their reports: [node /stats, node /metrics, drain reason or None]."""
 
+    aggregate: NodeAggregate
     #: Set once any worker is asked to drain (``/admin/drain``): every worker drains.
     drain_reason: str | None = None
+
+    def answer_report(self, worker: str, report: dict[str, Any]) -> list[Any]:
+        return [*self.aggregate.report(worker, report), self.drain_reason]
 
     def node_drain(self, reason: str) -> None:
         """A worker was asked to drain (``/admin/drain``): every worker drains, told in
@@ -168,10 +173,10 @@ class EmbeddedSupervisor(_NodeDrain):
             return snap
 
         self.aggregate = NodeAggregate(s, "embedded", own_stats, own_metrics)
-        registry, aggregate = self.registry, self.aggregate
+        registry = self.registry
 
         async def report(worker: str, snapshot: dict[str, Any]) -> list[Any]:
-            return [*aggregate.report(worker, snapshot), self.drain_reason]
+            return self.answer_report(worker, snapshot)
 
         async def drain(reason: str) -> None:
             self.node_drain(reason)
@@ -303,9 +308,9 @@ class WorkerGateway(ClusterGateway):
             offline = [u for u, state in result.items() if not state["online"]]
             if offline:
                 for user, online, seen in await registry.online(offline):
-                    mine = result[user]["last_seen"]
-                    result[user] = {"online": online, "last_seen": None if online else (
-                        max(mine, seen) if mine and seen else mine or seen)}
+                    times = [t for t in (result[user]["last_seen"], seen) if t]
+                    result[user] = {"online": online,
+                                    "last_seen": None if online else max(times, default=None)}
         return result
 
     def request_drain(self, reason: str) -> None:
@@ -343,10 +348,10 @@ async def report_loop(gateway: WorkerGateway, link: LinkClient, name: str) -> No
         try:
             snap, text, drain = await link.call("report", [name, gateway.worker_report()])
             gateway.aggregate = (snap, text.encode())
-            if drain and (not gateway.draining or gateway.drain_reason == "annotation"):
-                # (An annotation's drain is taken over: removing it must not end this one.)
-                log.warning("drain requested by the supervisor (%s)", drain)
-                gateway.start_drain(drain)
+            if drain:
+                if not gateway.draining:
+                    log.warning("drain requested by the supervisor (%s)", drain)
+                gateway.start_drain(drain)  # idempotent; takes an annotation's drain over
         except Exception:  # noqa: BLE001 - serve this worker's own numbers meanwhile
             gateway.aggregate = None
         if parent and os.getppid() != parent:
@@ -374,7 +379,7 @@ class GatewaySupervisor(_NodeDrain):
 
         async def handle(method: str, args: list[Any]) -> Any:
             if method == "report":
-                return [*self.aggregate.report(*args), self.drain_reason]
+                return self.answer_report(*args)
             if method == "drain":
                 return self.node_drain(*args)
             raise ValueError(method)
