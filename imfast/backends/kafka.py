@@ -26,6 +26,11 @@ Guarantees:
   after it came back without its data) restarts the consumer: it rejoins the
   group and resumes from the committed offsets - or, on a broker that lost
   them, from the earliest record - so the batch is redelivered, never skipped.
+* A consumer that stops leaves its group at once, even in the middle of a
+  rebalance (a member that vanished while the group waits for it to rejoin
+  would hold every other member's join until the broker gives up on it; on
+  tansu, indefinitely): :meth:`close` returns only after every consumer,
+  including those of cancelled :meth:`consume` calls, has left.
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ class KafkaBus:
         # (topic, partition) -> next offset not yet handled+committed, per consumer
         self._positions: dict[AIOKafkaConsumer, dict[TopicPartition, int]] = {}
         self._closing = False
+        # Consumers being stopped by their cancelled consume() call: close() waits for them.
+        self._stopping: set[asyncio.Future[None]] = set()
         #: Batches whose offsets were committed / handler failures seen.
         self.batches_committed = 0
         self.handler_failures = 0
@@ -138,6 +145,8 @@ class KafkaBus:
         self._closing = True
         for consumer, group in list(self._consumers.items()):
             await self._stop_consumer(consumer, group)  # before the producer: see there
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -226,32 +235,54 @@ class KafkaBus:
             finally:
                 self._consumers.pop(consumer, None)
                 self._positions.pop(consumer, None)
-                await self._stop_consumer(consumer, group)
+                # Shielded and tracked: a second cancellation (the loop shutting down)
+                # must not cut the LeaveGroup short, and close() waits for it.
+                stopping = asyncio.ensure_future(self._stop_consumer(consumer, group))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
+                await asyncio.shield(stopping)
 
-    async def _stop_consumer(self, consumer: AIOKafkaConsumer, group: str) -> None:
+    async def _stop_consumer(self, consumer: AIOKafkaConsumer, group: str,
+                             stop_timeout: float = 2.0) -> None:
         """Stop a consumer and make sure its group membership ends now.
 
-        aiokafka sends LeaveGroup only for a generation > 0, but tansu numbers
-        the first generation 0: without this, the group would wait for the
-        member's session timeout before the next member could join.
+        aiokafka sends LeaveGroup only for a generation > 0, and only once its
+        pending group request is answered: a member stopped while it waits to
+        rejoin a rebalance would first wait for the whole rebalance.  tansu
+        numbers the first generation 0.  So LeaveGroup is sent here whenever
+        aiokafka has not sent it: for generation 0, and for a stop still
+        pending after ``stop_timeout`` seconds (which the LeaveGroup lets
+        finish; after another ``stop_timeout`` it is cut short).  Without it,
+        the group would wait for the member (on tansu indefinitely, when it
+        vanished mid-rebalance) before the next member could join.
         """
         coordinator = getattr(consumer, "_coordinator", None)
         member = (
             (coordinator.coordinator_id, coordinator.member_id, coordinator.generation)
             if coordinator is not None else None
         )
+        stop = asyncio.ensure_future(consumer.stop())
+        done, _ = await asyncio.wait({stop}, timeout=stop_timeout)
+        if member is not None and member[1] and member[0] is not None and (
+                not done or member[2] <= 0):
+            if not done:
+                log.warning("kafka consumer of group %s still in a rebalance after %.0fs; "
+                            "leaving the group", group, stop_timeout)
+            await self._leave_group(group, member[0], member[1])
         try:
-            await consumer.stop()
+            await asyncio.wait_for(stop, stop_timeout)
+        except TimeoutError:
+            log.warning("kafka consumer of group %s did not stop; abandoned", group)
         except Exception:
             log.debug("kafka consumer stop failed", exc_info=True)
-        if member is None or member[2] != 0 or not member[1] or member[0] is None:
-            return
+
+    async def _leave_group(self, group: str, coordinator_id: int, member_id: str) -> None:
         producer = self._producer
         if producer is None:
             return
         try:
             await asyncio.wait_for(
-                producer.client.send(member[0], LeaveGroupRequest(group, member[1]),
+                producer.client.send(coordinator_id, LeaveGroupRequest(group, member_id),
                                      group=ConnectionGroup.COORDINATION),
                 2.0,
             )

@@ -308,7 +308,8 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
     import urllib.request
 
     proc = cluster._proc("gateway", {"PUSH_PORT": str(cluster.free_pair()),
-                                     "POD_NAME": "gw-multi", "GATEWAY_WORKERS": "2"})
+                                     "POD_NAME": "gw-multi", "GATEWAY_WORKERS": "2",
+                                     "ADMIN_TOKEN": "multi-drain"})
     proc.start()
     try:
         proc.wait_healthy()
@@ -356,5 +357,14 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
         for name in ("im_backend_errors_total", "im_kafka_consumer_lag",
                      "im_gateway_retransmits_total"):
             assert name in text, name
+        # /admin/drain reaches one of the two processes; the pod drains whole.
+        request = urllib.request.Request(f"http://127.0.0.1:{proc.http_port}/admin/drain",
+                                         headers={"X-Admin-Token": "multi-drain"})
+        with urllib.request.urlopen(request) as r:
+            assert json.loads(r.read())["status"] == "draining"
+        for c in clients.values():
+            assert c.recv_until("reconnect")[-1]["reason"] == "draining"
+        until(lambda: stats()["draining"] and stats()["active_connections"] == 0,
+              timeout=40, what="both workers drained")
     finally:
         proc.stop()

@@ -248,7 +248,10 @@ async def test_kafka_produce_consume_commit(kafka_broker: KafkaBroker) -> None:
     consumer = AIOKafkaConsumer(
         "group_msg",
         bootstrap_servers=bootstrap,
-        group_id="gateway-group",
+        # A group of its own: the session's broker also holds the cluster tests'
+        # gateway-group, whose state after their pods stopped mid-rebalance tansu may
+        # take a long while to settle.
+        group_id=f"harness-{marker.decode()}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         # tansu holds a group join for half the session timeout (aiokafka's

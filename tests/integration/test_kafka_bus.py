@@ -8,6 +8,7 @@ joins on tansu take half the session timeout, hence session_timeout_ms=3000.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -166,3 +167,75 @@ async def test_start_fails_clearly_without_a_broker() -> None:
             await bus.start()
     finally:
         broker.close()
+
+
+# A gateway process: consumes group_msg; once told of a rebalance, it stops as a
+# gateway does on SIGINT (its consume task cancelled, the bus closed) and exits.
+LEAVING_MEMBER = """
+import asyncio, logging, sys
+from imfast.backends.kafka import GROUP_GATEWAYS, TOPIC_GROUP, KafkaBus
+
+async def main():
+    rebalancing = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if "because it is rebalancing" in record.getMessage():
+                loop.call_soon_threadsafe(rebalancing.set)
+
+    logging.getLogger("aiokafka").addHandler(Watch())
+    bus = KafkaBus([sys.argv[1]], client_id="gw-leaving")
+    await bus.start()
+
+    async def handler(batch):
+        pass
+
+    task = loop.create_task(bus.consume(TOPIC_GROUP, GROUP_GATEWAYS, handler,
+                                        session_timeout_ms=3000, heartbeat_interval_ms=500))
+    while not any(c.assignment() for c in bus._consumers):
+        await asyncio.sleep(0.05)
+    print("joined", flush=True)
+    await rebalancing.wait()
+    task.cancel()
+    await bus.close()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_consumer_stopped_mid_rebalance_leaves_so_the_group_goes_on(
+        broker: KafkaBroker) -> None:
+    """A member whose process exits while it waits to rejoin a rebalance (a pod
+    stopped just as another gateway joined) must leave the group: otherwise the
+    group waits for it (tansu: for good) and the other members get nothing."""
+    staying = KafkaBus([broker.bootstrap_servers], client_id="gw-staying")
+    await staying.start()
+    got: list[tuple[bytes, bytes]] = []
+
+    async def handler(batch: list[tuple[bytes, bytes]]) -> None:
+        got.extend(batch)
+
+    leaving = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LEAVING_MEMBER, broker.bootstrap_servers,
+        stdout=asyncio.subprocess.PIPE)
+    second: asyncio.Task[None] | None = None
+    try:
+        await staying.ensure_topics([TOPIC_GROUP], partitions=2)
+        assert leaving.stdout is not None
+        line = await asyncio.wait_for(leaving.stdout.readline(), 30)
+        assert line == b"joined\n"
+        second = _consumer(staying, handler)  # its join starts a rebalance
+        assert await asyncio.wait_for(leaving.stdout.readline(), 30) == b"closed\n"
+        assert await asyncio.wait_for(leaving.wait(), 10) == 0
+        await staying.publish_many(TOPIC_GROUP, [(b"a", b"one"), (b"b", b"two")])
+        await _until(lambda: sorted(got) == [(b"a", b"one"), (b"b", b"two")], timeout=40)
+        assert {tp.partition for c in staying._consumers for tp in c.assignment()} == {0, 1}
+    finally:
+        if leaving.returncode is None:
+            leaving.kill()
+            await leaving.wait()
+        if second is not None:
+            await _stop(second)
+        await staying.close()
