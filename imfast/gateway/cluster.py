@@ -122,6 +122,11 @@ class ClusterGateway(Gateway):
                 self.event(data["u"], data["p"], skip)
 
 
+def _fan_out_dropped(address: str, batches: int) -> None:
+    log.warning("route failed: gateway %s unreachable for group fan-out (%d pushes); "
+                "members there will sync", address, batches)
+
+
 class GatewayNode:
     """Wires a ClusterGateway to im-service, etcd and Kafka."""
 
@@ -142,7 +147,7 @@ class GatewayNode:
 
         s = self.settings
         verifier = TokenVerifier(s, embedded=False)
-        self.links = LinkPool()
+        self.links = LinkPool(on_dropped=_fan_out_dropped)
         self._closers.append(self.links)
         # The gateway is made below; pushes on these links (cast failures) reach it.
         service = ServiceLinks(s.service_addr, on_push=self._service_push)
@@ -226,13 +231,10 @@ class GatewayNode:
             for address, users in by_gateway.items():
                 remote[address].append(["deliver", {"e": record["e"], "u": users,
                                                     "s": record.get("s")}])
-        # Concurrently: one unreachable gateway must not hold up the others.
-        addresses = list(remote)
-        results = await asyncio.gather(*(self.links.push(a, "batch", remote[a])
-                                         for a in addresses))
-        for address, ok in zip(addresses, results, strict=True):
-            if not ok:
-                log.warning("route failed: gateway %s unreachable for group fan-out", address)
+        # Without waiting: an unreachable gateway must not hold up the others, nor this
+        # partition (its pushes wait for a connection, or are dropped: _push_dropped).
+        for address, items in remote.items():
+            self.links.push_soon(address, "batch", items)
         if offline:
             await self.bus.publish_many(TOPIC_OFFLINE, offline)
 

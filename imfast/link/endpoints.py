@@ -7,8 +7,11 @@
   backoff; :meth:`LinkClient.call` waits (up to its timeout) for a
   connection instead of failing at once, so a restarting im-service costs
   latency, not errors.
-* :class:`LinkPool` holds one client per peer address (gateway-to-gateway
-  pushes), created on first use and dropped when idle connects keep failing.
+* :class:`LinkPool` holds one client per peer address (pushes to gateways),
+  created on first use.  :meth:`LinkPool.push_soon` never waits: a peer
+  not connected gets its pushes queued, in order, while one task connects
+  to it (up to the pool's timeout), so an unreachable gateway holds up
+  nobody else's pushes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from imfast.link.wire import Handler, LinkProtocol, PushHandler
@@ -189,12 +193,24 @@ class LinkClient:
             self._proto.close()
 
 
-class LinkPool:
-    """One :class:`LinkClient` per peer address, created on demand."""
+Dropped = Callable[[str, int], None]
 
-    def __init__(self, timeout: float = 5.0) -> None:
+
+class LinkPool:
+    """One :class:`LinkClient` per peer address, created on demand.
+
+    ``on_dropped(address, pushes)`` is told of pushes :meth:`push_soon` gave
+    up on: the peer stayed unreachable for ``timeout`` seconds, or the
+    connection closed before they could be written.
+    """
+
+    def __init__(self, timeout: float = 5.0, on_dropped: Dropped | None = None) -> None:
         self._clients: dict[str, LinkClient] = {}
         self._timeout = timeout
+        self.on_dropped = on_dropped
+        #: address -> pushes waiting for the connection being made to it (in order).
+        self._backlog: dict[str, list[tuple[str, Any]]] = {}
+        self._connecting: set[asyncio.Task[None]] = set()
 
     def get(self, addr: str) -> LinkClient:
         client = self._clients.get(addr)
@@ -202,18 +218,45 @@ class LinkPool:
             client = self._clients[addr] = LinkClient(addr, timeout=self._timeout)
         return client
 
-    async def push(self, addr: str, method: str, args: Any) -> bool:
-        """Push, connecting first if needed; False if the peer is unreachable."""
+    def push_soon(self, addr: str, method: str, args: Any) -> bool:
+        """Push now if connected (True); otherwise queue it behind the pushes already
+        waiting for ``addr`` and return False at once.
+
+        Per peer, pushes are written in the order they were given.  Queued ones
+        go as soon as a connection is made (one task per peer connects, up to the
+        pool's timeout); if none is, they are dropped and ``on_dropped`` is told.
+        """
+        backlog = self._backlog.get(addr)
+        if backlog is not None:  # a connect is under way: join the queue, keep the order
+            backlog.append((method, args))
+            return False
         client = self.get(addr)
         if client.push(method, args):
             return True
+        self._backlog[addr] = [(method, args)]
+        task = asyncio.get_running_loop().create_task(self._push_backlog(addr, client))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+        return False
+
+    async def _push_backlog(self, addr: str, client: LinkClient) -> None:
         try:
             await client.connection()
         except ImfastError:
-            return False
-        return client.push(method, args)
+            pass  # unreachable for the whole timeout: what waited is dropped below
+        backlog = self._backlog.pop(addr, [])
+        unsent = [item for item in backlog if not client.push(*item)]
+        if unsent and self.on_dropped is not None:
+            self.on_dropped(addr, len(unsent))
+
+    @property
+    def queued(self) -> int:
+        """Pushes waiting for a connection now."""
+        return sum(len(b) for b in self._backlog.values())
 
     async def close(self) -> None:
+        for task in list(self._connecting):
+            task.cancel()
         for c in self._clients.values():
             await c.close()
         self._clients.clear()

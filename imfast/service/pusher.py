@@ -11,7 +11,11 @@
   like private ones, and nothing is queued for offline users: the store
   already holds every entry for their next sync;
 * events (typing, receipts) go straight to the users' gateways; they are
-  droppable, so an unreachable gateway just misses them.
+  droppable, so an unreachable gateway just misses them;
+* no round waits for a gateway: one not connected gets its pushes in order
+  once its link is up, or they are dropped after the link pool's timeout
+  (5 s) and counted in ``route_failures``; the other gateways get theirs at
+  once, and senders are answered once the pushes were handed to the links.
 
 Nothing here can lose an acknowledged message: entries are durable before
 they get here, and a client that missed a push gets the entry by sync or
@@ -67,6 +71,7 @@ class ClusterPusher:
         self.registry = registry
         self.bus = bus
         self.links = links
+        links.on_dropped = self._push_dropped
         self._group: list[tuple[bytes, bytes]] = []
         self._offline: list[tuple[bytes, bytes]] = []
         self._pushes: dict[str, list[Any]] = defaultdict(list)
@@ -134,27 +139,26 @@ class ClusterPusher:
         self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
     def _flush_now(self) -> None:
-        """One round without awaiting (no bus); a gateway not connected falls back to a task."""
+        """One round without awaiting (no bus)."""
         self._now_scheduled = False
-        if self._flushing is not None and not self._flushing.done():
-            return  # a round is connecting to a gateway: what is queued waits its turn
         waiters = self._take_waiters()
         private, self._private = self._private, []
         self._route_looked_up(private)
+        self._push_all()
+        _wake(waiters)
+
+    def _push_all(self) -> None:
+        """Hand every queued push to its gateway's link, without waiting: a gateway
+        not connected gets its pushes when it is (in order), or they are dropped
+        (:meth:`_push_dropped`) after the pool's timeout; the others go now."""
         pushes, self._pushes = self._pushes, defaultdict(list)
-        unsent: dict[str, list[Any]] = {}
         for gateway, items in pushes.items():
-            if not self.links.get(gateway).push("batch", items):
-                unsent[gateway] = items
-        if not unsent:
-            _wake(waiters)
-            return
-        # Connecting (a worker restarting): the task round pushes these first, then
-        # what is routed meanwhile, and only then answers these senders.
-        for gateway, items in unsent.items():
-            self._pushes[gateway] = items
-        self._waiters = waiters + self._waiters
-        self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            self.links.push_soon(gateway, "batch", items)
+
+    def _push_dropped(self, gateway: str, batches: int) -> None:
+        self.route_failures += 1
+        log.warning("route failed: gateway %s unreachable (%d pushes); clients will sync",
+                    gateway, batches)
 
     def deliver(self, users: Iterable[str], message: StoredMessage,
                 skip: tuple[str, str] | None) -> None:
@@ -239,15 +243,7 @@ class ClusterPusher:
         """Push and publish everything queued when it starts (one round)."""
         if self._private:
             await self._route_private()
-        pushes, self._pushes = self._pushes, defaultdict(list)
-        # Concurrently: one unreachable gateway must not delay the healthy ones.
-        results = await asyncio.gather(*(self.links.push(gateway, "batch", items)
-                                         for gateway, items in pushes.items()))
-        for (gateway, items), ok in zip(pushes.items(), results):
-            if not ok:
-                self.route_failures += 1
-                log.warning("route failed: gateway %s unreachable (%d pushes); clients "
-                            "will sync", gateway, len(items))
+        self._push_all()
         for topic, attr in ((TOPIC_GROUP, "_group"), (TOPIC_OFFLINE, "_offline")):
             items = getattr(self, attr)
             if not items:

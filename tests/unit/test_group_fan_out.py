@@ -9,12 +9,14 @@ import orjson
 
 from imfast.config import Settings
 from imfast.gateway.cluster import GatewayNode
+from imfast.link.endpoints import LinkPool
+from tests.helpers.push_links import RecordingGateway, until
 
 
 class _Gateway:
     """What _fan_out_groups reads of the local gateway: its registry cache and table."""
 
-    advertise = "10.0.0.1:9093"
+    advertise = "unix:/nonexistent/self.sock"
 
     def __init__(self, where: dict[str, str]) -> None:
         self.where = where
@@ -30,31 +32,20 @@ class _Gateway:
         self.delivered.append(users)
 
 
-class _Links:
-    """A push to ``dead`` hangs until the push to ``alive`` has gone out (or gives up),
-    then fails: only concurrent pushes let it see that push."""
-
-    def __init__(self) -> None:
-        self.alive_pushed = asyncio.Event()
-        self.dead_saw_alive = False
-
-    async def push(self, address: str, method: str, items: Any) -> bool:
-        if address == "dead:9093":
-            try:
-                await asyncio.wait_for(self.alive_pushed.wait(), 2.0)
-                self.dead_saw_alive = True
-            except TimeoutError:
-                pass
-            return False
-        self.alive_pushed.set()
-        return True
-
-
-async def test_an_unreachable_gateway_does_not_hold_up_the_others() -> None:
+async def test_an_unreachable_gateway_holds_up_neither_the_others_nor_the_partition(
+        tmp_path) -> None:
+    alive = await RecordingGateway(str(tmp_path / "alive.sock")).listen()
+    dead = RecordingGateway(str(tmp_path / "dead.sock"))  # nothing listens there
+    dropped: list[tuple[str, int]] = []
     node = GatewayNode(Settings(kafka_brokers=("k:9092",), etcd_endpoints=("http://e:2379",)))
-    node.gateway = _Gateway({"a": "dead:9093", "b": "alive:9093"})  # type: ignore[assignment]
-    node.links = _Links()  # type: ignore[assignment]
+    node.gateway = _Gateway({"a": dead.addr, "b": alive.addr})  # type: ignore[assignment]
+    node.links = LinkPool(timeout=0.2, on_dropped=lambda a, n: dropped.append((a, n)))
     entry = ["g:team", 1, "m1", "s", "d", "c", "hi", 0, "msg"]
-    # "a" (on the dead gateway) comes first: pushed one after another, "b" would wait.
-    await node._fan_out_groups([(b"g:team", orjson.dumps({"e": entry, "u": ["a", "b"]}))])
-    assert node.links.dead_saw_alive
+    # "a" (on the dead gateway) comes first; the batch is handled (and its offsets may
+    # be committed) without waiting for it.
+    await asyncio.wait_for(node._fan_out_groups(
+        [(b"g:team", orjson.dumps({"e": entry, "u": ["a", "b"]}))]), 1.0)
+    assert dropped == []
+    await until(lambda: alive.got == [1])
+    await until(lambda: dropped == [(dead.addr, 1)])
+    await node.links.close()

@@ -1,4 +1,5 @@
-"""ClusterPusher keeps Kafka records while the broker is down and publishes them in order."""
+"""ClusterPusher: Kafka records kept while the broker is down and published in order;
+pushes to gateways (real link servers on Unix sockets) that never wait for one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from imfast.backends.errors import BackendUnavailable
 from imfast.link.endpoints import LinkPool
 from imfast.service import pusher as pusher_module
 from imfast.service.pusher import TOPIC_GROUP, ClusterPusher
+from tests.helpers.push_links import RecordingGateway as Gateway
+from tests.helpers.push_links import until
 
 
 class NoDevices:
@@ -64,114 +67,111 @@ async def test_records_are_spooled_while_the_broker_is_down_then_published_in_or
     assert [orjson.loads(v)["e"][1] for _, v in bus.published][-1] == 6
 
 
-class SlowLinks:
-    """Gateway pushes that take a loop iteration or two, like a busy socket."""
+class Where:
+    """The registry cache: bob on ``gw1``, anyone else on ``gw2``."""
 
-    def __init__(self) -> None:
-        self.pushed: list[int] = []
+    def __init__(self, gw1: Gateway, gw2: Gateway) -> None:
+        self.gw1, self.gw2 = gw1, gw2
 
-    async def push(self, gateway: str, method: str, items: list) -> bool:
-        await asyncio.sleep(0.001)
-        self.pushed += [item[1]["e"][1] for item in items]
-        return True
-
-
-class OneGateway:
     def cached_lookup(self, user: str) -> dict[str, str]:
-        return {"phone": "gw1:9093"}
-
-
-async def test_routed_all_waits_for_its_round_not_for_a_flush_that_never_runs_dry() -> None:
-    links = SlowLinks()
-    # With a bus, rounds are tasks (the embedded, bus-less rounds are tested below).
-    pusher = ClusterPusher(OneGateway(), FlakyBus(), links)  # type: ignore[arg-type]
-    stop = False
-
-    async def steady_load() -> None:  # something new to route every iteration
-        seq = 100
-        while not stop:
-            seq += 1
-            pusher.deliver(["bob"], StoredMessage("p:alice:bob", seq, f"m{seq}", "alice",
-                                                  "phone", f"c{seq}", "x", 0), None)
-            await asyncio.sleep(0)
-
-    load = asyncio.create_task(steady_load())
-    try:
-        await asyncio.sleep(0.01)
-        pusher.deliver(["bob"], StoredMessage("p:alice:bob", 1, "m1", "alice", "phone", "c1",
-                                              "x", 0), None)
-        await asyncio.wait_for(pusher.routed_all(), 1.0)  # used to wait for a lull
-        assert 1 in links.pushed  # done means pushed
-        assert pusher._flushing is not None and not pusher._flushing.done()  # still busy
-    finally:
-        stop = True
-        await load
-    await asyncio.wait_for(pusher.routed_all(), 1.0)
-
-
-class Client:
-    """One worker's link: ``push`` is refused while it is not ``connected``."""
-
-    def __init__(self, connected: bool) -> None:
-        self.connected = connected
-        self.pushed: list[int] = []
-
-    def push(self, method: str, items: list) -> bool:
-        if not self.connected:
-            return False
-        self.pushed += [item[1]["e"][1] for item in items]
-        return True
-
-
-class Workers:
-    """LinkPool's surface for two gateway workers; ``gw2`` connects when pushed async."""
-
-    def __init__(self) -> None:
-        self.clients = {"gw1": Client(True), "gw2": Client(False)}
-
-    def get(self, gateway: str) -> Client:
-        return self.clients[gateway]
-
-    async def push(self, gateway: str, method: str, items: list) -> bool:
-        await asyncio.sleep(0.001)  # connecting
-        client = self.clients[gateway]
-        client.connected = True
-        return client.push(method, items)
-
-
-class TwoGateways:
-    def cached_lookup(self, user: str) -> dict[str, str]:
-        return {"phone": "gw1" if user == "bob" else "gw2"}
+        return {"phone": (self.gw1 if user == "bob" else self.gw2).addr}
 
 
 def private(seq: int) -> StoredMessage:
     return StoredMessage("p:alice:bob", seq, f"m{seq}", "alice", "phone", f"c{seq}", "x", 0)
 
 
-async def test_without_a_bus_a_round_is_one_callback_and_routed_all_waits_for_it() -> None:
-    links = Workers()
-    pusher = ClusterPusher(TwoGateways(), None, links)  # type: ignore[arg-type]
+async def two_gateways(tmp_path, listening: bool = True, timeout: float = 5.0
+                       ) -> tuple[Gateway, Gateway, LinkPool]:
+    """gw1 listening and connected; gw2 listening (and connected) only if ``listening``;
+    a pool giving up on a peer after ``timeout`` s."""
+    gw1 = await Gateway(str(tmp_path / "gw1.sock")).listen()
+    gw2 = Gateway(str(tmp_path / "gw2.sock"))
+    pool = LinkPool(timeout=timeout)
+    await pool.get(gw1.addr).connection()
+    if listening:
+        await gw2.listen()
+        await pool.get(gw2.addr).connection()
+    return gw1, gw2, pool
+
+
+async def test_routed_all_waits_for_its_round_not_for_a_flush_that_never_runs_dry(
+        tmp_path) -> None:
+    gw1, gw2, pool = await two_gateways(tmp_path)
+    # With a bus, rounds are tasks; publishing (the broker is down: spooled) awaits.
+    pusher = ClusterPusher(Where(gw1, gw2), FlakyBus(), pool)
+    stop = False
+
+    async def steady_load() -> None:  # something new to route every iteration
+        seq = 100
+        while not stop:
+            seq += 1
+            pusher.deliver(["bob"], private(seq), None)
+            pusher.deliver(["bob"], entry(seq), None)  # a group entry: a publish
+            await asyncio.sleep(0)
+
+    load = asyncio.create_task(steady_load())
+    try:
+        await asyncio.sleep(0.01)
+        pusher.deliver(["bob"], private(1), None)
+        await asyncio.wait_for(pusher.routed_all(), 1.0)  # used to wait for a lull
+        assert pusher._flushing is not None and not pusher._flushing.done()  # still busy
+        await until(lambda: 1 in gw1.got)  # done meant handed to gw1's link
+    finally:
+        stop = True
+        await load
+        await pool.close()
+    await asyncio.wait_for(pusher.routed_all(), 1.0)
+
+
+async def test_without_a_bus_a_round_is_one_callback_and_routed_all_waits_for_it(
+        tmp_path) -> None:
+    gw1, gw2, pool = await two_gateways(tmp_path)
+    pusher = ClusterPusher(Where(gw1, gw2), None, pool)
     pusher.deliver(["bob"], private(1), None)
     pusher.deliver(["bob"], private(2), None)
     routed = pusher.routed_all()
-    assert not routed.done() and links.clients["gw1"].pushed == []  # at the iteration's end
+    assert not routed.done()  # the round runs at the loop iteration's end
     await asyncio.sleep(0)
-    assert links.clients["gw1"].pushed == [1, 2]
     assert pusher._flushing is None  # no task was needed
     await asyncio.wait_for(routed, 1.0)
     assert pusher.routed_all().done()  # nothing queued: nothing to wait for
+    await until(lambda: gw1.got == [1, 2])
+    await pool.close()
 
 
-async def test_without_a_bus_a_worker_not_connected_is_pushed_in_order_before_answering() -> None:
-    links = Workers()
-    pusher = ClusterPusher(TwoGateways(), None, links)  # type: ignore[arg-type]
-    pusher.deliver(["carol"], private(1), None)  # gw2: not connected yet
+async def test_a_gateway_not_connected_holds_up_nobody_and_gets_its_pushes_in_order(
+        tmp_path) -> None:
+    """A gateway (worker) restarting: the senders are answered and the connected
+    gateway served at once; the restarting one gets its entries in routing order
+    once it listens again."""
+    gw1, gw2, pool = await two_gateways(tmp_path, listening=False)
+    for bus in (None, FlakyBus()):  # the embedded rounds, then the distributed ones
+        pusher = ClusterPusher(Where(gw1, gw2), bus, pool)
+        base = 10 if bus is None else 20
+        pusher.deliver(["carol"], private(base + 1), None)  # gw2: not listening
+        pusher.deliver(["bob"], private(base + 2), None)
+        await asyncio.wait_for(pusher.routed_all(), 1.0)
+        await until(lambda: base + 2 in gw1.got)  # noqa: B023 - awaited here
+        pusher.deliver(["carol"], private(base + 3), None)  # queued behind base + 1
+        await asyncio.wait_for(pusher.routed_all(), 1.0)
+        assert pool.queued == (2 if bus is None else 4) and pusher.route_failures == 0
+    await gw2.listen()
+    await until(lambda: gw2.got == [11, 13, 21, 23])
+    pusher.deliver(["carol"], private(24), None)  # connected now: straight through
+    await until(lambda: gw2.got[-1] == 24)
+    assert pool.queued == 0
+    await pool.close()
+
+
+async def test_pushes_to_a_gateway_unreachable_for_the_timeout_are_dropped_and_counted(
+        tmp_path) -> None:
+    gw1, gw2, pool = await two_gateways(tmp_path, listening=False, timeout=0.2)
+    pusher = ClusterPusher(Where(gw1, gw2), None, pool)
+    pusher.deliver(["carol"], private(1), None)
     pusher.deliver(["bob"], private(2), None)
-    routed = pusher.routed_all()
-    await asyncio.sleep(0)
-    assert links.clients["gw1"].pushed == [2]  # the connected worker is not held up
-    assert not routed.done()  # its sender waits for gw2's push too
-    pusher.deliver(["carol"], private(3), None)  # routed while gw2 connects: after 1
-    await asyncio.wait_for(routed, 1.0)
     await asyncio.wait_for(pusher.routed_all(), 1.0)
-    assert links.clients["gw2"].pushed == [1, 3]
+    assert pusher.route_failures == 0  # answered before the gateway was given up on
+    await until(lambda: pusher.route_failures == 1)
+    assert pool.queued == 0 and gw1.got == [2]
+    await pool.close()
