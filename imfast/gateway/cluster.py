@@ -122,11 +122,6 @@ class ClusterGateway(Gateway):
                 self.event(data["u"], data["p"], skip)
 
 
-def _fan_out_dropped(address: str, batches: int) -> None:
-    log.warning("route failed: gateway %s unreachable for group fan-out (%d pushes); "
-                "members there will sync", address, batches)
-
-
 class GatewayNode:
     """Wires a ClusterGateway to im-service, etcd and Kafka."""
 
@@ -147,7 +142,7 @@ class GatewayNode:
 
         s = self.settings
         verifier = TokenVerifier(s, embedded=False)
-        self.links = LinkPool(on_dropped=_fan_out_dropped)
+        self.links = LinkPool(on_dropped=self._fan_out_dropped)
         self._closers.append(self.links)
         # The gateway is made below; pushes on these links (cast failures) reach it.
         service = ServiceLinks(s.service_addr, on_push=self._service_push)
@@ -237,6 +232,15 @@ class GatewayNode:
             self.links.push_soon(address, "batch", items)
         if offline:
             await self.bus.publish_many(TOPIC_OFFLINE, offline)
+
+    def _fan_out_dropped(self, address: str, pushes: list[tuple[str, Any]]) -> None:
+        """Group entries for members on ``address`` given up on (unreachable): counted as
+        failed deliveries; the members get them at their next resume."""
+        members = sum(len(item[1]["u"]) for _, items in pushes for item in items)
+        if self.gateway is not None:
+            self.gateway.stats.failed += members
+        log.warning("route failed: gateway %s unreachable for group fan-out (%d "
+                    "deliveries); members there will sync", address, members)
 
     async def drain(self, deadline: float = 30.0) -> None:
         if self.gateway is not None:

@@ -357,6 +357,7 @@ class Gateway:
             "frames_received": s.frames_in,
             "messages_delivered": s.delivered,
             "events_dropped": s.dropped,
+            "deliveries_failed": s.failed,
             "socket_writes": self.coalescer.writes,
             "delivery_p99_seconds_upper_bound": p99,
             "errors": dict(s.errors),
@@ -402,6 +403,8 @@ class Gateway:
                     payload = orjson.dumps(self.entry_dict(message))
                 if session.offer(message.conv, message.seq, payload, silent):
                     pushed += 1
+                elif session.closed:  # e.g. just closed as a slow reader: at its resume
+                    self.stats.failed += 1
         if pushed:
             self.stats.delivered += pushed
             self.stats.observe_latency(max(0.0, time.time() - message.ts / 1000.0), pushed)

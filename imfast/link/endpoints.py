@@ -193,14 +193,14 @@ class LinkClient:
             self._proto.close()
 
 
-Dropped = Callable[[str, int], None]
+Dropped = Callable[[str, list[tuple[str, Any]]], None]
 
 
 class LinkPool:
     """One :class:`LinkClient` per peer address, created on demand.
 
-    ``on_dropped(address, pushes)`` is told of pushes :meth:`push_soon` gave
-    up on: the peer stayed unreachable for ``timeout`` seconds, or the
+    ``on_dropped(address, pushes)`` is told of the ``(method, args)`` pushes
+    :meth:`push_soon` gave up on: the peer stayed unreachable for ``timeout`` seconds, or the
     connection closed before they could be written.
     """
 
@@ -247,7 +247,7 @@ class LinkPool:
         backlog = self._backlog.pop(addr, [])
         unsent = [item for item in backlog if not client.push(*item)]
         if unsent and self.on_dropped is not None:
-            self.on_dropped(addr, len(unsent))
+            self.on_dropped(addr, unsent)
 
     @property
     def queued(self) -> int:

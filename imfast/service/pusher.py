@@ -155,10 +155,10 @@ class ClusterPusher:
         for gateway, items in pushes.items():
             self.links.push_soon(gateway, "batch", items)
 
-    def _push_dropped(self, gateway: str, batches: int) -> None:
+    def _push_dropped(self, gateway: str, pushes: list[tuple[str, Any]]) -> None:
         self.route_failures += 1
         log.warning("route failed: gateway %s unreachable (%d pushes); clients will sync",
-                    gateway, batches)
+                    gateway, sum(len(items) for _, items in pushes))
 
     def deliver(self, users: Iterable[str], message: StoredMessage,
                 skip: tuple[str, str] | None) -> None:

@@ -237,7 +237,14 @@ def test_client_that_stops_reading_is_bounded_then_closed_with_4002(make_node) -
             sender.send(type="typing", conv="p:flood:sloth")
             n += 1
         sender.recv_until("sent", cmid=f"f{n - 1}")
+    # An entry for the closing connection (its CLOSE handshake has 2 s) is a failed
+    # delivery: the device gets it at its next resume.
+    failed = stats(node)["deliveries_failed"]
+    sender.send(type="send", cmid=f"f{n}", to="sloth", body="after the close")
+    n += 1
+    sender.recv_until("sent", cmid=f"f{n - 1}")
     s = stats(node)
+    assert s["deliveries_failed"] == failed + 1
     assert s["events_dropped"] > 0  # droppable typing events went first
     # The connection and its buffer are released (CLOSE_GRACE_SECONDS, the peer never reads).
     wait_for(lambda: stats(node)["active_connections"] == 3, timeout=6)
