@@ -320,6 +320,11 @@ class Settings:
     mysql_dsn: str = _setting(
         "MYSQL_DSN", str, "", "distributed mode: mysql://user:pass@host:3306/im_chat"
     )
+    message_retention_days: float = _setting(
+        "MESSAGE_RETENTION_DAYS", _non_negative_float, 0.0,
+        "offline-worker deletes conversation entries older than this many days from "
+        "MySQL, hourly (sequence numbers, cursors and receipts stay); 0 = keep forever",
+    )
     db_max_open_conns: int = _setting(
         "DB_MAX_OPEN_CONNS", _positive_int, DEFAULT_DB_MAX_OPEN_CONNS, "MySQL pool size"
     )

@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -168,6 +169,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                                  ON UPDATE CURRENT_TIMESTAMP(3),
     PRIMARY KEY (conversation_id)
 ) {_TABLE_OPTIONS}""",
+    )),
+    (2, "messages_ts index for MESSAGE_RETENTION_DAYS", (
+        # purge_messages deletes the oldest entries by their ts.  MariaDB syntax
+        # (IF NOT EXISTS): the deployed server is MariaDB.
+        "ALTER TABLE messages ADD INDEX IF NOT EXISTS messages_ts (ts)",
     )),
 )
 
@@ -917,6 +923,55 @@ class MySQLStore:
             await asyncio.sleep(0)  # let other work in between batches
         if total:
             log.info("offline messages purged rows=%s older_than_seconds=%s", total,
+                     older_than_seconds)
+        return total
+
+
+    async def purge_messages(self, older_than_seconds: float, batch: int = 10000) -> int:
+        """Delete conversation entries older than ``older_than_seconds`` (by their
+        ``ts``), oldest first, ``batch`` rows per transaction; returns how many.
+
+        Each transaction first raises ``sequence_snapshots`` to the highest seq it
+        deletes of each conversation, so ``latest_seq`` (and a Redis counter
+        started from it) never goes back: a seq is never handed out twice.
+        Cursors, receipts and the snapshots are kept; a device whose cursor is
+        below what is left resumes from the oldest entry still stored.  The
+        cut-off (this process's clock, as ``ts``) is fixed at the start.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if older_than_seconds <= 0:
+            raise ValueError(f"older_than_seconds must be positive, got {older_than_seconds}")
+        cutoff_ms = int((time.time() - older_than_seconds) * 1000)
+
+        async def one_batch(cur: Any) -> int:
+            # The same order and limit in both statements, the rows locked between
+            # them: the DELETE removes exactly the rows the snapshots were raised for.
+            await cur.execute("SELECT conv, seq FROM messages WHERE ts < %s "
+                              "ORDER BY ts, conv, seq LIMIT %s FOR UPDATE", (cutoff_ms, batch))
+            rows = await cur.fetchall()
+            if not rows:
+                return 0
+            highest: dict[str, int] = {}
+            for conv, seq in rows:
+                highest[conv] = max(highest.get(conv, 0), int(seq))
+            await cur.executemany(
+                "INSERT INTO sequence_snapshots (conversation_id, seq) VALUES (%s,%s) "
+                "ON DUPLICATE KEY UPDATE seq=GREATEST(seq, VALUES(seq))",
+                sorted(highest.items()))
+            return int(await cur.execute(
+                "DELETE FROM messages WHERE ts < %s ORDER BY ts, conv, seq LIMIT %s",
+                (cutoff_ms, batch)))
+
+        total = 0
+        while True:
+            deleted = await self._transaction("purge_messages", one_batch)
+            total += deleted
+            if deleted < batch:
+                break
+            await asyncio.sleep(0)  # let other work in between batches
+        if total:
+            log.info("messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
         return total
 

@@ -1,4 +1,4 @@
--- imfast MySQL/MariaDB schema, version 1.
+-- imfast MySQL/MariaDB schema, version 2.
 -- Generated from imfast/backends/mysql.py (MIGRATIONS); MySQLStore.open()
 -- applies it by itself. To apply it by hand: mysql im_chat < mysql_schema.sql
 
@@ -78,3 +78,7 @@ CREATE TABLE IF NOT EXISTS sequence_snapshots (
     PRIMARY KEY (conversation_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 INSERT IGNORE INTO schema_migrations (version) VALUES (1);
+
+-- migration 2: messages_ts index for MESSAGE_RETENTION_DAYS
+ALTER TABLE messages ADD INDEX IF NOT EXISTS messages_ts (ts);
+INSERT IGNORE INTO schema_migrations (version) VALUES (2);

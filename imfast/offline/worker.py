@@ -4,7 +4,9 @@ Guarantees: a record's Kafka offset is committed only after its row is in
 ``offline_messages`` (INSERT IGNORE on (user, conversation, seq), so a
 redelivered record never makes a second row); rows older than
 ``OFFLINE_TTL_DAYS`` (7) are deleted in batches of 10,000, as the runbook's
-manual clean-up does.
+manual clean-up does.  With ``MESSAGE_RETENTION_DAYS`` set, the same hourly
+round deletes conversation entries older than that from ``messages``
+(``MySQLStore.purge_messages``: sequence floors, cursors and receipts stay).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class _Collector(Collector):
                                   value=self.worker.stored)
         yield CounterMetricFamily("im_offline_messages_purged", "rows removed by the TTL",
                                   value=self.worker.purged)
+        yield CounterMetricFamily("im_messages_purged",
+                                  "conversation entries removed by MESSAGE_RETENTION_DAYS",
+                                  value=self.worker.messages_purged)
 
 
 class OfflineWorker:
@@ -54,6 +59,7 @@ class OfflineWorker:
         self.settings = settings
         self.stored = 0
         self.purged = 0
+        self.messages_purged = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
 
@@ -82,6 +88,7 @@ class OfflineWorker:
             "/health/live": lambda: (200, {"status": "ok", "hostname": s.display_hostname}),
             "/stats": lambda: (200, {"role": "offline-worker", "stored": self.stored,
                                      "purged": self.purged,
+                                     "messages_purged": self.messages_purged,
                                      "consumer_lag": sum(self.bus.consumer_lag().values())}),
             "/metrics": lambda: (200, generate_latest(metrics), CONTENT_TYPE_LATEST),
         })
@@ -104,14 +111,26 @@ class OfflineWorker:
 
     async def _purge_loop(self) -> None:
         while True:
-            try:
-                removed = await self.mysql.purge_offline(TTL_SECONDS, 10000)
-                self.purged += removed
-                if removed:
-                    log.info("offline TTL clean-up removed rows=%s", removed)
-            except Exception as exc:  # noqa: BLE001 - retried next round
-                log.error("offline TTL clean-up failed: %s", exc)
+            await self.purge_once()
             await asyncio.sleep(PURGE_EVERY)
+
+    async def purge_once(self) -> None:
+        """One clean-up round: the offline index's TTL, then message retention (if set).
+        A failure is logged and retried next round."""
+        try:
+            removed = await self.mysql.purge_offline(TTL_SECONDS, 10000)
+            self.purged += removed
+            if removed:
+                log.info("offline TTL clean-up removed rows=%s", removed)
+        except Exception as exc:  # noqa: BLE001 - retried next round
+            log.error("offline TTL clean-up failed: %s", exc)
+        days = self.settings.message_retention_days
+        if not days:
+            return
+        try:
+            self.messages_purged += await self.mysql.purge_messages(days * 24 * 3600, 10000)
+        except Exception as exc:  # noqa: BLE001 - retried next round
+            log.error("message retention clean-up failed: %s", exc)
 
     async def drain(self, deadline: float = 30.0) -> None:
         await asyncio.sleep(0)

@@ -314,7 +314,7 @@ def exported_metrics() -> frozenset[str]:
     mysql = SimpleNamespace(pool_stats=lambda: {"max": 20, "open": 3, "idle": 2})
     others = _render(
         _ServiceCollector(service),
-        OfflineCollector(SimpleNamespace(stored=1, purged=0)),
+        OfflineCollector(SimpleNamespace(stored=1, purged=0, messages_purged=0)),
         BackendCollector([(bus, "gateway-group")], mysql=mysql),
     )
     return frozenset(gateway | others)

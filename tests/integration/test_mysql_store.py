@@ -110,7 +110,8 @@ def test_schema_file_is_the_migrations_and_applies_by_hand(
         mariadb_server.execute(path.read_text(), database="im_chat_by_hand")  # twice is fine
         out = mariadb_server.execute("SELECT version FROM schema_migrations",
                                      database="im_chat_by_hand")
-        assert out.split() == [str(SCHEMA_VERSION)]
+        assert out.split() == [str(v) for v, _, _ in MIGRATIONS]  # every one recorded
+        assert MIGRATIONS[-1][0] == SCHEMA_VERSION
     finally:
         mariadb_server.execute("DROP DATABASE im_chat_by_hand")
 
@@ -477,3 +478,48 @@ async def test_a_silent_connection_is_dropped_after_the_timeout(
         finally:
             proxy.pass_through()
             await store.close()
+
+
+async def test_purge_messages_removes_old_entries_and_keeps_every_seq_floor(
+        mariadb_server: MariaDBServer, store: MySQLStore) -> None:
+    now = int(time.time() * 1000)
+
+    def aged(conv: str, seq: int, days: float) -> StoredMessage:
+        return StoredMessage(conv, seq, f"id-{conv}-{seq}", "a", "d1", f"{conv}-{seq}", "b",
+                             now - int(days * DAY * 1000))
+
+    await store.append([aged("p:a:b", s, 40) for s in range(1, 6)]
+                       + [aged("p:a:b", 6, 1), aged("p:a:b", 7, 0)]
+                       + [aged("g:old", s, 31) for s in range(1, 4)])
+    # A conversation whose snapshot row is missing: the purge itself must keep its floor.
+    sql(mariadb_server, "DELETE FROM sequence_snapshots WHERE conversation_id='g:old'")
+    deletes = "SHOW GLOBAL STATUS LIKE 'Com_delete'"
+    before = int(sql(mariadb_server, deletes)[0][1])
+    assert await store.purge_messages(30 * DAY, batch=3) == 8
+    assert int(sql(mariadb_server, deletes)[0][1]) - before == 3  # batches of 3, 3, 2
+    assert [m.seq for m in await store.fetch("p:a:b", 0, 10)] == [6, 7]
+    assert await store.fetch("g:old", 0, 10) == []
+    # No seq is ever handed out twice: the floors survive the purge.
+    assert await store.latest_seq("g:old") == 3
+    assert await store.latest_seq("p:a:b") == 7
+    assert await store.purge_messages(30 * DAY) == 0
+    for bad in ({"older_than_seconds": 0}, {"older_than_seconds": DAY, "batch": 0}):
+        with pytest.raises(ValueError):
+            await store.purge_messages(**bad)  # type: ignore[arg-type]
+
+
+async def test_offline_worker_applies_message_retention_only_when_set(
+        store: MySQLStore, mariadb_app_dsn: str) -> None:
+    from imfast.offline.worker import OfflineWorker
+
+    old = StoredMessage("p:a:b", 1, "id-old", "a", "d1", "old", "b",
+                        int((time.time() - 40 * DAY) * 1000))
+    await store.append([old, msg("p:a:b", 2, cmid="new")._replace(ts=int(time.time() * 1000))])
+    for days, left in ((0.0, [1, 2]), (30.0, [2])):
+        worker = OfflineWorker(load_settings({
+            "MYSQL_DSN": mariadb_app_dsn, "KAFKA_BROKERS": "unused:9092",
+            "MESSAGE_RETENTION_DAYS": str(days)}))
+        worker.mysql = store
+        await worker.purge_once()
+        assert [m.seq for m in await store.fetch("p:a:b", 0, 10)] == left
+        assert worker.messages_purged == (1 if days else 0)
