@@ -226,10 +226,13 @@ class GatewayNode:
             for address, users in by_gateway.items():
                 remote[address].append(["deliver", {"e": record["e"], "u": users,
                                                     "s": record.get("s")}])
-        # Without waiting: an unreachable gateway must not hold up the others, nor this
-        # partition (its pushes wait for a connection, or are dropped: _push_dropped).
-        for address, items in remote.items():
-            self.links.push_soon(address, "batch", items)
+        # A gateway not connected must not hold up the others: they get theirs now.  The
+        # batch is done (and its offsets committed) once the pushes to connecting
+        # gateways were written too, or given up on (_fan_out_dropped).
+        pending = [w for address, items in remote.items()
+                   if (w := self.links.push_soon(address, "batch", items)) is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if offline:
             await self.bus.publish_many(TOPIC_OFFLINE, offline)
 

@@ -210,7 +210,8 @@ class LinkPool:
         self.on_dropped = on_dropped
         #: address -> pushes waiting for the connection being made to it (in order).
         self._backlog: dict[str, list[tuple[str, Any]]] = {}
-        self._connecting: set[asyncio.Task[None]] = set()
+        #: address -> the task connecting to it and then writing its backlog.
+        self._writers: dict[str, asyncio.Task[None]] = {}
 
     def get(self, addr: str) -> LinkClient:
         client = self._clients.get(addr)
@@ -218,32 +219,36 @@ class LinkPool:
             client = self._clients[addr] = LinkClient(addr, timeout=self._timeout)
         return client
 
-    def push_soon(self, addr: str, method: str, args: Any) -> bool:
-        """Push now if connected (True); otherwise queue it behind the pushes already
-        waiting for ``addr`` and return False at once.
+    def push_soon(self, addr: str, method: str, args: Any) -> asyncio.Task[None] | None:
+        """Push now if connected (None); otherwise queue it behind the pushes already
+        waiting for ``addr`` and return at once the task that writes them.
 
         Per peer, pushes are written in the order they were given.  Queued ones
         go as soon as a connection is made (one task per peer connects, up to the
         pool's timeout); if none is, they are dropped and ``on_dropped`` is told.
+        The returned task ends when they were written or dropped: a caller that
+        must not answer before its pushes left (im-service's ``sent``) waits for
+        it, and nobody else does.
         """
-        backlog = self._backlog.get(addr)
-        if backlog is not None:  # a connect is under way: join the queue, keep the order
-            backlog.append((method, args))
-            return False
+        task = self._writers.get(addr)
+        if task is not None:  # a connect is under way: join the queue, keep the order
+            self._backlog[addr].append((method, args))
+            return task
         client = self.get(addr)
         if client.push(method, args):
-            return True
+            return None
         self._backlog[addr] = [(method, args)]
-        task = asyncio.get_running_loop().create_task(self._push_backlog(addr, client))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
-        return False
+        task = self._writers[addr] = asyncio.get_running_loop().create_task(
+            self._push_backlog(addr, client))
+        return task
 
     async def _push_backlog(self, addr: str, client: LinkClient) -> None:
         try:
             await client.connection()
         except ImfastError:
             pass  # unreachable for the whole timeout: what waited is dropped below
+        finally:
+            del self._writers[addr]
         backlog = self._backlog.pop(addr, [])
         unsent = [item for item in backlog if not client.push(*item)]
         if unsent and self.on_dropped is not None:
@@ -255,7 +260,7 @@ class LinkPool:
         return sum(len(b) for b in self._backlog.values())
 
     async def close(self) -> None:
-        for task in list(self._connecting):
+        for task in list(self._writers.values()):
             task.cancel()
         for c in self._clients.values():
             await c.close()

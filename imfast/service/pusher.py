@@ -15,7 +15,10 @@
 * no round waits for a gateway: one not connected gets its pushes in order
   once its link is up, or they are dropped after the link pool's timeout
   (5 s) and counted in ``route_failures``; the other gateways get theirs at
-  once, and senders are answered once the pushes were handed to the links.
+  once.  Senders (``routed_all``) are answered once their round's pushes
+  were written or given up: an acknowledged message never waits in this
+  process's memory only, so a crash before a push left means no ``sent``
+  and a resend, which routes it again.
 
 Nothing here can lose an acknowledged message: entries are durable before
 they get here, and a client that missed a push gets the entry by sync or
@@ -62,6 +65,17 @@ def _wake(waiters: list[asyncio.Future[None]]) -> None:
     for fut in waiters:
         if not fut.done():
             fut.set_result(None)
+
+
+def _wake_after(waiters: list[asyncio.Future[None]], pending: list[asyncio.Task[None]]) -> None:
+    """Wake ``waiters`` once every task in ``pending`` is done (now, if none is pending):
+    a round's senders wait for their pushes to a connecting gateway (written or given
+    up), while the next rounds go on."""
+    if not pending:
+        _wake(waiters)
+        return
+    asyncio.gather(*pending, return_exceptions=True).add_done_callback(
+        lambda _: _wake(waiters))
 
 
 class ClusterPusher:
@@ -144,16 +158,20 @@ class ClusterPusher:
         waiters = self._take_waiters()
         private, self._private = self._private, []
         self._route_looked_up(private)
-        self._push_all()
-        _wake(waiters)
+        _wake_after(waiters, self._push_all())
 
-    def _push_all(self) -> None:
+    def _push_all(self) -> list[asyncio.Task[None]]:
         """Hand every queued push to its gateway's link, without waiting: a gateway
         not connected gets its pushes when it is (in order), or they are dropped
-        (:meth:`_push_dropped`) after the pool's timeout; the others go now."""
+        (:meth:`_push_dropped`) after the pool's timeout; the others go now.
+        Returns the tasks writing the pushes that wait for a connection."""
         pushes, self._pushes = self._pushes, defaultdict(list)
+        pending = []
         for gateway, items in pushes.items():
-            self.links.push_soon(gateway, "batch", items)
+            writer = self.links.push_soon(gateway, "batch", items)
+            if writer is not None:
+                pending.append(writer)
+        return pending
 
     def _push_dropped(self, gateway: str, pushes: list[tuple[str, Any]]) -> None:
         self.route_failures += 1
@@ -232,18 +250,20 @@ class ClusterPusher:
             while self._group or self._offline or self._pushes or self._private:
                 # Whoever waits now waits for what is queued now: this round.
                 waiters = self._take_waiters()
+                pending: list[asyncio.Task[None]] = []
                 try:
-                    await self._flush_round()
+                    pending = await self._flush_round()
                 finally:
-                    _wake(waiters)
+                    _wake_after(waiters, pending)
         finally:
             _wake(self._take_waiters())  # nothing left queued: every waiter's entries went
 
-    async def _flush_round(self) -> None:
-        """Push and publish everything queued when it starts (one round)."""
+    async def _flush_round(self) -> list[asyncio.Task[None]]:
+        """Push and publish everything queued when it starts (one round); returns the
+        tasks writing its pushes to gateways still connecting."""
         if self._private:
             await self._route_private()
-        self._push_all()
+        pending = self._push_all()
         for topic, attr in ((TOPIC_GROUP, "_group"), (TOPIC_OFFLINE, "_offline")):
             items = getattr(self, attr)
             if not items:
@@ -259,6 +279,7 @@ class ClusterPusher:
                 log.error("route failed: publish to %s failed (%d records): %s; spooling "
                           "until Kafka is back", topic, len(items), exc)
                 self._to_spool(topic, items)
+        return pending
 
     def _to_spool(self, topic: str, items: list[tuple[bytes, bytes]]) -> None:
         spool = self._spool[topic]
