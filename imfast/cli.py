@@ -168,27 +168,31 @@ def _cmd_role(settings: Settings, args: argparse.Namespace) -> int:
 
     tune_gc()
 
-    async def run() -> None:
-        from imfast.node import run_until_signalled
-
-        node: Any
+    def make_node() -> Any:
         if args.command == "gateway" and settings.workers > 1:
             from imfast.workers import GatewaySupervisor
 
-            node = GatewaySupervisor(settings, settings.workers)
-        elif args.command == "gateway":
+            return GatewaySupervisor(settings, settings.workers)
+        if args.command == "gateway":
             from imfast.gateway.cluster import GatewayNode
 
-            node = GatewayNode(settings)
-        elif args.command == "service":
+            return GatewayNode(settings)
+        if args.command == "service":
             from imfast.service.node import ServiceNode
 
-            node = ServiceNode(settings)
-        else:
-            from imfast.offline.worker import OfflineWorker
+            return ServiceNode(settings)
+        from imfast.offline.worker import OfflineWorker
 
-            node = OfflineWorker(settings)
-        await node.start()
+        return OfflineWorker(settings)
+
+    async def run() -> None:
+        from imfast.node import run_until_signalled
+        from imfast.startup import start_when_backends_are_up
+
+        # A backend that is down is waited for (serving /health/live meanwhile).
+        node = await start_when_backends_are_up(make_node, settings, args.command)
+        if node is None:
+            return  # signalled while waiting
         print(f"imfast {args.command} running (HTTP {settings.http_port})", file=sys.stderr,
               flush=True)
         await run_until_signalled(node)

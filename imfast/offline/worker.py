@@ -136,8 +136,17 @@ class OfflineWorker:
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
+        """Close what is open (also after a start that failed half-way)."""
         for t in self._tasks:
             t.cancel()
-        self.http.close()
-        await self.bus.close()
-        await self.mysql.close()
+        for name in ("http", "bus", "mysql"):
+            part = getattr(self, name, None)
+            if part is None:
+                continue
+            try:
+                if name == "http":
+                    part.close()
+                else:
+                    await part.close()
+            except Exception:
+                log.exception("close failed")

@@ -96,10 +96,10 @@ class ServiceNode:
         self.mysql = mysql
         self.sequences = sequences = RedisSequenceStore(
             s.redis_url, dedup_ttl=s.dedup_ttl, floor_source=mysql.latest_seq)
+        self._closers.append(sequences)  # closing one that never started is harmless
         start = getattr(sequences, "start", None)
         if start is not None:
             await start()
-        self._closers.append(sequences)
         self.store = CompositeStore(sequences, mysql)
         self.registry = EtcdRegistry(list(s.etcd_endpoints), owner="im-service")
         await self.registry.start()
@@ -107,9 +107,9 @@ class ServiceNode:
         self.bus = KafkaBus(list(s.kafka_brokers), client_id="im-service",
                             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.bus.start()
+        self._closers.append(self.bus)
         await self.bus.ensure_topics([TOPIC_GROUP, TOPIC_OFFLINE], s.kafka_topic_partitions,
                                      s.kafka_topic_replication)
-        self._closers.append(self.bus)
         self.links = LinkPool()
         self._closers.append(self.links)
         self.pusher = ClusterPusher(self.registry, self.bus, self.links)
