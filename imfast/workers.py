@@ -148,6 +148,8 @@ class EmbeddedSupervisor(_NodeDrain):
         with open(os.path.join(self.sockets_dir, "pid"), "w") as f:
             f.write(str(os.getpid()))
         self._stopping = False
+        #: user -> when their last device left any worker (for presence's last_seen).
+        self.last_seen: dict[str, float] = {}
 
     async def start(self) -> int:
         s = self.settings
@@ -181,7 +183,7 @@ class EmbeddedSupervisor(_NodeDrain):
         async def drain(reason: str) -> None:
             self.node_drain(reason)
 
-        last_seen: dict[str, float] = {}  # user -> when their last device left any worker
+        last_seen = self.last_seen
 
         async def unregister(user: str, device: str, gateway: str) -> None:
             await registry.unregister(user, device, gateway)
@@ -237,10 +239,23 @@ class EmbeddedSupervisor(_NodeDrain):
             await asyncio.sleep(0.5)
             for index, proc in list(self.procs.items()):
                 if proc.poll() is not None and not self._stopping:
-                    dropped = self.registry.drop_gateway(UNIX_PREFIX + self._push_path(index))
+                    dropped = self._drop_worker(index)
                     log.error("gateway worker %d exited with %s; restarting (%d registrations "
                               "dropped)", index, proc.returncode, dropped)
                     self._spawn(index)
+
+    def _drop_worker(self, index: int) -> int:
+        """Forget the registrations of dead worker ``index``; its users with no device
+        left elsewhere were last seen now.  Returns the registrations dropped."""
+        gateway = UNIX_PREFIX + self._push_path(index)
+        users = [u for u in self.registry.users() if gateway in
+                 self.registry.cached_lookup(u).values()]
+        dropped = self.registry.drop_gateway(gateway)
+        now = time.time()
+        for user in users:
+            if not self.registry.cached_lookup(user):
+                self.last_seen[user] = now
+        return int(dropped)
 
     async def drain(self, deadline: float = 30.0) -> None:
         """SIGTERM every worker (each drains), wait for them."""

@@ -199,6 +199,10 @@ class MemoryRegistry:
         devices = self._entries.get(user)
         return dict(devices) if devices else {}
 
+    def users(self) -> list[str]:
+        """Every user with a registered device."""
+        return list(self._entries)
+
     def drop_gateway(self, gateway: str) -> int:
         """Forget every entry pointing at ``gateway`` (it died); returns how many."""
         dropped = 0

@@ -172,8 +172,8 @@ def test_gateway_processes_yield_the_cpu_to_the_router(served: Served, tmp_path:
 
 
 def test_a_killed_worker_is_restarted_and_its_clients_resume(served: Served) -> None:
-    alice = served.client("alice")
-    bob = served.client("bob")
+    clients = {u: served.client(u) for u in ["alice", "bob", *(f"k{i}" for i in range(10))]}
+    served.wait_for(lambda s: s["active_connections"] == 12)
     victim = served.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     served.wait_for(lambda s: s["workers"] == 2 and victim not in served.worker_pids())
@@ -181,13 +181,26 @@ def test_a_killed_worker_is_restarted_and_its_clients_resume(served: Served) -> 
     assert all(os.getpriority(os.PRIO_PROCESS, p) == min(19, router + 10)  # restarted: too
                for p in served.worker_pids())
     # Whoever was on the dead worker reconnects and gets what was sent meanwhile.
-    for c in (alice, bob):
+    dead = set()
+    for u, c in clients.items():
         try:
             c.send(type="ping", id="alive?")
             c.recv_until("pong")
         except Exception:  # noqa: BLE001 - it was on the killed worker
             c.close()
+            dead.add(u)
+    assert dead and len(dead) < 12  # the kernel spread 12 connections over both workers
     alice = served.client("alice")
+    # Those on the dead worker are offline now, with a last_seen; the others online.
+    alice.send(type="presence", users=sorted(clients), id="who")
+    states = alice.recv_until("presence", id="who")[-1]["users"]
+    for u, state in states.items():
+        if u == "alice":
+            continue
+        if u in dead:
+            assert state["online"] is False and state["last_seen"] > 0, (u, state)
+        else:
+            assert state["online"] is True, (u, state)
     alice.send(type="send", cmid="after-kill", to="bob", body="still here")
     alice.recv_until("sent")
     bob2 = Client(f"ws://127.0.0.1:{served.port}/ws",
