@@ -111,6 +111,11 @@ class ClusterGateway(Gateway):
             if session is not None and cast != "own_ack":  # the client sent no own_ack
                 session.cast_failed(cast, args, ImfastError(message, code=code, field=field))
             return
+        if method == "resync":
+            self.pushes_lost += 1
+            log.warning("pushes to this gateway were dropped (a peer could not reach it); "
+                        "sessions check the store at their next entry per conversation")
+            return
         if method != "batch":
             log.warning("unknown push %s", method)
             return

@@ -101,6 +101,10 @@ class Gateway:
         self.wheel = TimerWheel(1.0, self.now)
         self.coalescer = WriteCoalescer(self.loop)
         self.stats = GatewayStats()
+        #: How many times a peer told us it dropped pushes meant for us (``resync``):
+        #: a session connected before that catches a conversation up from the store at
+        #: its first push there, instead of taking that push as the next entry.
+        self.pushes_lost = 0
         self.draining = False
         self.drain_reason = ""
         self.started_at = time.time()

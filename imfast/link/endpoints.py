@@ -195,13 +195,18 @@ class LinkClient:
 
 Dropped = Callable[[str, list[tuple[str, Any]]], None]
 
+#: The push that tells a peer some pushes meant for it were dropped: the first
+#: push it gets from us after such a loss.
+RESYNC = "resync"
+
 
 class LinkPool:
     """One :class:`LinkClient` per peer address, created on demand.
 
     ``on_dropped(address, pushes)`` is told of the ``(method, args)`` pushes
     :meth:`push_soon` gave up on: the peer stayed unreachable for ``timeout`` seconds, or the
-    connection closed before they could be written.
+    connection closed before they could be written.  The peer itself gets
+    :data:`RESYNC` before the next push that reaches it.
     """
 
     def __init__(self, timeout: float = 5.0, on_dropped: Dropped | None = None) -> None:
@@ -212,6 +217,8 @@ class LinkPool:
         self._backlog: dict[str, list[tuple[str, Any]]] = {}
         #: address -> the task connecting to it and then writing its backlog.
         self._writers: dict[str, asyncio.Task[None]] = {}
+        #: Peers that lost pushes and have not been sent RESYNC yet.
+        self._dropped: set[str] = set()
 
     def get(self, addr: str) -> LinkClient:
         client = self._clients.get(addr)
@@ -235,7 +242,9 @@ class LinkPool:
             self._backlog[addr].append((method, args))
             return task
         client = self.get(addr)
-        if client.push(method, args):
+        if addr in self._dropped and client.push(RESYNC, None):
+            self._dropped.discard(addr)
+        if addr not in self._dropped and client.push(method, args):
             return None
         self._backlog[addr] = [(method, args)]
         task = self._writers[addr] = asyncio.get_running_loop().create_task(
@@ -250,9 +259,14 @@ class LinkPool:
         finally:
             del self._writers[addr]
         backlog = self._backlog.pop(addr, [])
-        unsent = [item for item in backlog if not client.push(*item)]
-        if unsent and self.on_dropped is not None:
-            self.on_dropped(addr, unsent)
+        if addr in self._dropped and client.push(RESYNC, None):
+            self._dropped.discard(addr)
+        unsent = backlog if addr in self._dropped else [
+            item for item in backlog if not client.push(*item)]
+        if unsent:
+            self._dropped.add(addr)  # the peer is told (RESYNC) before any later push
+            if self.on_dropped is not None:
+                self.on_dropped(addr, unsent)
 
     @property
     def queued(self) -> int:

@@ -324,3 +324,24 @@ def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_befo
     alice.send(type="send", cmid="a3", to="bob", body="third", id=8)
     assert alice.recv_until("sent", id=8)[-1]["seq"] == 5
     assert cursors_after_own_batch(alice, 9) == {"p:alice:bob": 2}
+
+
+def test_after_pushes_were_dropped_the_next_entry_brings_the_missed_one_first(
+        node: NodeThread) -> None:
+    """A push lost on its way to the gateway (a peer gave up on it: in distributed mode
+    it then sends ``resync``, which bumps ``pushes_lost``) is not a silent gap: the
+    device's next entry in that conversation is caught up from the store, so the
+    missed entry comes first and nothing is acknowledged past it."""
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    assert node.node is not None and node.node.gateway is not None
+    gateway = node.node.gateway
+    delivered = gateway.deliver
+    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
+    alice.send(type="send", cmid="lost", to="bob", body="never pushed")
+    assert alice.recv_until("sent")[-1]["seq"] == 1
+    gateway.deliver = delivered  # type: ignore[method-assign]
+    gateway.pushes_lost += 1  # what a resync push does
+    alice.send(type="send", cmid="next", to="bob", body="pushed")
+    alice.recv_until("sent")
+    got = [bob.recv_until("msg")[-1] for _ in range(2)]
+    assert [(m["seq"], m["body"]) for m in got] == [(1, "never pushed"), (2, "pushed")]

@@ -12,16 +12,20 @@ from imfast.link.endpoints import UNIX_PREFIX, LinkServer
 
 class RecordingGateway:
     """Listens on ``path`` once :meth:`listen` is awaited; ``got`` lists the seqs of the
-    ``deliver`` items of every ``batch`` push, in arrival order."""
+    ``deliver`` items of every ``batch`` push, ``methods`` every push's method, in
+    arrival order."""
 
     def __init__(self, path: str) -> None:
         self.addr = UNIX_PREFIX + path
         self.path = path
         self.got: list[int] = []
+        self.methods: list[str] = []
         self.server = LinkServer(None, self._on_push)
 
-    def _on_push(self, method: str, items: list[Any]) -> None:
-        self.got += [item[1]["e"][1] for item in items]
+    def _on_push(self, method: str, items: Any) -> None:
+        self.methods.append(method)
+        if method == "batch":
+            self.got += [item[1]["e"][1] for item in items]
 
     async def listen(self) -> RecordingGateway:
         await self.server.start_unix(self.path)

@@ -178,4 +178,14 @@ async def test_pushes_to_a_gateway_unreachable_for_the_timeout_are_dropped_and_c
     await asyncio.wait_for(pusher.routed_all(), 2.0)  # answered once given up on
     assert pusher.route_failures == 1
     assert pool.queued == 0 and gw1.got == [2]
+    # Once it is reachable, the gateway is told it lost pushes before it gets any more.
+    await gw2.listen()
+    await until(lambda: pool.get(gw2.addr).connected)
+    pusher.deliver(["carol"], private(3), None)
+    await asyncio.wait_for(pusher.routed_all(), 2.0)
+    await until(lambda: gw2.got == [3])
+    assert gw2.methods == ["resync", "batch"]
+    pusher.deliver(["carol"], private(4), None)  # told once
+    await until(lambda: gw2.got == [3, 4])
+    assert gw2.methods == ["resync", "batch", "batch"] and gw1.methods == ["batch"]
     await pool.close()
