@@ -926,7 +926,6 @@ class MySQLStore:
                      older_than_seconds)
         return total
 
-
     async def purge_messages(self, older_than_seconds: float, batch: int = 10000) -> int:
         """Delete conversation entries older than ``older_than_seconds`` (by their
         ``ts``), oldest first, ``batch`` rows per transaction; returns how many.

@@ -362,6 +362,7 @@ class Gateway:
             "messages_delivered": s.delivered,
             "events_dropped": s.dropped,
             "deliveries_failed": s.failed,
+            "push_losses_reported": self.pushes_lost,
             "socket_writes": self.coalescer.writes,
             "delivery_p99_seconds_upper_bound": p99,
             "errors": dict(s.errors),

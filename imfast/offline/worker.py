@@ -139,14 +139,12 @@ class OfflineWorker:
         """Close what is open (also after a start that failed half-way)."""
         for t in self._tasks:
             t.cancel()
-        for name in ("http", "bus", "mysql"):
-            part = getattr(self, name, None)
-            if part is None:
-                continue
-            try:
-                if name == "http":
-                    part.close()
-                else:
+        http = getattr(self, "http", None)
+        if http is not None:
+            http.close()
+        for part in (getattr(self, "bus", None), getattr(self, "mysql", None)):
+            if part is not None:
+                try:
                     await part.close()
-            except Exception:
-                log.exception("close failed")
+                except Exception:
+                    log.exception("close failed")
