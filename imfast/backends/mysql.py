@@ -912,15 +912,9 @@ class MySQLStore:
         micros = max(0, int(older_than_seconds * 1_000_000))
         cutoff = (await self._read(
             "purge_offline", "SELECT NOW(3) - INTERVAL %s MICROSECOND", (micros,)))[0][0]
-        total = 0
-        while True:
-            deleted = await self._write(
-                "purge_offline", "DELETE FROM offline_messages WHERE created_at < %s "
-                "ORDER BY created_at LIMIT %s", (cutoff, batch))
-            total += deleted
-            if deleted < batch:
-                break
-            await asyncio.sleep(0)  # let other work in between batches
+        total = await _until_fewer_than(batch, lambda: self._write(
+            "purge_offline", "DELETE FROM offline_messages WHERE created_at < %s "
+            "ORDER BY created_at LIMIT %s", (cutoff, batch)))
         if total:
             log.info("offline messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
@@ -962,17 +956,24 @@ class MySQLStore:
                 "DELETE FROM messages WHERE ts < %s ORDER BY ts, conv, seq LIMIT %s",
                 (cutoff_ms, batch)))
 
-        total = 0
-        while True:
-            deleted = await self._transaction("purge_messages", one_batch)
-            total += deleted
-            if deleted < batch:
-                break
-            await asyncio.sleep(0)  # let other work in between batches
+        total = await _until_fewer_than(
+            batch, lambda: self._transaction("purge_messages", one_batch))
         if total:
             log.info("messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
         return total
+
+
+async def _until_fewer_than(batch: int, delete: Callable[[], Awaitable[int]]) -> int:
+    """Run ``delete`` (one batch) until it deletes fewer than ``batch`` rows, letting
+    other work run in between; returns the rows deleted in all."""
+    total = 0
+    while True:
+        deleted = await delete()
+        total += deleted
+        if deleted < batch:
+            return total
+        await asyncio.sleep(0)
 
 
 def _unavailable_error(op: str, exc: BaseException, dsn: MySQLDSN,
