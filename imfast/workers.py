@@ -239,23 +239,13 @@ class EmbeddedSupervisor(_NodeDrain):
             await asyncio.sleep(0.5)
             for index, proc in list(self.procs.items()):
                 if proc.poll() is not None and not self._stopping:
-                    dropped = self._drop_worker(index)
-                    log.error("gateway worker %d exited with %s; restarting (%d registrations "
-                              "dropped)", index, proc.returncode, dropped)
+                    offline = self.registry.drop_gateway(UNIX_PREFIX + self._push_path(index))
+                    now = time.time()
+                    for user in offline:  # presence's last_seen
+                        self.last_seen[user] = now
+                    log.error("gateway worker %d exited with %s; restarting (%d users went "
+                              "offline)", index, proc.returncode, len(offline))
                     self._spawn(index)
-
-    def _drop_worker(self, index: int) -> int:
-        """Forget the registrations of dead worker ``index``; its users with no device
-        left elsewhere were last seen now.  Returns the registrations dropped."""
-        gateway = UNIX_PREFIX + self._push_path(index)
-        users = [u for u in self.registry.users() if gateway in
-                 self.registry.cached_lookup(u).values()]
-        dropped = self.registry.drop_gateway(gateway)
-        now = time.time()
-        for user in users:
-            if not self.registry.cached_lookup(user):
-                self.last_seen[user] = now
-        return int(dropped)
 
     async def drain(self, deadline: float = 30.0) -> None:
         """SIGTERM every worker (each drains), wait for them."""

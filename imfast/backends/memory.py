@@ -199,18 +199,15 @@ class MemoryRegistry:
         devices = self._entries.get(user)
         return dict(devices) if devices else {}
 
-    def users(self) -> list[str]:
-        """Every user with a registered device."""
-        return list(self._entries)
-
-    def drop_gateway(self, gateway: str) -> int:
-        """Forget every entry pointing at ``gateway`` (it died); returns how many."""
-        dropped = 0
+    def drop_gateway(self, gateway: str) -> list[str]:
+        """Forget every entry pointing at ``gateway`` (it died); returns the users left
+        with no device at all (offline now)."""
+        offline = []
         for user in list(self._entries):
             devices = self._entries[user]
             for device in [d for d, g in devices.items() if g == gateway]:
                 del devices[device]
-                dropped += 1
             if not devices:
                 del self._entries[user]
-        return dropped
+                offline.append(user)
+        return offline
