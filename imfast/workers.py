@@ -453,6 +453,7 @@ async def _worker_main() -> None:
     gateway = WorkerGateway(settings, verifier, router, _LinkRegistry(service),
                             settings.advertise_addr)
     push._on_push = gateway.on_push
+    push.on_broken = gateway.push_link_broken
     await gateway.start()
     task = asyncio.get_running_loop().create_task(
         report_loop(gateway, service, f"worker-{index}"))

@@ -36,7 +36,7 @@ from imfast.gateway.session import Session
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
 from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
-from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE
+from imfast.service.pusher import TOPIC_GROUP, TOPIC_OFFLINE, users_in_batch
 from imfast.service.remote import RemoteRouter, entry_from_wire
 
 __all__ = ["GROUP_GATEWAYS", "ClusterGateway", "GatewayNode"]
@@ -102,6 +102,11 @@ class ClusterGateway(Gateway):
                 state["last_seen"] = None
         return result
 
+    def push_link_broken(self, peer: str) -> None:
+        """A link that pushed to us broke without a goodbye (its process crashed, or
+        the network reset it): pushes it had written may be lost, for anyone here."""
+        self.pushes_were_lost(None, f"the push link from {peer} broke")
+
     def on_push(self, method: str, items: Any) -> None:
         """Pushes from im-service or other gateways (port 9093), and im-service's
         reports of failed casts (on the link to it)."""
@@ -112,9 +117,7 @@ class ClusterGateway(Gateway):
                 session.cast_failed(cast, args, ImfastError(message, code=code, field=field))
             return
         if method == "resync":
-            self.pushes_lost += 1
-            log.warning("pushes to this gateway were dropped (a peer could not reach it); "
-                        "sessions check the store at their next entry per conversation")
+            self.pushes_were_lost(items)
             return
         if method != "batch":
             log.warning("unknown push %s", method)
@@ -147,7 +150,7 @@ class GatewayNode:
 
         s = self.settings
         verifier = TokenVerifier(s, embedded=False)
-        self.links = LinkPool(on_dropped=self._fan_out_dropped)
+        self.links = LinkPool(on_dropped=self._fan_out_dropped, users_of=users_in_batch)
         self._closers.append(self.links)
         # The gateway is made below; pushes on these links (cast failures) reach it.
         service = ServiceLinks(s.service_addr, on_push=self._service_push)
@@ -168,6 +171,7 @@ class GatewayNode:
 
         self.gateway = WorkerGateway(s, verifier, RemoteRouter(service), registry, advertise)
         push_server._on_push = self.gateway.on_push
+        push_server.on_broken = self.gateway.push_link_broken
         self.gateway.extra_stats = lambda: {
             "service_link_connected": service.connected,
             "advertise_addr": advertise,

@@ -101,10 +101,12 @@ class Gateway:
         self.wheel = TimerWheel(1.0, self.now)
         self.coalescer = WriteCoalescer(self.loop)
         self.stats = GatewayStats()
-        #: How many times a peer told us it dropped pushes meant for us (``resync``):
-        #: a session connected before that catches a conversation up from the store at
-        #: its first push there, instead of taking that push as the next entry.
+        #: How many times a peer told us it dropped pushes meant for us (``resync``).
         self.pushes_lost = 0
+        #: Bumped when a peer dropped pushes for users it could not name: a session
+        #: connected before that catches a conversation up from the store at its
+        #: first push there, instead of taking that push as the next entry.
+        self.push_epoch = 0
         self.draining = False
         self.drain_reason = ""
         self.started_at = time.time()
@@ -413,6 +415,31 @@ class Gateway:
         if pushed:
             self.stats.delivered += pushed
             self.stats.observe_latency(max(0.0, time.time() - message.ts / 1000.0), pushed)
+
+    def pushes_were_lost(self, users: list[str] | None,
+                         why: str = "a peer could not reach it") -> None:
+        """A peer dropped pushes meant for ``users`` here (None: it cannot say whom).
+
+        Every session of those users reads what it missed from the store now, and
+        takes none of its next pushes as the entry after its cursor without checking
+        the store first, so a dropped entry is neither skipped nor left waiting for a
+        later one.  With no names, every session connected now does the latter.
+        """
+        self.pushes_lost += 1
+        if users is None:
+            self.push_epoch += 1
+            log.warning("pushes to this gateway were dropped (%s); "
+                        "sessions check the store at their next entry per conversation", why)
+            return
+        sessions = 0
+        for user in users:
+            for session in self.table.sessions_of(user):
+                session.push_epoch = -1  # never the gateway's: see Session.offer
+                session.recheck()
+                sessions += 1
+        log.warning("pushes to this gateway were dropped (%s) for %d users; their %d "
+                    "sessions here read what they missed from the store",
+                    why, len(users), sessions)
 
     def event(self, users: Iterable[str], payload: dict[str, Any],
               skip: tuple[str, str] | None) -> None:

@@ -96,9 +96,10 @@ class Session(FramedListener):
                  dev_user: str | None = None, dev_device: str | None = None) -> None:
         super().__init__(gw.settings.max_frame_bytes)
         self.gw = gw
-        # Pushes lost before this gateway learnt of it (Gateway.pushes_lost) make the
-        # first push of a conversation untrustworthy as "the next entry": see offer().
-        self.push_epoch = gw.pushes_lost
+        # Pushes lost before this gateway learnt of it (Gateway.push_epoch moved on, or
+        # this is -1: Gateway.pushes_were_lost) make the first push of a conversation
+        # untrustworthy as "the next entry": see offer().
+        self.push_epoch = gw.push_epoch
         self.user = ""
         self.device = ""
         self.bound = False
@@ -307,7 +308,7 @@ class Session(FramedListener):
         last = pushed.get(conv)
         caught_up = last is None  # nothing pushed here since the resume: cursor == seq - 1
         if last is None:
-            if not silent and self.push_epoch != self.gw.pushes_lost:
+            if not silent and self.push_epoch != self.gw.push_epoch:
                 # Pushes to this gateway were dropped since we connected: this entry
                 # may not follow the device's cursor.  Catch up from the store (it
                 # pushes this entry too, after any the device missed).

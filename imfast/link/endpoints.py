@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from imfast.link.wire import Handler, LinkProtocol, PushHandler
@@ -46,11 +47,18 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class LinkServer:
-    """Accepts links; every connection shares ``handler`` and ``on_push``."""
+    """Accepts links; every connection shares ``handler`` and ``on_push``.
 
-    def __init__(self, handler: Handler | None, on_push: PushHandler | None = None) -> None:
+    ``on_broken(peer)`` is told when a connection that carried pushes to us
+    closes without the peer's goodbye (it crashed, or the network reset it):
+    pushes it had written may not have arrived.
+    """
+
+    def __init__(self, handler: Handler | None, on_push: PushHandler | None = None,
+                 on_broken: Callable[[str], None] | None = None) -> None:
         self._handler = handler
         self._on_push = on_push
+        self.on_broken = on_broken
         self._server: asyncio.Server | None = None
         self.connections: set[LinkProtocol] = set()
 
@@ -67,9 +75,14 @@ class LinkServer:
         self._server = await asyncio.get_running_loop().create_unix_server(self._factory, path)
 
     def _factory(self) -> LinkProtocol:
-        proto = LinkProtocol(self._handler, self._on_push, self.connections.discard)
+        proto = LinkProtocol(self._handler, self._on_push, self._lost)
         self.connections.add(proto)
         return proto
+
+    def _lost(self, proto: LinkProtocol) -> None:
+        self.connections.discard(proto)
+        if proto.pushes_in and not proto.farewell and self.on_broken is not None:
+            self.on_broken(proto.peer)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -82,10 +95,12 @@ class LinkClient:
     """One reconnecting link to ``addr``; see module docstring."""
 
     def __init__(self, addr: str, *, handler: Handler | None = None,
-                 on_push: PushHandler | None = None, timeout: float = 10.0) -> None:
+                 on_push: PushHandler | None = None, timeout: float = 10.0,
+                 on_lost: Callable[[LinkProtocol], None] | None = None) -> None:
         self.addr = addr
         self._handler = handler
         self._on_push = on_push
+        self._on_lost = on_lost
         self.timeout = timeout
         self._proto: LinkProtocol | None = None
         self._connecting: asyncio.Task[LinkProtocol] | None = None
@@ -101,8 +116,8 @@ class LinkClient:
         loop = asyncio.get_running_loop()
 
         def factory() -> LinkProtocol:
-            return LinkProtocol(self._handler, self._on_push, call_timeout=self.timeout,
-                                name=addr)
+            return LinkProtocol(self._handler, self._on_push, self._on_lost,
+                                call_timeout=self.timeout, name=addr)
 
         delay = 0.05
         while not self._closed:
@@ -194,10 +209,20 @@ class LinkClient:
 
 
 Dropped = Callable[[str, list[tuple[str, Any]]], None]
+#: ``(method, args)`` of a push -> the users it was meant for (those a RESYNC names).
+UsersOf = Callable[[str, Any], Iterable[str]]
 
-#: The push that tells a peer some pushes meant for it were dropped: the first
-#: push it gets from us after such a loss.
+#: The push that tells a peer some pushes meant for it were dropped, with the users
+#: they were for (None: not known, or too many): the first push it gets from us
+#: after such a loss, sent as soon as it is reachable again.
 RESYNC = "resync"
+#: A RESYNC names at most this many users; beyond, it names none (every session
+#: there then checks the store), so what a lost peer costs us here stays bounded.
+RESYNC_USERS_MAX = 10_000
+#: How long a peer that lost pushes is tried, so that it gets its RESYNC without
+#: waiting for a later push; after that it is forgotten (its link closed: no more
+#: connect attempts), and a later push to it still starts with a RESYNC naming none.
+RESYNC_PATIENCE = 300.0
 
 
 class LinkPool:
@@ -206,25 +231,42 @@ class LinkPool:
     ``on_dropped(address, pushes)`` is told of the ``(method, args)`` pushes
     :meth:`push_soon` gave up on: the peer stayed unreachable for ``timeout`` seconds, or the
     connection closed before they could be written.  The peer itself gets
-    :data:`RESYNC` before the next push that reaches it.
+    :data:`RESYNC`, naming the users ``users_of`` finds in those pushes, as soon as
+    it is reachable again (tried for ``patience`` seconds) and in any case before
+    the next push that reaches it.
     """
 
-    def __init__(self, timeout: float = 5.0, on_dropped: Dropped | None = None) -> None:
+    def __init__(self, timeout: float = 5.0, on_dropped: Dropped | None = None,
+                 users_of: UsersOf | None = None, patience: float = RESYNC_PATIENCE) -> None:
         self._clients: dict[str, LinkClient] = {}
         self._timeout = timeout
         self.on_dropped = on_dropped
+        self.users_of = users_of
+        self._patience = patience
         #: address -> pushes waiting for the connection being made to it (in order).
         self._backlog: dict[str, list[tuple[str, Any]]] = {}
         #: address -> the task connecting to it and then writing its backlog.
         self._writers: dict[str, asyncio.Task[None]] = {}
-        #: Peers that lost pushes and have not been sent RESYNC yet.
-        self._dropped: set[str] = set()
+        #: Peers that lost pushes and have not been sent RESYNC yet -> the users
+        #: those were for (None: not known, or more than RESYNC_USERS_MAX).
+        self._lost: dict[str, set[str] | None] = {}
+        #: address -> the task waiting for it to be reachable to send its RESYNC.
+        self._resyncers: dict[str, asyncio.Task[None]] = {}
 
     def get(self, addr: str) -> LinkClient:
         client = self._clients.get(addr)
         if client is None:
-            client = self._clients[addr] = LinkClient(addr, timeout=self._timeout)
+            client = self._clients[addr] = LinkClient(
+                addr, timeout=self._timeout, on_lost=functools.partial(self._broken, addr))
         return client
+
+    def _broken(self, addr: str, proto: LinkProtocol) -> None:
+        """A connection to ``addr`` closed: if it carried pushes and neither end said
+        goodbye, some may not have arrived; the peer is told (naming nobody)."""
+        if proto.pushes_out and not proto.farewell and addr in self._clients:
+            log.warning("link to %s broke after %d pushes; it will be told some may be lost",
+                        addr, proto.pushes_out)
+            self._note_lost(addr, None)
 
     def push_soon(self, addr: str, method: str, args: Any) -> asyncio.Task[None] | None:
         """Push now if connected (None); otherwise queue it behind the pushes already
@@ -242,14 +284,23 @@ class LinkPool:
             self._backlog[addr].append((method, args))
             return task
         client = self.get(addr)
-        if addr in self._dropped and client.push(RESYNC, None):
-            self._dropped.discard(addr)
-        if addr not in self._dropped and client.push(method, args):
+        if self._told_of_losses(addr, client) and client.push(method, args):
             return None
         self._backlog[addr] = [(method, args)]
         task = self._writers[addr] = asyncio.get_running_loop().create_task(
             self._push_backlog(addr, client))
         return task
+
+    def _told_of_losses(self, addr: str, client: LinkClient) -> bool:
+        """True once ``addr`` has been told of every push it lost (RESYNC sent now
+        if it is connected and was not yet)."""
+        if addr not in self._lost:
+            return True
+        users = self._lost[addr]
+        if client.push(RESYNC, sorted(users) if users is not None else None):
+            del self._lost[addr]
+            return True
+        return False
 
     async def _push_backlog(self, addr: str, client: LinkClient) -> None:
         try:
@@ -259,14 +310,55 @@ class LinkPool:
         finally:
             del self._writers[addr]
         backlog = self._backlog.pop(addr, [])
-        if addr in self._dropped and client.push(RESYNC, None):
-            self._dropped.discard(addr)
-        unsent = backlog if addr in self._dropped else [
+        unsent = backlog if not self._told_of_losses(addr, client) else [
             item for item in backlog if not client.push(*item)]
         if unsent:
-            self._dropped.add(addr)  # the peer is told (RESYNC) before any later push
+            users_of = self.users_of
+            self._note_lost(addr, None if users_of is None else [
+                user for item in unsent for user in users_of(*item)])
             if self.on_dropped is not None:
                 self.on_dropped(addr, unsent)
+
+    def _note_lost(self, addr: str, users: list[str] | None) -> None:
+        """Remember that pushes for ``users`` (None: anyone) were lost on the way to
+        ``addr``, and tell it as soon as it is reachable."""
+        known = self._lost.get(addr, set())
+        if known is not None and users is not None:
+            known.update(users)
+            if len(known) > RESYNC_USERS_MAX:
+                known = None
+        self._lost[addr] = known if users is not None else None
+        if addr not in self._resyncers:
+            self._resyncers[addr] = asyncio.get_running_loop().create_task(
+                self._resync_when_back(addr))
+
+    async def _resync_when_back(self, addr: str) -> None:
+        """Send ``addr`` its RESYNC as soon as it is reachable (within ``patience``);
+        give it up after that: its link is closed and the pool forgets it, keeping
+        only that it must be told (naming nobody) if it ever gets a push again."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._patience
+        try:
+            while addr in self._lost:
+                client = self.get(addr)
+                try:
+                    await asyncio.wait_for(client.connection(),
+                                           max(0.0, give_up_at - loop.time()))
+                except (ImfastError, TimeoutError):
+                    if loop.time() < give_up_at:
+                        continue
+                    if addr not in self._writers:  # nobody is waiting on its link
+                        self._lost[addr] = None
+                        self._clients.pop(addr, None)
+                        await client.close()
+                        log.warning("link to %s given up after %.0fs unreachable; "
+                                    "it will be told of its lost pushes if it returns",
+                                    addr, self._patience)
+                    return
+                if not self._told_of_losses(addr, client):
+                    await asyncio.sleep(0.05)  # closed again at once: try once more
+        finally:
+            del self._resyncers[addr]
 
     @property
     def queued(self) -> int:
@@ -274,7 +366,7 @@ class LinkPool:
         return sum(len(b) for b in self._backlog.values())
 
     async def close(self) -> None:
-        for task in list(self._writers.values()):
+        for task in [*self._writers.values(), *self._resyncers.values()]:
             task.cancel()
         for c in self._clients.values():
             await c.close()

@@ -34,7 +34,10 @@ Guarantees of :class:`LinkProtocol`:
   answer for - an ack the next resume makes up for, a receipt, an indicator;
 * a call's answer is a callback run as the reply is read
   (:meth:`LinkProtocol.call_with`; :meth:`LinkProtocol.call` wraps it in a
-  future).
+  future);
+* :meth:`LinkProtocol.close` writes what is queued, then the push :data:`BYE`
+  (never handed to ``on_push``), so either end can tell a link closed in order
+  (``farewell``) from one that broke, when pushes in flight may have been lost.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ import orjson
 from imfast.backends.errors import BackendUnavailable
 from imfast.protocol.codes import ImfastError
 
-__all__ = ["CAST", "ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
+__all__ = ["BYE", "CAST", "ERROR", "MAX_FRAME", "OK", "PUSH", "REQUEST", "LinkProtocol"]
 
 log = logging.getLogger("imfast.link")
 
 REQUEST, OK, ERROR, PUSH, CAST = 0, 1, 2, 3, 4
 MAX_FRAME = 64 * 1024 * 1024
+#: The last push on a link closed in order: nothing queued before it was lost.
+BYE = "bye"
 _HEADER = struct.Struct(">I")
 
 Handler = Callable[[str, Any], Awaitable[Any]]
@@ -124,6 +129,10 @@ class LinkProtocol(asyncio.Protocol):
         #: call id -> (answer, deadline, method); ids and deadlines rise together.
         self._pending: dict[int, tuple[Answer, float, str]] = {}
         self.closed = False
+        #: Closed in order: by this end, or the peer said BYE (see module docstring).
+        self.farewell = False
+        self.pushes_in = 0
+        self.pushes_out = 0
         self.peer = ""
         self.name = name  # the address it was asked to reach, for messages (else the peer)
 
@@ -149,7 +158,13 @@ class LinkProtocol(asyncio.Protocol):
         if self._on_lost is not None:
             self._on_lost(self)
 
-    def close(self) -> None:
+    def close(self, orderly: bool = True) -> None:
+        """Write what is queued and (``orderly``) :data:`BYE`, then close."""
+        if orderly and self._transport is not None and not self.closed and not self.farewell:
+            self.farewell = True
+            body = orjson.dumps([PUSH, BYE, None])
+            self._out.append(_HEADER.pack(len(body)) + body)
+            self._flush()
         if self._transport is not None:
             self._transport.close()
 
@@ -171,7 +186,7 @@ class LinkProtocol(asyncio.Protocol):
                 if size > MAX_FRAME:
                     log.error("link frame too large (%d bytes) from %s; closing", size,
                               self.peer)
-                    self.close()
+                    self.close(orderly=False)
                     return
                 if end - pos - 4 < size:
                     break
@@ -242,6 +257,7 @@ class LinkProtocol(asyncio.Protocol):
     def push(self, method: str, args: Any) -> None:
         """Send a one-way message (no answer)."""
         self._queue([PUSH, method, args])
+        self.pushes_out += 1
 
     def cast(self, method: str, args: Any) -> None:
         """Send a request whose success is not answered (see module docstring)."""
@@ -264,6 +280,10 @@ class LinkProtocol(asyncio.Protocol):
             if call is not None:
                 _tell(call[0], None, ImfastError(frame[3], code=frame[2], field=frame[4]))
         elif kind == PUSH:
+            if frame[1] == BYE:
+                self.farewell = True
+                return
+            self.pushes_in += 1
             if self._on_push is not None:
                 try:
                     self._on_push(frame[1], frame[2])

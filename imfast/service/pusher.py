@@ -15,7 +15,9 @@
 * no round waits for a gateway: one not connected gets its pushes in order
   once its link is up, or they are dropped after the link pool's timeout
   (5 s) and counted in ``route_failures``; the other gateways get theirs at
-  once.  Senders (``routed_all``) are answered once their round's pushes
+  once.  A gateway that lost pushes is told whose (``resync``,
+  :func:`users_in_batch`) as soon as it is reachable again, and those users'
+  sessions there read what they missed from the store.  Senders (``routed_all``) are answered once their round's pushes
   were written or given up: an acknowledged message never waits in this
   process's memory only, so a crash before a push left means no ``sent``
   and a resend, which routes it again.
@@ -78,6 +80,14 @@ def _wake_after(waiters: list[asyncio.Future[None]], pending: list[asyncio.Task[
         lambda _: _wake(waiters))
 
 
+def users_in_batch(method: str, items: Any) -> list[str]:
+    """The users whose entries a ``batch`` push carried (what a lost one makes a
+    gateway check).  Events are left out: they are droppable."""
+    if method != "batch":
+        return []
+    return [user for kind, data in items if kind == "deliver" for user in data["u"]]
+
+
 class ClusterPusher:
     """Implements the router's Pusher for a cluster; see module docstring."""
 
@@ -86,6 +96,7 @@ class ClusterPusher:
         self.bus = bus
         self.links = links
         links.on_dropped = self._push_dropped
+        links.users_of = users_in_batch
         self._group: list[tuple[bytes, bytes]] = []
         self._offline: list[tuple[bytes, bytes]] = []
         self._pushes: dict[str, list[Any]] = defaultdict(list)

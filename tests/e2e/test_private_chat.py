@@ -329,9 +329,10 @@ def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_befo
 def test_after_pushes_were_dropped_the_next_entry_brings_the_missed_one_first(
         node: NodeThread) -> None:
     """A push lost on its way to the gateway (a peer gave up on it: in distributed mode
-    it then sends ``resync``, which bumps ``pushes_lost``) is not a silent gap: the
-    device's next entry in that conversation is caught up from the store, so the
-    missed entry comes first and nothing is acknowledged past it."""
+    it then sends ``resync``; one that cannot name the users moves the gateway's
+    ``push_epoch``) is not a silent gap: the device's next entry in that
+    conversation is caught up from the store, so the missed entry comes first and
+    nothing is acknowledged past it."""
     alice, bob = connect(node, "alice"), connect(node, "bob")
     assert node.node is not None and node.node.gateway is not None
     gateway = node.node.gateway
@@ -340,8 +341,33 @@ def test_after_pushes_were_dropped_the_next_entry_brings_the_missed_one_first(
     alice.send(type="send", cmid="lost", to="bob", body="never pushed")
     assert alice.recv_until("sent")[-1]["seq"] == 1
     gateway.deliver = delivered  # type: ignore[method-assign]
-    gateway.pushes_lost += 1  # what a resync push does
+    gateway.pushes_were_lost(None)  # what a resync naming nobody does
     alice.send(type="send", cmid="next", to="bob", body="pushed")
     alice.recv_until("sent")
     got = [bob.recv_until("msg")[-1] for _ in range(2)]
     assert [(m["seq"], m["body"]) for m in got] == [(1, "never pushed"), (2, "pushed")]
+    assert gateway.pushes_lost == 1
+
+
+def test_a_resync_naming_the_user_brings_the_dropped_entry_without_a_later_one(
+        node: NodeThread) -> None:
+    """A resync naming bob: his sessions read what they missed from the store at once
+    (no later entry in the conversation needed), and alice's are left alone."""
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    assert node.node is not None and node.node.gateway is not None
+    gateway = node.node.gateway
+    delivered = gateway.deliver
+    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
+    alice.send(type="send", cmid="lost-1", to="bob", body="never pushed")
+    alice.recv_until("sent")
+    gateway.deliver = delivered  # type: ignore[method-assign]
+    assert node.loop is not None
+    node.loop.call_soon_threadsafe(gateway.pushes_were_lost, ["bob"])
+    got = bob.recv_until("msg")[-1]
+    assert (got["seq"], got["body"], got["from"]) == (1, "never pushed", "alice")
+    bob.send(type="ack", conv=got["conv"], seq=1)
+    alice.send(type="send", cmid="next-1", to="bob", body="pushed")
+    assert bob.recv_until("msg")[-1]["body"] == "pushed"
+    [alice_session] = gateway.table.sessions_of("alice")
+    [bob_session] = gateway.table.sessions_of("bob")
+    assert bob_session.push_epoch == -1 and alice_session.push_epoch == gateway.push_epoch

@@ -12,6 +12,8 @@ back, and checks with the set checker.
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +87,21 @@ async def test_internal_link_reset_mid_traffic(proxied: Proxied) -> None:
             p.pass_through()
 
     before = sum(p.accepted for p in proxied.internal)
+    losses = [gateway_stats(gw)["push_losses_reported"] for gw in proxied.cluster.gateways]
     run = await run_workload(proxied.cluster, "nr", fault)
     print(f"nr: streamed in {run.seconds:.1f} s; "
           f"{sum(p.accepted for p in proxied.internal) - before} link (re)connections")
     assert_clean(run.figures)
+    # Each gateway saw its push link break (no goodbye) and took it as pushes
+    # possibly lost: its sessions check the store before trusting a push.
+    after = [gateway_stats(gw)["push_losses_reported"] for gw in proxied.cluster.gateways]
+    assert all(a > b for a, b in zip(after, losses, strict=True)), (losses, after)
+
+
+def gateway_stats(gateway: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/stats",
+                                timeout=5) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
 
 
 async def test_redis_blackholed_for_3s_then_back(proxied: Proxied) -> None:

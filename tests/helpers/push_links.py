@@ -13,19 +13,22 @@ from imfast.link.endpoints import UNIX_PREFIX, LinkServer
 class RecordingGateway:
     """Listens on ``path`` once :meth:`listen` is awaited; ``got`` lists the seqs of the
     ``deliver`` items of every ``batch`` push, ``methods`` every push's method, in
-    arrival order."""
+    arrival order, and ``resyncs`` the users each ``resync`` named."""
 
     def __init__(self, path: str) -> None:
         self.addr = UNIX_PREFIX + path
         self.path = path
         self.got: list[int] = []
         self.methods: list[str] = []
+        self.resyncs: list[list[str] | None] = []
         self.server = LinkServer(None, self._on_push)
 
     def _on_push(self, method: str, items: Any) -> None:
         self.methods.append(method)
         if method == "batch":
             self.got += [item[1]["e"][1] for item in items]
+        elif method == "resync":
+            self.resyncs.append(items)
 
     async def listen(self) -> RecordingGateway:
         await self.server.start_unix(self.path)

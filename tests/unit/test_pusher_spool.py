@@ -9,6 +9,7 @@ import orjson
 
 from imfast.backends.base import StoredMessage
 from imfast.backends.errors import BackendUnavailable
+from imfast.link import endpoints
 from imfast.link.endpoints import LinkPool
 from imfast.service import pusher as pusher_module
 from imfast.service.pusher import TOPIC_GROUP, ClusterPusher
@@ -81,13 +82,14 @@ def private(seq: int) -> StoredMessage:
     return StoredMessage("p:alice:bob", seq, f"m{seq}", "alice", "phone", f"c{seq}", "x", 0)
 
 
-async def two_gateways(tmp_path, listening: bool = True, timeout: float = 5.0
-                       ) -> tuple[Gateway, Gateway, LinkPool]:
+async def two_gateways(tmp_path, listening: bool = True, timeout: float = 5.0,
+                       patience: float = 60.0) -> tuple[Gateway, Gateway, LinkPool]:
     """gw1 listening and connected; gw2 listening (and connected) only if ``listening``;
-    a pool giving up on a peer after ``timeout`` s."""
+    a pool giving up on pushes to a peer after ``timeout`` s, on the peer after
+    ``patience`` s."""
     gw1 = await Gateway(str(tmp_path / "gw1.sock")).listen()
     gw2 = Gateway(str(tmp_path / "gw2.sock"))
-    pool = LinkPool(timeout=timeout)
+    pool = LinkPool(timeout=timeout, patience=patience)
     await pool.get(gw1.addr).connection()
     if listening:
         await gw2.listen()
@@ -178,14 +180,55 @@ async def test_pushes_to_a_gateway_unreachable_for_the_timeout_are_dropped_and_c
     await asyncio.wait_for(pusher.routed_all(), 2.0)  # answered once given up on
     assert pusher.route_failures == 1
     assert pool.queued == 0 and gw1.got == [2]
-    # Once it is reachable, the gateway is told it lost pushes before it gets any more.
+    # Once it is reachable, the gateway is told whose pushes it lost, at once: a
+    # conversation with no later entry must not wait for one.
     await gw2.listen()
-    await until(lambda: pool.get(gw2.addr).connected)
+    await until(lambda: gw2.resyncs == [["carol"]])
+    assert gw2.methods == ["resync"]
     pusher.deliver(["carol"], private(3), None)
     await asyncio.wait_for(pusher.routed_all(), 2.0)
     await until(lambda: gw2.got == [3])
-    assert gw2.methods == ["resync", "batch"]
     pusher.deliver(["carol"], private(4), None)  # told once
     await until(lambda: gw2.got == [3, 4])
     assert gw2.methods == ["resync", "batch", "batch"] and gw1.methods == ["batch"]
+    await pool.close()
+
+
+async def test_a_resync_names_every_user_of_the_lost_pushes_but_events_and_at_most_a_cap(
+        tmp_path, monkeypatch) -> None:
+    gw1, gw2, pool = await two_gateways(tmp_path, listening=False, timeout=0.2)
+    pusher = ClusterPusher(Where(gw1, gw2), None, pool)
+    pusher.deliver(["carol", "dave"], private(1), None)
+    pusher.event(["erin"], {"type": "typing"}, None)  # droppable: nobody to resync
+    await asyncio.wait_for(pusher.routed_all(), 2.0)
+    await until(lambda: pool.queued == 0)
+    await gw2.listen()
+    await until(lambda: gw2.resyncs == [["carol", "dave"]])
+    # More users than a RESYNC may name: it names none (every session checks).
+    monkeypatch.setattr(endpoints, "RESYNC_USERS_MAX", 1)
+    gw3 = Gateway(str(tmp_path / "gw3.sock"))
+    pool.push_soon(gw3.addr, "batch", [["deliver", {"e": [], "u": ["x", "y"], "s": None}]])
+    await until(lambda: pool.queued == 0, timeout=2.0)
+    await gw3.listen()
+    await until(lambda: gw3.resyncs == [None])
+    await pool.close()
+
+
+async def test_a_peer_unreachable_past_the_patience_is_given_up_then_told_if_it_returns(
+        tmp_path, caplog) -> None:
+    gw1, gw2, pool = await two_gateways(tmp_path, listening=False, timeout=0.2,
+                                        patience=0.6)
+    client = pool.get(gw2.addr)
+    pusher = ClusterPusher(Where(gw1, gw2), None, pool)
+    pusher.deliver(["carol"], private(1), None)
+    await asyncio.wait_for(pusher.routed_all(), 2.0)
+    await until(lambda: "given up after" in caplog.text, timeout=3.0)
+    connects = client.connects
+    await gw2.listen()
+    await asyncio.sleep(0.5)  # no connect attempts any more: nothing reaches it
+    assert client.connects == connects and gw2.methods == []
+    pusher.deliver(["carol"], private(2), None)  # it is back: told first, naming none
+    await asyncio.wait_for(pusher.routed_all(), 2.0)
+    await until(lambda: gw2.got == [2])
+    assert gw2.methods == ["resync", "batch"] and gw2.resyncs == [None]
     await pool.close()
