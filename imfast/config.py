@@ -322,8 +322,9 @@ class Settings:
     )
     message_retention_days: float = _setting(
         "MESSAGE_RETENTION_DAYS", _non_negative_float, 0.0,
-        "offline-worker deletes conversation entries older than this many days from "
-        "MySQL, hourly (sequence numbers, cursors and receipts stay); 0 = keep forever",
+        "conversation entries older than this many days are deleted hourly (by "
+        "offline-worker from MySQL; by `imfast serve` from its own store); sequence "
+        "numbers, cursors and receipts stay; 0 = keep forever",
     )
     db_max_open_conns: int = _setting(
         "DB_MAX_OPEN_CONNS", _positive_int, DEFAULT_DB_MAX_OPEN_CONNS, "MySQL pool size"

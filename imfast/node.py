@@ -18,6 +18,7 @@ from imfast.backends.memory import MemoryStore
 from imfast.backends.sqlite import SQLiteStore
 from imfast.config import Settings
 from imfast.gateway.server import Gateway
+from imfast.retention import Retention, RetentionCollector, start_retention
 from imfast.service.router import Router
 
 __all__ = ["EmbeddedNode", "router_stats", "run_until_signalled"]
@@ -25,10 +26,12 @@ __all__ = ["EmbeddedNode", "router_stats", "run_until_signalled"]
 log = logging.getLogger("imfast.node")
 
 
-def router_stats(router: Router, settings: Settings) -> dict[str, Any]:
+def router_stats(router: Router, settings: Settings,
+                 retention: Retention | None = None) -> dict[str, Any]:
     """The /stats fields of an embedded node's router (one process or ``--workers``)."""
     return {
         "messages_accepted": router.sent_total,
+        "messages_purged": retention.purged if retention is not None else 0,
         "duplicates": router.duplicates_total,
         "commit_batches": router._committer.batches,
         "route_all_offline": settings.route_all_offline,
@@ -45,6 +48,7 @@ class EmbeddedNode:
         self.store: Any = None
         self.gateway: Gateway | None = None
         self.router: Router | None = None
+        self.retention: Retention | None = None
         self.port = 0
 
     async def start(self) -> int:
@@ -59,7 +63,11 @@ class EmbeddedNode:
         self.router = Router(s, self.store, self.gateway)
         self.gateway.router = self.router
         router = self.router
-        self.gateway.extra_stats = lambda: router_stats(router, s)
+        self.retention = start_retention(self.store, s)
+        retention = self.retention
+        self.gateway.extra_stats = lambda: router_stats(router, s, retention)
+        if retention is not None:
+            self.gateway.metrics_registry.register(RetentionCollector(retention))
         self.port = await self.gateway.start()
         return self.port
 
@@ -69,6 +77,8 @@ class EmbeddedNode:
             await self.gateway.start_drain("shutdown", deadline)
 
     async def stop(self) -> None:
+        if self.retention is not None:
+            await self.retention.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.router is not None:

@@ -42,6 +42,7 @@ from imfast.gateway.aggregate import NodeAggregate, worker_report
 from imfast.gateway.cluster import ClusterGateway
 from imfast.link.endpoints import UNIX_PREFIX, LinkClient, LinkPool, LinkServer
 from imfast.node import router_stats
+from imfast.retention import Retention, RetentionCollector, start_retention
 from imfast.service.pusher import ClusterPusher
 from imfast.service.remote import RemoteRouter, serve_router
 from imfast.service.router import Router
@@ -148,6 +149,7 @@ class EmbeddedSupervisor(_NodeDrain):
         with open(os.path.join(self.sockets_dir, "pid"), "w") as f:
             f.write(str(os.getpid()))
         self._stopping = False
+        self.retention: Retention | None = None
         #: user -> when their last device left any worker (for presence's last_seen).
         self.last_seen: dict[str, float] = {}
 
@@ -161,16 +163,19 @@ class EmbeddedSupervisor(_NodeDrain):
         self.links = LinkPool()
         self.router = Router(s, self.store, ClusterPusher(self.registry, None, self.links))
         router = self.router
+        self.retention = retention = start_retention(self.store, s)
 
         def own_metrics() -> list[Metric]:
             families: list[Metric] = [hist.family(name, help_text)
                                       for name, help_text, hist in router.histograms]
             families += [GaugeMetricFamily(name, help_text, value=value)
                          for _key, name, help_text, value in router.store_gauges()]
+            if retention is not None:
+                families += list(RetentionCollector(retention).collect())
             return families
 
         def own_stats() -> dict[str, Any]:
-            snap = router_stats(router, s)
+            snap = router_stats(router, s, retention)
             snap.update({key: value for key, _, _, value in router.store_gauges()})
             return snap
 
@@ -259,6 +264,8 @@ class EmbeddedSupervisor(_NodeDrain):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.retention is not None:
+            await self.retention.stop()
         await stop_children(self.procs.values())
         await self.link.close()
         await self.links.close()

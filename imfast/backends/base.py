@@ -11,6 +11,8 @@ group ``g:<id>``; every entry in it - chat message, recall, membership event
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "SyncFastPath",
     "own_run_end",
     "sync_twin",
+    "until_fewer_than",
     "variant_of",
 ]
 
@@ -249,6 +252,18 @@ def own_run_end(cursor: int, seqs: list[int]) -> int:
         elif seq > cursor:
             break
     return cursor
+
+
+async def until_fewer_than(batch: int, delete: Callable[[], Awaitable[int]]) -> int:
+    """Run ``delete`` (one batched clean-up step) until it deletes fewer than
+    ``batch`` rows, letting other work run in between; returns the rows deleted."""
+    total = 0
+    while True:
+        deleted = await delete()
+        total += deleted
+        if deleted < batch:
+            return total
+        await asyncio.sleep(0)
 
 
 def sync_twin(store: Any, name: str) -> Any:

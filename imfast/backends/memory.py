@@ -7,6 +7,7 @@ every other backend (``tests/contract/``).
 from __future__ import annotations
 
 import bisect
+import time
 from collections import defaultdict
 
 from imfast.backends.base import Reservation, StoredMessage, own_run_end
@@ -29,6 +30,7 @@ class MemoryStore:
         self._members: dict[str, dict[str, str]] = defaultdict(dict)
         self._groups_of: dict[str, set[str]] = defaultdict(set)
         self._receipts: dict[str, dict[str, int]] = defaultdict(dict)
+        self._floors: dict[str, int] = {}  # conv -> highest seq retention deleted
 
     # SequenceStore
     async def reserve(self, conv: str, dedup_key: str, msg_id: str, floor: int) -> Reservation:
@@ -39,8 +41,7 @@ class MemoryStore:
         seen = self._dedup.get(dedup_key)
         if seen is not None:
             return Reservation(seen.seq, seen.msg_id, True)
-        log = self._logs.get(conv)
-        seq = max(self._counters.get(conv, 0), log[-1].seq if log else 0, floor) + 1
+        seq = max(self._counters.get(conv, 0), self._latest(conv), floor) + 1
         self._counters[conv] = seq
         reservation = Reservation(seq, msg_id, False)
         self._dedup[dedup_key] = reservation
@@ -48,8 +49,7 @@ class MemoryStore:
 
     async def release(self, conv: str, dedup_key: str) -> None:
         self._dedup.pop(dedup_key, None)
-        log = self._logs.get(conv)
-        self._counters[conv] = log[-1].seq if log else 0
+        self._counters[conv] = self._latest(conv)
 
     async def repair(self, conv: str, floor: int) -> None:
         self._counters[conv] = max(self._counters.get(conv, 0), floor)
@@ -91,14 +91,44 @@ class MemoryStore:
         return None
 
     async def latest_seq(self, conv: str) -> int:
+        return self._latest(conv)
+
+    def _latest(self, conv: str) -> int:
         log = self._logs.get(conv)
-        return log[-1].seq if log else 0
+        return log[-1].seq if log else self._floors.get(conv, 0)
+
+    async def purge_messages(self, older_than_seconds: float, batch: int = 10000) -> int:
+        """Delete entries older than ``older_than_seconds`` (by ``ts``); returns how
+        many.  As the SQLite and MySQL stores: each conversation keeps its highest
+        seq (a floor), cursors and receipts; a resend of a deleted entry's cmid may
+        be stored as a new message.
+        Per conversation it stops at the first entry not old enough."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if older_than_seconds <= 0:
+            raise ValueError(f"older_than_seconds must be positive, got {older_than_seconds}")
+        cutoff_ms = int((time.time() - older_than_seconds) * 1000)
+        total = 0
+        for conv, log in self._logs.items():
+            old = 0
+            while old < len(log) and log[old].ts < cutoff_ms:
+                old += 1
+            if not old:
+                continue
+            self._floors[conv] = max(self._floors.get(conv, 0), log[old - 1].seq)
+            for m in log[:old]:
+                if m.cmid:
+                    self._by_dedup.pop(f"{m.sender}:{m.cmid}", None)
+                    self._dedup.pop(f"{m.sender}:{m.cmid}", None)
+            del log[:old]
+            total += old
+        return total
 
     async def find_by_cmid(self, sender: str, cmid: str) -> StoredMessage | None:
         return self._by_dedup.get(f"{sender}:{cmid}")
 
     async def private_conversations(self, user: str) -> dict[str, int]:
-        return {c: self._logs[c][-1].seq for c in self._private.get(user, ()) if self._logs[c]}
+        return {c: self._latest(c) for c in self._private.get(user, ())}
 
     # CursorStore
     async def cursors(self, user: str, device: str) -> dict[str, int]:

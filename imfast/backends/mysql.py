@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from imfast.backends.base import StoredMessage
+from imfast.backends.base import StoredMessage, until_fewer_than
 from imfast.backends.errors import BackendUnavailable
 from imfast.protocol.ids import conv_members_private
 
@@ -912,7 +912,7 @@ class MySQLStore:
         micros = max(0, int(older_than_seconds * 1_000_000))
         cutoff = (await self._read(
             "purge_offline", "SELECT NOW(3) - INTERVAL %s MICROSECOND", (micros,)))[0][0]
-        total = await _until_fewer_than(batch, lambda: self._write(
+        total = await until_fewer_than(batch, lambda: self._write(
             "purge_offline", "DELETE FROM offline_messages WHERE created_at < %s "
             "ORDER BY created_at LIMIT %s", (cutoff, batch)))
         if total:
@@ -956,24 +956,12 @@ class MySQLStore:
                 "DELETE FROM messages WHERE ts < %s ORDER BY ts, conv, seq LIMIT %s",
                 (cutoff_ms, batch)))
 
-        total = await _until_fewer_than(
+        total = await until_fewer_than(
             batch, lambda: self._transaction("purge_messages", one_batch))
         if total:
             log.info("messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
         return total
-
-
-async def _until_fewer_than(batch: int, delete: Callable[[], Awaitable[int]]) -> int:
-    """Run ``delete`` (one batch) until it deletes fewer than ``batch`` rows, letting
-    other work run in between; returns the rows deleted in all."""
-    total = 0
-    while True:
-        deleted = await delete()
-        total += deleted
-        if deleted < batch:
-            return total
-        await asyncio.sleep(0)
 
 
 def _unavailable_error(op: str, exc: BaseException, dsn: MySQLDSN,

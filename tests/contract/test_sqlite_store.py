@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ async def test_a_version_1_file_is_upgraded_with_its_messages_and_cursors(tmp_pa
     finally:
         await store.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
 
 
 async def test_a_file_from_a_newer_imfast_is_refused(tmp_path: Path) -> None:
@@ -285,3 +286,67 @@ async def test_until_the_scan_is_done_and_during_it_nothing_is_missed(
     finally:
         go.set()
         await again.close()
+
+
+def _aged(conv: str, seq: int, days: float) -> StoredMessage:
+    return StoredMessage(conv, seq, f"m{conv}{seq}", "alice", "d1", f"c{conv}{seq}", "b",
+                         int((time.time() - days * 24 * 3600) * 1000))
+
+
+async def test_a_reopened_store_keeps_the_seq_of_a_conversation_retention_emptied(
+        tmp_path: Path) -> None:
+    """The key scan counts conversations with a floor as known: without that, a
+    conversation whose entries were all deleted would start again at seq 1."""
+    path = str(tmp_path / "r.db")
+    store = SQLiteStore(path)
+    await store.append([_aged("g:old", s, 40) for s in (1, 2, 3)] + [_aged("g:new", 1, 0)])
+    await store.settle()
+    assert await store.purge_messages(30 * 24 * 3600) == 3
+    await store.close()
+    again = SQLiteStore(path)
+    try:
+        await _until_ready(again)
+        assert await again.latest_seq("g:old") == 3
+        assert (await again.reserve("g:old", "alice:next", "m4", 0)).seq == 4
+        assert [m.seq for m in await again.fetch("g:new", 0, 10)] == [1]
+    finally:
+        await again.close()
+
+
+async def test_a_version_2_file_gains_the_floors_table_and_keeps_its_entries(
+        tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    store = SQLiteStore(str(path))
+    await store.append([_aged("p:alice:bob", s, 40) for s in (1, 2)])
+    await store.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE seq_floors; PRAGMA user_version=2;")
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert [m.seq for m in await store.fetch("p:alice:bob", 0, 10)] == [1, 2]
+        assert await store.purge_messages(30 * 24 * 3600) == 2
+        assert await store.latest_seq("p:alice:bob") == 2
+    finally:
+        await store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+async def test_retention_runs_off_the_loop_while_appends_go_on(tmp_path: Path) -> None:
+    """Many batches on the purge thread, the store taking appends meanwhile: every
+    old entry goes, every new one stays."""
+    store = SQLiteStore(str(tmp_path / "busy.db"))
+    try:
+        await store.append([_aged("p:alice:bob", s, 40) for s in range(1, 2001)])
+        await store.settle()
+        purge = asyncio.ensure_future(store.purge_messages(30 * 24 * 3600, batch=100))
+        for s in range(1, 51):
+            await store.append([_aged("p:alice:carol", s, 0)])
+            await asyncio.sleep(0)
+        assert await purge == 2000
+        await store.settle()
+        assert await store.fetch("p:alice:bob", 0, 10) == []
+        assert len(await store.fetch("p:alice:carol", 0, 100)) == 50
+        assert (await store.reserve("p:alice:bob", "alice:x", "mx", 0)).seq == 2001
+    finally:
+        await store.close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from imfast.backends.base import StoredMessage, sync_twin
+
+
+DAY = 24 * 3600
 
 
 def msg(conv: str, seq: int, cmid: str = "", sender: str = "alice", body: str = "b") -> StoredMessage:
@@ -145,3 +149,36 @@ async def test_repair_moves_the_counter_past_the_floor(store: Any) -> None:
     await store.reserve("p:a:b", "k1", "m1", 0)
     await store.repair("p:a:b", 10)
     assert (await store.reserve("p:a:b", "k2", "m2", 0)).seq == 11
+
+
+async def test_retention_deletes_old_entries_and_never_hands_a_seq_out_twice(
+        store: Any) -> None:
+    """purge_messages (MESSAGE_RETENTION_DAYS): the old entries go, in batches; each
+    conversation keeps its highest seq, so the next entry still gets the next seq,
+    and the private-conversation index and cursors stay."""
+    now = int(time.time() * 1000)
+
+    def aged(conv: str, seq: int, days: float) -> StoredMessage:
+        return StoredMessage(conv, seq, f"id-{conv}-{seq}", "a", "d1", f"{conv}-{seq}", "b",
+                             now - int(days * DAY * 1000))
+
+    await store.append([aged("p:a:b", s, 40) for s in range(1, 6)]
+                       + [aged("g:old", s, 31) for s in range(1, 4)]
+                       + [aged("p:a:c", s, 35) for s in range(1, 3)]
+                       + [aged("p:a:b", 6, 1), aged("p:a:b", 7, 0)])
+    await store.advance("b", "d1", "p:a:b", 2)
+    if hasattr(store, "settle"):  # SQLite: in the table, where retention looks
+        await store.settle()
+    assert await store.purge_messages(30 * DAY, batch=3) == 10
+    assert [m.seq for m in await store.fetch("p:a:b", 0, 10)] == [6, 7]
+    assert await store.fetch("g:old", 0, 10) == []
+    assert await store.fetch("p:a:c", 0, 10) == []
+    assert await store.latest_seq("g:old") == 3 and await store.latest_seq("p:a:b") == 7
+    assert await store.private_conversations("a") == {"p:a:b": 7, "p:a:c": 2}
+    assert (await store.cursors("b", "d1"))["p:a:b"] == 2
+    # The next entry of an emptied conversation follows the deleted ones.
+    assert (await store.reserve("g:old", "a:new", "id-new", 0)).seq == 4
+    assert await store.purge_messages(30 * DAY) == 0
+    for bad in ({"older_than_seconds": 0}, {"older_than_seconds": DAY, "batch": 0}):
+        with pytest.raises(ValueError):
+            await store.purge_messages(**bad)
