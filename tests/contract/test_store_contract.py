@@ -9,7 +9,6 @@ import pytest
 
 from imfast.backends.base import StoredMessage, sync_twin
 
-
 DAY = 24 * 3600
 
 

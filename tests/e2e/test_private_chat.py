@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from imfast.service.router import OWN_CURSOR_DELAY
 from tests.helpers.fast_path import record_fast_path
@@ -326,6 +327,19 @@ def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_befo
     assert cursors_after_own_batch(alice, 9) == {"p:alice:bob": 2}
 
 
+def _sent_with_its_push_lost(node: NodeThread, alice: Client) -> Any:
+    """alice sends bob "never pushed" (seq 1), stored but not pushed to anyone, as
+    when a peer dropped the push; returns the node's gateway."""
+    assert node.node is not None and node.node.gateway is not None
+    gateway = node.node.gateway
+    delivered = gateway.deliver
+    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
+    alice.send(type="send", cmid="lost", to="bob", body="never pushed")
+    assert alice.recv_until("sent")[-1]["seq"] == 1
+    gateway.deliver = delivered  # type: ignore[method-assign]
+    return gateway
+
+
 def test_after_pushes_were_dropped_the_next_entry_brings_the_missed_one_first(
         node: NodeThread) -> None:
     """A push lost on its way to the gateway (a peer gave up on it: in distributed mode
@@ -334,13 +348,7 @@ def test_after_pushes_were_dropped_the_next_entry_brings_the_missed_one_first(
     conversation is caught up from the store, so the missed entry comes first and
     nothing is acknowledged past it."""
     alice, bob = connect(node, "alice"), connect(node, "bob")
-    assert node.node is not None and node.node.gateway is not None
-    gateway = node.node.gateway
-    delivered = gateway.deliver
-    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
-    alice.send(type="send", cmid="lost", to="bob", body="never pushed")
-    assert alice.recv_until("sent")[-1]["seq"] == 1
-    gateway.deliver = delivered  # type: ignore[method-assign]
+    gateway = _sent_with_its_push_lost(node, alice)
     gateway.pushes_were_lost(None)  # what a resync naming nobody does
     alice.send(type="send", cmid="next", to="bob", body="pushed")
     alice.recv_until("sent")
@@ -354,13 +362,7 @@ def test_a_resync_naming_the_user_brings_the_dropped_entry_without_a_later_one(
     """A resync naming bob: his sessions read what they missed from the store at once
     (no later entry in the conversation needed), and alice's are left alone."""
     alice, bob = connect(node, "alice"), connect(node, "bob")
-    assert node.node is not None and node.node.gateway is not None
-    gateway = node.node.gateway
-    delivered = gateway.deliver
-    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
-    alice.send(type="send", cmid="lost-1", to="bob", body="never pushed")
-    alice.recv_until("sent")
-    gateway.deliver = delivered  # type: ignore[method-assign]
+    gateway = _sent_with_its_push_lost(node, alice)
     assert node.loop is not None
     node.loop.call_soon_threadsafe(gateway.pushes_were_lost, ["bob"])
     got = bob.recv_until("msg")[-1]
