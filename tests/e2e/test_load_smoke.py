@@ -199,3 +199,33 @@ def test_messages_a_connected_recipient_never_got_are_lost(tmp_path: Path) -> No
     assert t["connected_at_end"] == 10 and t["to_offline"] == 0
     assert t["lost"] > 0 and t["lost"] == t["expected_deliveries"] - t["deliveries"]
     assert derived["delivery_success"] < 1.0
+
+
+def test_the_protocol_floor_server_of_bench_peers_speaks_what_the_generator_expects(
+        tmp_path: Path) -> None:
+    """bench/peers' ``picows-floor`` answers imfast's protocol as imfast does (private
+    and group sends, acks): every message is acknowledged and delivered once, so its
+    closed-loop figure is a fair floor next to imfast's."""
+    from tests.harness.services import free_port
+
+    port = free_port()
+    relay = subprocess.Popen([sys.executable, str(ROOT / "bench/peers/relay_picows_imfast.py"),
+                              str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None and "picows protocol floor" in relay.stdout.readline()
+        out = tmp_path / "floor.json"
+        subprocess.run(
+            [sys.executable, str(ROOT / "load_test" / "gen.py"), "--url",
+             f"ws://127.0.0.1:{port}/ws", "--protocol", "imfast", "--auth", "dev",
+             "--processes", "1", "--server-pid", str(relay.pid), "--quiet", "--json", str(out),
+             "--scenario", "chat", "--connections", "20", "--rate", "40", "--group-share",
+             "0.3", "--duration", "3", "--drain", "5"],
+            capture_output=True, timeout=120, check=False)
+        t = json.loads(out.read_text())["totals"]
+        assert t["sent"] > 0 and t["groups_created"] > 0
+        assert t["acknowledged"] == t["delivered"] == t["sent"]
+        assert t["deliveries"] == t["expected_deliveries"] > t["sent"]  # groups fanned out
+        assert t["duplicates"] == 0 and t["lost"] == 0 and t["gaps"] == 0
+    finally:
+        relay.terminate()
+        relay.wait(10)
