@@ -16,7 +16,6 @@ the protocol's own cost, not imfast's.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
