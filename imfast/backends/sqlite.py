@@ -91,6 +91,7 @@ _MOVE_EVERY = 1.0
 _MOVE_MAX_ROWS = 50_000
 _MAX_BEHIND = 8  # segments waiting for the mover before append waits for it (memory bound)
 _BUSY_MS = 5000  # how long other writes wait for the mover's transaction (one chunk)
+_PURGE_PAUSE = 0.2  # at least this between two retention batches (see _purge_on_thread)
 
 
 def _seq_of(m: StoredMessage) -> int:
@@ -247,6 +248,8 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._caught_up: asyncio.Event | None = None
         self._closed = False
+        self._synchronous = synchronous
+        self._purging: asyncio.Future[int] | None = None  # a retention round's thread
         checkpointer = self._checkpointer
         self._mover = LogMover(None if path == ":memory:" else path,
                                self._on_moved,
@@ -615,24 +618,38 @@ class SQLiteStore:
             total = await until_fewer_than(batch, lambda: self._write(
                 partial(_purge_batch, cutoff_ms=cutoff_ms, batch=batch)))
         else:
-            total = await asyncio.to_thread(self._purge_on_thread, cutoff_ms, batch)
+            self._purging = asyncio.ensure_future(
+                asyncio.to_thread(self._purge_on_thread, cutoff_ms, batch))
+            try:
+                total = await asyncio.shield(self._purging)
+            finally:
+                if self._purging.done():
+                    self._purging = None
         if total:
             log.info("messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
         return total
 
     def _purge_on_thread(self, cutoff_ms: int, batch: int) -> int:
+        """The batches, each followed by a pause twice as long as it took (at least
+        _PURGE_PAUSE): SQLite's busy handler polls, so without the pause the mover
+        would seldom catch the lock between two batches and appends would wait."""
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+            for pragma in (f"busy_timeout={_BUSY_MS}", f"synchronous={self._synchronous}",
+                           "wal_autocheckpoint=0"):  # the checkpoint thread does it
+                db.execute(f"PRAGMA {pragma}")
             total = 0
-            while True:
+            while not self._closed:
+                started = time.monotonic()
                 deleted = in_transaction(
                     db, partial(_purge_batch, cutoff_ms=cutoff_ms, batch=batch),
                     "BEGIN IMMEDIATE", self._committed)
                 total += deleted
-                if deleted < batch or self._closed:
-                    return total
+                if deleted < batch:
+                    break
+                time.sleep(max(_PURGE_PAUSE, 2 * (time.monotonic() - started)))
+            return total
         finally:
             db.close()
 
@@ -950,6 +967,8 @@ class SQLiteStore:
         """Move the entry log into the table, write cursors and receipts, checkpoint, close."""
         self._closed = True
         self._known.close()
+        if self._purging is not None:  # it stops after its current batch
+            await asyncio.gather(self._purging, return_exceptions=True)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -111,6 +111,11 @@ class LinkClient:
     def connected(self) -> bool:
         return self._proto is not None and not self._proto.closed
 
+    @property
+    def protocol(self) -> LinkProtocol | None:
+        """The current (or last) connection."""
+        return self._proto
+
     async def _connect_loop(self) -> LinkProtocol:
         addr = self.addr
         loop = asyncio.get_running_loop()
@@ -217,12 +222,32 @@ UsersOf = Callable[[str, Any], Iterable[str]]
 #: after such a loss, sent as soon as it is reachable again.
 RESYNC = "resync"
 #: A RESYNC names at most this many users; beyond, it names none (every session
-#: there then checks the store), so what a lost peer costs us here stays bounded.
+#: there then checks the store at its next entry per conversation), so what a
+#: lost peer costs us here stays bounded.
 RESYNC_USERS_MAX = 10_000
 #: How long a peer that lost pushes is tried, so that it gets its RESYNC without
 #: waiting for a later push; after that it is forgotten (its link closed: no more
 #: connect attempts), and a later push to it still starts with a RESYNC naming none.
 RESYNC_PATIENCE = 300.0
+
+
+class _Losses:
+    """What a peer lost: pushes for ``users``, and (``anyone``) pushes for users not known."""
+
+    __slots__ = ("anyone", "users")
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.anyone = False
+
+    def add(self, users: Iterable[str] | None) -> None:
+        if users is None:
+            self.anyone = True
+            return
+        self.users.update(users)
+        if len(self.users) > RESYNC_USERS_MAX:  # bounded: beyond, name nobody
+            self.users = set()
+            self.anyone = True
 
 
 class LinkPool:
@@ -247,9 +272,11 @@ class LinkPool:
         self._backlog: dict[str, list[tuple[str, Any]]] = {}
         #: address -> the task connecting to it and then writing its backlog.
         self._writers: dict[str, asyncio.Task[None]] = {}
-        #: Peers that lost pushes and have not been sent RESYNC yet -> the users
-        #: those were for (None: not known, or more than RESYNC_USERS_MAX).
-        self._lost: dict[str, set[str] | None] = {}
+        #: Peers that lost pushes and have not been sent RESYNC yet -> what they lost.
+        self._lost: dict[str, _Losses] = {}
+        #: address -> the connection that carried its last named RESYNC and the names:
+        #: put back if that connection breaks (the RESYNC may not have arrived).
+        self._resync_carried: dict[str, tuple[LinkProtocol | None, set[str]]] = {}
         #: address -> the task waiting for it to be reachable to send its RESYNC.
         self._resyncers: dict[str, asyncio.Task[None]] = {}
 
@@ -262,11 +289,19 @@ class LinkPool:
 
     def _broken(self, addr: str, proto: LinkProtocol) -> None:
         """A connection to ``addr`` closed: if it carried pushes and neither end said
-        goodbye, some may not have arrived; the peer is told (naming nobody)."""
+        goodbye, some may not have arrived; the peer is told (naming nobody, and again
+        the users a RESYNC on that connection named)."""
+        carried = self._resync_carried.get(addr)
+        if carried is not None and carried[0] is proto:
+            del self._resync_carried[addr]
+        else:
+            carried = None
         if proto.pushes_out and not proto.farewell and addr in self._clients:
             log.warning("link to %s broke after %d pushes; it will be told some may be lost",
                         addr, proto.pushes_out)
             self._note_lost(addr, None)
+            if carried is not None:
+                self._note_lost(addr, carried[1])
 
     def push_soon(self, addr: str, method: str, args: Any) -> asyncio.Task[None] | None:
         """Push now if connected (None); otherwise queue it behind the pushes already
@@ -294,13 +329,21 @@ class LinkPool:
     def _told_of_losses(self, addr: str, client: LinkClient) -> bool:
         """True once ``addr`` has been told of every push it lost (RESYNC sent now
         if it is connected and was not yet)."""
-        if addr not in self._lost:
+        losses = self._lost.get(addr)
+        if losses is None:
             return True
-        users = self._lost[addr]
-        if client.push(RESYNC, sorted(users) if users is not None else None):
-            del self._lost[addr]
-            return True
-        return False
+        if losses.users:
+            if not client.push(RESYNC, sorted(losses.users)):
+                return False
+            carried = self._resync_carried.get(addr)
+            names = losses.users if carried is None or carried[0] is not client.protocol \
+                else carried[1] | losses.users
+            self._resync_carried[addr] = (client.protocol, names)
+            losses.users = set()
+        if losses.anyone and not client.push(RESYNC, None):
+            return False
+        del self._lost[addr]
+        return True
 
     async def _push_backlog(self, addr: str, client: LinkClient) -> None:
         try:
@@ -314,20 +357,17 @@ class LinkPool:
             item for item in backlog if not client.push(*item)]
         if unsent:
             users_of = self.users_of
-            self._note_lost(addr, None if users_of is None else [
-                user for item in unsent for user in users_of(*item)])
+            users = None if users_of is None else [
+                user for item in unsent for user in users_of(*item)]
+            if users is None or users:  # droppable pushes only (events): nothing to tell
+                self._note_lost(addr, users)
             if self.on_dropped is not None:
                 self.on_dropped(addr, unsent)
 
-    def _note_lost(self, addr: str, users: list[str] | None) -> None:
+    def _note_lost(self, addr: str, users: Iterable[str] | None) -> None:
         """Remember that pushes for ``users`` (None: anyone) were lost on the way to
         ``addr``, and tell it as soon as it is reachable."""
-        known = self._lost.get(addr, set())
-        if known is not None and users is not None:
-            known.update(users)
-            if len(known) > RESYNC_USERS_MAX:
-                known = None
-        self._lost[addr] = known if users is not None else None
+        self._lost.setdefault(addr, _Losses()).add(users)
         if addr not in self._resyncers:
             self._resyncers[addr] = asyncio.get_running_loop().create_task(
                 self._resync_when_back(addr))
@@ -348,7 +388,8 @@ class LinkPool:
                     if loop.time() < give_up_at:
                         continue
                     if addr not in self._writers:  # nobody is waiting on its link
-                        self._lost[addr] = None
+                        self._lost[addr] = forgotten = _Losses()  # names: memory bound
+                        forgotten.anyone = True
                         self._clients.pop(addr, None)
                         await client.close()
                         log.warning("link to %s given up after %.0fs unreachable; "
@@ -368,6 +409,10 @@ class LinkPool:
     async def close(self) -> None:
         for task in [*self._writers.values(), *self._resyncers.values()]:
             task.cancel()
+        for addr in list(self._lost):  # a last chance to tell the ones connected now
+            client = self._clients.get(addr)
+            if client is not None:
+                self._told_of_losses(addr, client)
         for c in self._clients.values():
             await c.close()
         self._clients.clear()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -107,6 +108,26 @@ def _tell(answer: Answer, result: Any, exc: BaseException | None) -> None:
         log.exception("a link call's answer failed")
 
 
+def _keep_alive(sock: Any) -> None:
+    """TCP keepalive and a user timeout on a link socket: a peer whose host died or
+    was cut off is noticed in about half a minute (the connection fails: a sender
+    then treats its pushes as possibly lost, a gateway its incoming pushes), not
+    after the kernel's two hours.  Best effort: an option the platform lacks is
+    skipped."""
+    if sock is None:
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", 30_000)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except (OSError, AttributeError):
+            return
+
+
 class LinkProtocol(asyncio.Protocol):
     """Both ends of a link: sends calls/pushes, serves incoming ones."""
 
@@ -144,6 +165,7 @@ class LinkProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+            _keep_alive(transport.get_extra_info("socket"))
         else:  # a Unix domain socket: the client end is unnamed
             self.peer = peer or "local"
 

@@ -339,7 +339,7 @@ async def test_retention_runs_off_the_loop_while_appends_go_on(tmp_path: Path) -
     try:
         await store.append([_aged("p:alice:bob", s, 40) for s in range(1, 2001)])
         await store.settle()
-        purge = asyncio.ensure_future(store.purge_messages(30 * 24 * 3600, batch=100))
+        purge = asyncio.ensure_future(store.purge_messages(30 * 24 * 3600, batch=500))
         for s in range(1, 51):
             await store.append([_aged("p:alice:carol", s, 0)])
             await asyncio.sleep(0)
