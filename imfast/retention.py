@@ -1,7 +1,8 @@
-"""Message retention for the embedded store (``imfast serve``, with or without
-``--workers``): ``MESSAGE_RETENTION_DAYS`` > 0 deletes older entries hourly.
+"""Message retention: ``MESSAGE_RETENTION_DAYS`` > 0 deletes older entries hourly.
 
-In distributed mode the offline worker does the same on MySQL
+``imfast serve`` (with or without ``--workers``) runs a :class:`Retention` of
+its embedded store; in distributed mode the offline worker runs one on MySQL
+within its own hourly clean-up
 (:meth:`imfast.offline.worker.OfflineWorker.purge_once`).  Either way the
 store's ``purge_messages`` keeps every conversation's highest seq as a floor,
 so a seq is never handed out twice, and keeps cursors and receipts.

@@ -125,7 +125,7 @@ def _keep_alive(sock: Any) -> None:
         try:
             sock.setsockopt(level, option, value)
         except (OSError, AttributeError):
-            return
+            continue
 
 
 class LinkProtocol(asyncio.Protocol):

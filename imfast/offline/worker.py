@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from imfast.backends.metrics import BackendCollector
 from imfast.config import Settings
 from imfast.httpd import serve_http
+from imfast.retention import Retention
 from imfast.service.node import require
 from imfast.service.pusher import TOPIC_OFFLINE
 
@@ -59,7 +60,8 @@ class OfflineWorker:
         self.settings = settings
         self.stored = 0
         self.purged = 0
-        self.messages_purged = 0
+        #: Made at the first clean-up round when MESSAGE_RETENTION_DAYS is set.
+        self.retention: Retention | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
 
@@ -125,12 +127,15 @@ class OfflineWorker:
         except Exception as exc:  # noqa: BLE001 - retried next round
             log.error("offline TTL clean-up failed: %s", exc)
         days = self.settings.message_retention_days
-        if not days:
-            return
-        try:
-            self.messages_purged += await self.mysql.purge_messages(days * 24 * 3600, 10000)
-        except Exception as exc:  # noqa: BLE001 - retried next round
-            log.error("message retention clean-up failed: %s", exc)
+        if days and self.retention is None:
+            self.retention = Retention(self.mysql, days)
+        if self.retention is not None:
+            await self.retention.purge_once()
+
+    @property
+    def messages_purged(self) -> int:
+        """Conversation entries deleted by MESSAGE_RETENTION_DAYS since start."""
+        return self.retention.purged if self.retention is not None else 0
 
     async def drain(self, deadline: float = 30.0) -> None:
         await asyncio.sleep(0)

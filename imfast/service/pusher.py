@@ -17,8 +17,9 @@
   (5 s) and counted in ``route_failures``; the other gateways get theirs at
   once.  A gateway that lost pushes is told whose (``resync``,
   :func:`users_in_batch`) as soon as it is reachable again, and those users'
-  sessions there read what they missed from the store.  Senders (``routed_all``) are answered once their round's pushes
-  were written or given up: an acknowledged message never waits in this
+  sessions there read what they missed from the store.  Senders
+  (``routed_all``) are answered once their round's pushes were written or
+  given up: an acknowledged message never waits in this
   process's memory only, so a crash before a push left means no ``sent``
   and a resend, which routes it again.
 

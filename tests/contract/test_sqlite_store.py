@@ -350,3 +350,17 @@ async def test_retention_runs_off_the_loop_while_appends_go_on(tmp_path: Path) -
         assert (await store.reserve("p:alice:bob", "alice:x", "mx", 0)).seq == 2001
     finally:
         await store.close()
+
+
+async def test_a_store_in_memory_purges_on_its_own_connection() -> None:
+    """``:memory:`` has one connection (no thread can open another): the batches run
+    on the loop's, with the same floors."""
+    store = SQLiteStore(":memory:")
+    try:
+        await store.append([_aged("g:old", s, 40) for s in (1, 2, 3)] + [_aged("g:old", 4, 0)])
+        await store.settle()
+        assert await store.purge_messages(30 * 24 * 3600, batch=2) == 3
+        assert [m.seq for m in await store.fetch("g:old", 0, 10)] == [4]
+        assert (await store.reserve("g:old", "alice:next", "m5", 0)).seq == 5
+    finally:
+        await store.close()
