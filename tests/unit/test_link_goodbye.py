@@ -104,7 +104,8 @@ async def test_dropped_events_alone_need_no_resync_and_a_closing_pool_tells_who_
     pool.push_soon(gateway.addr, "batch", [])  # an event: nobody's entries
     await until(lambda: dropped == [gateway.addr])
     await gateway.listen()
-    await pool.get(gateway.addr).connection()
+    # The reconnect loop (backing off up to 2 s) finds it: longer than the pool's timeout.
+    await until(lambda: pool.get(gateway.addr).connected)
     pool.push_soon(gateway.addr, "batch", [])
     await until(lambda: gateway.methods == ["batch"])
     # A loss noted while connected (as a break would): the closing pool still says so.
