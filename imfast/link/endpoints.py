@@ -205,12 +205,16 @@ class LinkClient:
             self._connecting = asyncio.get_running_loop().create_task(self._connect_loop())
         return False
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """Stop for good: no more connect attempts, the connection (if any) closed."""
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
         if self._proto is not None:
             self._proto.close()
+
+    async def close(self) -> None:
+        self.stop()
 
 
 Dropped = Callable[[str, list[tuple[str, Any]]], None]
@@ -229,6 +233,11 @@ RESYNC_USERS_MAX = 10_000
 #: waiting for a later push; after that it is forgotten (its link closed: no more
 #: connect attempts), and a later push to it still starts with a RESYNC naming none.
 RESYNC_PATIENCE = 300.0
+#: Given-up peers whose RESYNC (naming none) is kept for their return, at most: beyond,
+#: the oldest is forgotten, so replaced pods (each under a new address) cost no memory
+#: for ever.  One that does come back after that is not told; its sessions still catch
+#: up at the next entry of a conversation with a gap, or when they resume.
+GIVEN_UP_PEERS_MAX = 1_000
 
 
 class _Losses:
@@ -279,6 +288,9 @@ class LinkPool:
         self._resync_carried: dict[str, tuple[LinkProtocol | None, set[str]]] = {}
         #: address -> the task waiting for it to be reachable to send its RESYNC.
         self._resyncers: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+        #: Peers given up (past ``patience``) whose RESYNC is still owed, oldest first.
+        self._given_up: dict[str, None] = {}
 
     def get(self, addr: str) -> LinkClient:
         client = self._clients.get(addr)
@@ -302,6 +314,21 @@ class LinkPool:
             self._note_lost(addr, None)
             if carried is not None:
                 self._note_lost(addr, carried[1])
+        client = self._clients.get(addr)
+        if client is not None and client.protocol is proto:
+            self._forget_if_idle(addr)
+
+    def _forget_if_idle(self, addr: str) -> None:
+        """Stop and drop ``addr``'s client when nothing is owed to it: no push waiting,
+        no RESYNC to send.  A peer that went away (a gateway pod replaced under a new
+        address) is then neither retried for ever nor remembered; a later push to it
+        makes a new client and tries again for the pool's timeout."""
+        if self._closing or addr in self._writers or addr in self._lost \
+                or addr in self._resyncers:
+            return
+        client = self._clients.pop(addr, None)
+        if client is not None:
+            client.stop()
 
     def push_soon(self, addr: str, method: str, args: Any) -> asyncio.Task[None] | None:
         """Push now if connected (None); otherwise queue it behind the pushes already
@@ -343,6 +370,7 @@ class LinkPool:
         if losses.anyone and not client.push(RESYNC, None):
             return False
         del self._lost[addr]
+        self._given_up.pop(addr, None)
         return True
 
     async def _push_backlog(self, addr: str, client: LinkClient) -> None:
@@ -363,11 +391,14 @@ class LinkPool:
                 self._note_lost(addr, users)
             if self.on_dropped is not None:
                 self.on_dropped(addr, unsent)
+        if not client.connected:
+            self._forget_if_idle(addr)  # unreachable and owed nothing: stop trying
 
     def _note_lost(self, addr: str, users: Iterable[str] | None) -> None:
         """Remember that pushes for ``users`` (None: anyone) were lost on the way to
         ``addr``, and tell it as soon as it is reachable."""
         self._lost.setdefault(addr, _Losses()).add(users)
+        self._given_up.pop(addr, None)  # tried again, for another ``patience``
         if addr not in self._resyncers:
             self._resyncers[addr] = asyncio.get_running_loop().create_task(
                 self._resync_when_back(addr))
@@ -390,6 +421,11 @@ class LinkPool:
                     if addr not in self._writers:  # nobody is waiting on its link
                         self._lost[addr] = forgotten = _Losses()  # names: memory bound
                         forgotten.anyone = True
+                        self._given_up[addr] = None
+                        while len(self._given_up) > GIVEN_UP_PEERS_MAX:
+                            oldest = next(iter(self._given_up))
+                            del self._given_up[oldest]
+                            del self._lost[oldest]
                         self._clients.pop(addr, None)
                         await client.close()
                         log.warning("link to %s given up after %.0fs unreachable; "
@@ -407,6 +443,7 @@ class LinkPool:
         return sum(len(b) for b in self._backlog.values())
 
     async def close(self) -> None:
+        self._closing = True
         for task in [*self._writers.values(), *self._resyncers.values()]:
             task.cancel()
         for addr in list(self._lost):  # a last chance to tell the ones connected now

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
+from imfast.link import endpoints
+from imfast.link.endpoints import UNIX_PREFIX, LinkClient, LinkPool, LinkServer
 from tests.helpers.push_links import RecordingGateway, until
 
 
@@ -104,9 +105,7 @@ async def test_dropped_events_alone_need_no_resync_and_a_closing_pool_tells_who_
     pool.push_soon(gateway.addr, "batch", [])  # an event: nobody's entries
     await until(lambda: dropped == [gateway.addr])
     await gateway.listen()
-    # The reconnect loop (backing off up to 2 s) finds it: longer than the pool's timeout.
-    await until(lambda: pool.get(gateway.addr).connected)
-    pool.push_soon(gateway.addr, "batch", [])
+    pool.push_soon(gateway.addr, "batch", [])  # the next push connects: no RESYNC owed
     await until(lambda: gateway.methods == ["batch"])
     # A loss noted while connected (as a break would): the closing pool still says so.
     pool._note_lost(gateway.addr, ["dave"])
@@ -114,3 +113,56 @@ async def test_dropped_events_alone_need_no_resync_and_a_closing_pool_tells_who_
         task.cancel()
     await pool.close()
     await until(lambda: gateway.resyncs == [["dave"]])
+
+
+async def test_a_peer_owed_nothing_is_not_retried_for_ever_once_unreachable(
+        tmp_path, caplog) -> None:
+    """A gateway that went away for good (a pod replaced under a new address) must not
+    be dialled every 2 s for the life of the process, nor kept in memory."""
+    gateway = RecordingGateway(str(tmp_path / "gw.sock"))
+    dropped: list[str] = []
+    pool = LinkPool(timeout=0.2, on_dropped=lambda addr, pushes: dropped.append(addr),
+                    users_of=lambda method, args: args)
+    client = pool.get(gateway.addr)
+    pool.push_soon(gateway.addr, "batch", [])  # an event: droppable, nothing owed
+    await until(lambda: dropped == [gateway.addr])
+    caplog.clear()
+    await asyncio.sleep(0.6)  # the connect loop backs off 0.05 s doubling: it would retry
+    assert "failed" not in caplog.text, "still dialling a peer owed nothing"
+    assert client.protocol is None and pool.get(gateway.addr) is not client
+    await gateway.listen()
+    pool.push_soon(gateway.addr, "batch", [])
+    await until(lambda: gateway.methods == ["batch"])
+    await pool.close()
+
+
+async def test_a_peer_that_said_goodbye_is_forgotten_and_reached_again_by_its_next_push(
+        tmp_path) -> None:
+    gateway = await RecordingGateway(str(tmp_path / "gw.sock")).listen()
+    pool = LinkPool(timeout=1.0)
+    first = pool.get(gateway.addr)
+    pool.push_soon(gateway.addr, "batch", [])
+    await until(lambda: gateway.methods == ["batch"])
+    await gateway.server.close()  # in order: a BYE, nothing lost
+    await until(lambda: not first.connected)
+    await until(lambda: pool.get(gateway.addr) is not first)
+    assert pool._lost == {}
+    gateway.server = LinkServer(None, gateway._on_push)
+    await gateway.listen()
+    pool.push_soon(gateway.addr, "batch", [])
+    await until(lambda: gateway.methods == ["batch", "batch"])
+    assert gateway.resyncs == []
+    await pool.close()
+
+
+async def test_given_up_peers_are_remembered_up_to_a_cap_oldest_forgotten_first(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(endpoints, "GIVEN_UP_PEERS_MAX", 2)
+    pool = LinkPool(timeout=0.1, patience=0.3, users_of=lambda method, args: args)
+    addrs = [UNIX_PREFIX + str(tmp_path / f"gone{i}.sock") for i in range(3)]
+    for addr in addrs:
+        pool.push_soon(addr, "batch", ["carol"])
+        await until(lambda: pool.queued == 0)
+    await until(lambda: not pool._resyncers, timeout=3.0)
+    assert sorted(pool._lost) == sorted(addrs[1:])  # the first given up is forgotten
+    await pool.close()
