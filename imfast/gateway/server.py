@@ -67,6 +67,10 @@ _JSON = {"Content-Type": "application/json"}
 #: query string included) fit; picows grows it for larger ones.  picows allocates at least
 #: 2,048 bytes: the gateway's own protocol factory trims it (imfast._core.trim_read_buffer).
 _READ_BUFFER_INIT = 1024
+#: Sessions reading what they missed (after a named ``resync``) at once, at most: a
+#: resync may name 10,000 users, and as many store reads at once (over the link, in
+#: distributed mode) would run into their timeouts; the rest queue in order.
+RECHECKS_AT_ONCE = 64
 
 
 def _json_response(status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> Any:
@@ -107,6 +111,8 @@ class Gateway:
         #: connected before that catches a conversation up from the store at its
         #: first push there, instead of taking that push as the next entry.
         self.push_epoch = 0
+        #: Bounds the store reads of sessions told to look for dropped pushes.
+        self.recheck_slots = asyncio.Semaphore(RECHECKS_AT_ONCE)
         self.draining = False
         self.drain_reason = ""
         self.started_at = time.time()

@@ -464,10 +464,13 @@ class Session(FramedListener):
             self.gw.loop.create_task(self._recheck())
 
     async def _recheck(self) -> None:
-        try:
-            plan = await self.gw.router.resume_plan(self.user, self.device)
-        except Exception:  # noqa: BLE001 - best effort; the next entry heals too
-            return
+        async with self.gw.recheck_slots:  # a resync may ask thousands of sessions at once
+            if self.closed:
+                return
+            try:
+                plan = await self.gw.router.resume_plan(self.user, self.device)
+            except Exception:  # noqa: BLE001 - best effort; the next entry heals too
+                return
         pushed = self.pushed if self.pushed is not None else {}
         self.pushed = pushed
         behind = self.behind if self.behind is not None else set()

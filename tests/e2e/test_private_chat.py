@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -373,3 +374,42 @@ def test_a_resync_naming_the_user_brings_the_dropped_entry_without_a_later_one(
     [alice_session] = gateway.table.sessions_of("alice")
     [bob_session] = gateway.table.sessions_of("bob")
     assert bob_session.push_epoch == -1 and alice_session.push_epoch == gateway.push_epoch
+
+
+def test_a_resync_naming_many_users_reads_the_store_for_a_few_sessions_at_a_time(
+        node: NodeThread) -> None:
+    """A resync may name 10,000 users: their sessions' store reads queue behind a bound
+    (here 2) instead of all starting at once, and every one still gets its entry."""
+    alice = connect(node, "alice")
+    users = ["bob", "carol", "dave", "erin", "frank"]
+    clients = {user: connect(node, user) for user in users}
+    assert node.node is not None and node.node.gateway is not None and node.loop is not None
+    gateway = node.node.gateway
+    delivered = gateway.deliver
+    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
+    for user in users:
+        alice.send(type="send", cmid=f"lost-{user}", to=user, body=f"for {user}")
+        alice.recv_until("sent")
+    gateway.deliver = delivered  # type: ignore[method-assign]
+    router = gateway.router
+    plan = router.resume_plan
+    reading, most = [0], [0]
+
+    async def counted(user: str, device: str) -> Any:
+        reading[0] += 1
+        most[0] = max(most[0], reading[0])
+        try:
+            await asyncio.sleep(0.05)  # long enough for the others to pile up
+            return await plan(user, device)
+        finally:
+            reading[0] -= 1
+
+    async def resync() -> None:
+        gateway.recheck_slots = asyncio.Semaphore(2)
+        router.resume_plan = counted  # type: ignore[method-assign]
+        gateway.pushes_were_lost(users)
+
+    asyncio.run_coroutine_threadsafe(resync(), node.loop).result(5)
+    for user, client in clients.items():
+        assert client.recv_until("msg")[-1]["body"] == f"for {user}"
+    assert most[0] == 2
