@@ -40,6 +40,7 @@ from imfast.backends.sqlite import SQLiteStore
 from imfast.config import Settings, load_settings
 from imfast.gateway.aggregate import NodeAggregate, worker_report
 from imfast.gateway.cluster import ClusterGateway
+from imfast.gateway.presence import LastSeen
 from imfast.link.endpoints import UNIX_PREFIX, LinkClient, LinkPool, LinkServer
 from imfast.node import router_stats
 from imfast.retention import Retention, RetentionCollector, start_retention
@@ -150,8 +151,8 @@ class EmbeddedSupervisor(_NodeDrain):
             f.write(str(os.getpid()))
         self._stopping = False
         self.retention: Retention | None = None
-        #: user -> when their last device left any worker (for presence's last_seen).
-        self.last_seen: dict[str, float] = {}
+        #: user -> when their last device left any worker (for presence's last_seen), bounded.
+        self.last_seen = LastSeen()
 
     async def start(self) -> int:
         s = self.settings
@@ -193,7 +194,7 @@ class EmbeddedSupervisor(_NodeDrain):
         async def unregister(user: str, device: str, gateway: str) -> None:
             await registry.unregister(user, device, gateway)
             if not registry.cached_lookup(user):
-                last_seen[user] = time.time()
+                last_seen.note(user, time.time())
 
         async def online(users: list[str]) -> list[list[Any]]:
             """[user, online, last seen or None] of each of ``users``, node-wide."""
@@ -247,7 +248,7 @@ class EmbeddedSupervisor(_NodeDrain):
                     offline = self.registry.drop_gateway(UNIX_PREFIX + self._push_path(index))
                     now = time.time()
                     for user in offline:  # presence's last_seen
-                        self.last_seen[user] = now
+                        self.last_seen.note(user, now)
                     log.error("gateway worker %d exited with %s; restarting (%d users went "
                               "offline)", index, proc.returncode, len(offline))
                     self._spawn(index)

@@ -53,6 +53,7 @@ from imfast.config import Settings
 from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, ConnectionLog, frame_limited
 from imfast.gateway.limits import ConnectLimiter
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
+from imfast.gateway.presence import LastSeen
 from imfast.gateway.session import EchoSession, Session
 from imfast.protocol.codes import CloseCode
 from imfast.service.router import Router
@@ -116,7 +117,7 @@ class Gateway:
         self.draining = False
         self.drain_reason = ""
         self.started_at = time.time()
-        self.last_seen: dict[str, float] = {}  # user -> epoch seconds of last disconnect
+        self.last_seen = LastSeen()  # user -> epoch seconds of last disconnect
         self.server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -474,7 +475,7 @@ class Gateway:
         """A bound session went away."""
         remaining = [s for s in self.table.sessions_of(session.user) if s is not session]
         if not remaining:
-            self.last_seen[session.user] = time.time()
+            self.last_seen.note(session.user, time.time())
             if self.settings.feature_enabled("presence"):
                 self._presence_changed(session.user, False)
 
