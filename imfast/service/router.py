@@ -45,6 +45,7 @@ from imfast.config import Settings
 from imfast.protocol.codes import ImfastError
 from imfast.protocol.ids import conv_members_private, group_conv, parse_conv, private_conv
 from imfast.service.cursors import CursorBatcher
+from imfast.service.members import MembersCache
 
 __all__ = ["OWN_CURSOR_DELAY", "GroupCommitter", "MsgIdGenerator", "Pusher", "Router", "SendResult",
            "settle"]
@@ -376,7 +377,7 @@ class Router:
         #: Earlier batches being moved a slice per loop iteration, oldest first.
         self._own_moving: list[dict[tuple[str, str], dict[str, list[int]]]] = []
         self._own_timer: asyncio.TimerHandle | None = None
-        self._members_cache: dict[str, dict[str, str]] = {}
+        self._members_cache = MembersCache()
         self.sent_total = 0
         self.duplicates_total = 0
         #: (metric name, help, Histogram) exposed by whoever serves /metrics for this router.
@@ -393,10 +394,12 @@ class Router:
     # ---------------------------------------------------------------- helpers
     async def group_members(self, group: str) -> dict[str, str]:
         """user -> role, cached until membership changes."""
-        members = self._members_cache.get(group)
+        cache = self._members_cache
+        members = cache.get(group)
         if members is None:
+            token = cache.reading()
             members = await self.store.members(group)
-            self._members_cache[group] = members
+            cache.put(group, members, token)
         return members
 
     async def conversation_users(self, user: str, conv: str) -> list[str]:
@@ -1007,7 +1010,7 @@ class Router:
             raise ImfastError("group id already taken", field="group", code="forbidden")
         for m in members:
             await self.store.set_member(group, m, "member")
-        self._members_cache.pop(group, None)
+        self._members_cache.forget(group)
         await self._group_event(group, user, device, "created", [user, *members])
         return await self.group_members(group)
 
@@ -1021,7 +1024,7 @@ class Router:
             if len(members) >= self.settings.max_group_members:
                 raise ImfastError("group is full", field="group", code="forbidden")
             await self.store.set_member(group, user, "member")
-            self._members_cache.pop(group, None)
+            self._members_cache.forget(group)
             await self._group_event(group, user, device, "joined", [user])
         return await self.group_members(group)
 
@@ -1038,7 +1041,7 @@ class Router:
         for u in new:
             await self.store.set_member(group, u, "member")
         if new:
-            self._members_cache.pop(group, None)
+            self._members_cache.forget(group)
             await self._group_event(group, user, device, "invited", new)
         return await self.group_members(group)
 
@@ -1075,7 +1078,7 @@ class Router:
             await self._group_event(group, actor, device, event, users)
             for u in users:
                 await self.store.remove_member(group, u)
-            self._members_cache.pop(group, None)
+            self._members_cache.forget(group)
         return await self.group_members(group)
 
     async def group_role(self, user: str, device: str, group: str, target: str,
@@ -1088,7 +1091,7 @@ class Router:
         if target not in members or target == user:
             raise ImfastError("not a member", field="user", code="not_found")
         await self.store.set_member(group, target, role)
-        self._members_cache.pop(group, None)
+        self._members_cache.forget(group)
         await self._group_event(group, user, device, f"role:{role}", [target])
         return await self.group_members(group)
 
