@@ -67,10 +67,11 @@ _JSONDecodeError = orjson.JSONDecodeError
 
 # Field kinds as C ints (codec_py._check compares strings instead).
 cdef enum:
-    K_ID, K_CONV, K_SEQ, K_LIMIT, K_CMID, K_TOKEN, K_BODY, K_TEXT, K_IDS, K_ROLE
+    K_ID, K_CONV, K_SEQ, K_LIMIT, K_CMID, K_TOKEN, K_BODY, K_TEXT, K_IDS, K_ROLE, K_BOOL
 
 _KINDS = {"id": K_ID, "conv": K_CONV, "seq": K_SEQ, "limit": K_LIMIT, "cmid": K_CMID,
-          "token": K_TOKEN, "body": K_BODY, "text": K_TEXT, "ids": K_IDS, "role": K_ROLE}
+          "token": K_TOKEN, "body": K_BODY, "text": K_TEXT, "ids": K_IDS, "role": K_ROLE,
+          "bool": K_BOOL}
 
 
 cdef dict _compile(dict table):
@@ -253,6 +254,9 @@ cdef int _check(int kind, str name, object value, object max_body, Py_ssize_t ma
     elif kind == K_ROLE:
         if value not in _ROLES:
             raise ProtocolError(f"`{name}` must be one of {', '.join(_ROLES)}", field=name)
+    elif kind == K_BOOL:
+        if value is not True and value is not False:
+            raise ProtocolError(f"`{name}` must be true or false", field=name)
     return 0
 
 

@@ -39,7 +39,7 @@ _MAX_LIST = 1000
 _MAX_TEXT = 256
 
 # Field kinds: id, conv, seq (int >= 0), limit (int 1..), cmid, token, body,
-# text (short string), ids (list of ids), role.
+# text (short string), ids (list of ids), role, bool (true or false).
 _R = True  # required
 _O = False  # optional
 CLIENT_TYPES: dict[str, dict[str, tuple[str, bool]]] = {
@@ -56,7 +56,9 @@ CLIENT_TYPES: dict[str, dict[str, tuple[str, bool]]] = {
     "typing": {"conv": ("conv", _R)},
     "recall": {"conv": ("conv", _R), "seq": ("seq", _R)},
     "presence": {"users": ("ids", _R)},
-    "group_create": {"group": ("id", _R), "name": ("text", _O), "members": ("ids", _O)},
+    "group_create": {
+        "group": ("id", _R), "name": ("text", _O), "members": ("ids", _O), "open": ("bool", _O)
+    },
     "group_join": {"group": ("id", _R)},
     "group_leave": {"group": ("id", _R)},
     "group_invite": {"group": ("id", _R), "users": ("ids", _R)},
@@ -114,6 +116,9 @@ def _check(kind: str, name: str, value: Any, max_body: int) -> None:
     elif kind == "role":
         if value not in _ROLES:
             raise ProtocolError(f"`{name}` must be one of {', '.join(_ROLES)}", field=name)
+    elif kind == "bool":
+        if type(value) is not bool:
+            raise ProtocolError(f"`{name}` must be true or false", field=name)
     else:  # pragma: no cover - table error
         raise AssertionError(kind)
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
+    "EVERYONE",
     "KIND_EVENT",
     "KIND_MESSAGE",
     "KIND_RECALL",
@@ -34,6 +35,10 @@ __all__ = [
     "until_fewer_than",
     "variant_of",
 ]
+
+#: The user id :meth:`GroupStore.bar` takes for "every user": not a valid id (see
+#: imfast.protocol.ids), so no real user can be confused with it.
+EVERYONE = "*"
 
 KIND_MESSAGE = "msg"  # a chat message written by a user
 KIND_EVENT = "event"  # a system event (group membership); body is JSON
@@ -147,8 +152,9 @@ class CursorStore(Protocol):
 class GroupStore(Protocol):
     """Groups and their members with roles ``owner``, ``admin``, ``member``."""
 
-    async def create(self, group: str, owner: str, name: str) -> bool:
-        """Create a group owned by ``owner``; False if the id is taken."""
+    async def create(self, group: str, owner: str, name: str, open: bool = True) -> bool:
+        """Create a group owned by ``owner``; False if the id is taken.  Not ``open``:
+        invite-only (:data:`EVERYONE` barred), in the same write."""
         ...
 
     async def info(self, group: str) -> tuple[str, str] | None:
@@ -166,6 +172,20 @@ class GroupStore(Protocol):
         ...
 
     async def groups_of(self, user: str) -> list[str]: ...
+
+    async def bar(self, group: str, user: str) -> None:
+        """``user`` may not join ``group`` by itself (``group_join``) until :meth:`unbar`
+        (a member removed by an owner or admin); :data:`EVERYONE` bars every user (an
+        invite-only group: only an invitation, which adds the member, gets one in)."""
+        ...
+
+    async def unbar(self, group: str, user: str) -> None:
+        """Lift ``user``'s bar from ``group`` (an invitation); nothing if there is none."""
+        ...
+
+    async def barred(self, group: str, user: str) -> bool:
+        """True if ``user``, or :data:`EVERYONE`, is barred from joining ``group``."""
+        ...
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import bisect
 import time
 from collections import defaultdict
 
-from imfast.backends.base import Reservation, StoredMessage, own_run_end
+from imfast.backends.base import EVERYONE, Reservation, StoredMessage, own_run_end
 from imfast.protocol.ids import conv_members_private
 
 __all__ = ["MemoryRegistry", "MemoryStore"]
@@ -28,6 +28,7 @@ class MemoryStore:
         self._cursors: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
         self._groups: dict[str, tuple[str, str]] = {}
         self._members: dict[str, dict[str, str]] = defaultdict(dict)
+        self._bars: dict[str, set[str]] = defaultdict(set)  # group -> users barred
         self._groups_of: dict[str, set[str]] = defaultdict(set)
         self._receipts: dict[str, dict[str, int]] = defaultdict(dict)
         self._floors: dict[str, int] = {}  # conv -> highest seq retention deleted
@@ -158,10 +159,12 @@ class MemoryStore:
         return cursor
 
     # GroupStore
-    async def create(self, group: str, owner: str, name: str) -> bool:
+    async def create(self, group: str, owner: str, name: str, open: bool = True) -> bool:
         if group in self._groups:
             return False
         self._groups[group] = (name, owner)
+        if not open:
+            self._bars[group].add(EVERYONE)
         await self.set_member(group, owner, "owner")
         return True
 
@@ -185,6 +188,16 @@ class MemoryStore:
 
     async def groups_of(self, user: str) -> list[str]:
         return sorted(self._groups_of.get(user, ()))
+
+    async def bar(self, group: str, user: str) -> None:
+        self._bars[group].add(user)
+
+    async def unbar(self, group: str, user: str) -> None:
+        self._bars[group].discard(user)
+
+    async def barred(self, group: str, user: str) -> bool:
+        bars = self._bars.get(group, ())
+        return user in bars or EVERYONE in bars
 
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:

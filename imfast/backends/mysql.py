@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from imfast.backends.base import StoredMessage, until_fewer_than
+from imfast.backends.base import EVERYONE, StoredMessage, until_fewer_than
 from imfast.backends.errors import BackendUnavailable
 from imfast.protocol.ids import conv_members_private
 
@@ -175,6 +175,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         # (IF NOT EXISTS): the deployed server is MariaDB.
         "ALTER TABLE messages ADD INDEX IF NOT EXISTS messages_ts (ts)",
     )),
+    (3, "group_bars: who may not join a group by itself", (
+        f"""CREATE TABLE IF NOT EXISTS group_bars (
+    group_id VARCHAR(64) NOT NULL,
+    user_id  VARCHAR(64) NOT NULL COMMENT '* bars every user: an invite-only group',
+    PRIMARY KEY (group_id, user_id)
+) {_TABLE_OPTIONS}""",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -195,6 +202,7 @@ TABLES = (
     "read_receipts",
     "offline_messages",
     "sequence_snapshots",
+    "group_bars",
 )
 
 
@@ -799,7 +807,7 @@ class MySQLStore:
 
     # ------------------------------------------------------------ GroupStore
 
-    async def create(self, group: str, owner: str, name: str) -> bool:
+    async def create(self, group: str, owner: str, name: str, open: bool = True) -> bool:
         """Create a group owned by ``owner``; False if the id is taken."""
         async def body(cur: Any) -> None:
             await cur.execute("INSERT INTO chat_groups (group_id, name, owner) VALUES (%s,%s,%s)",
@@ -807,6 +815,9 @@ class MySQLStore:
             await cur.execute("INSERT INTO group_members (group_id, user_id, role) "
                               "VALUES (%s,%s,'owner') ON DUPLICATE KEY UPDATE role='owner'",
                               (group, owner))
+            if not open:
+                await cur.execute("INSERT IGNORE INTO group_bars (group_id, user_id) "
+                                  "VALUES (%s,%s)", (group, EVERYONE))
 
         try:
             await self._transaction("create_group", body)
@@ -843,6 +854,20 @@ class MySQLStore:
             "groups_of", "SELECT group_id FROM group_members WHERE user_id=%s ORDER BY group_id",
             (user,))
         return [str(g) for (g,) in rows]
+
+    async def bar(self, group: str, user: str) -> None:
+        await self._write("bar", "INSERT IGNORE INTO group_bars (group_id, user_id) "
+                                 "VALUES (%s,%s)", (group, user))
+
+    async def unbar(self, group: str, user: str) -> None:
+        await self._write("unbar", "DELETE FROM group_bars WHERE group_id=%s AND user_id=%s",
+                          (group, user))
+
+    async def barred(self, group: str, user: str) -> bool:
+        rows = await self._read(
+            "barred", "SELECT 1 FROM group_bars WHERE group_id=%s AND user_id IN (%s,%s) LIMIT 1",
+            (group, user, EVERYONE))
+        return bool(rows)
 
     # ------------------------------------------------------------ ReceiptStore
 

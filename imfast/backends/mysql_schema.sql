@@ -1,4 +1,4 @@
--- imfast MySQL/MariaDB schema, version 2.
+-- imfast MySQL/MariaDB schema, version 3.
 -- Generated from imfast/backends/mysql.py (MIGRATIONS); MySQLStore.open()
 -- applies it by itself. To apply it by hand: mysql im_chat < mysql_schema.sql
 
@@ -82,3 +82,11 @@ INSERT IGNORE INTO schema_migrations (version) VALUES (1);
 -- migration 2: messages_ts index for MESSAGE_RETENTION_DAYS
 ALTER TABLE messages ADD INDEX IF NOT EXISTS messages_ts (ts);
 INSERT IGNORE INTO schema_migrations (version) VALUES (2);
+
+-- migration 3: group_bars: who may not join a group by itself
+CREATE TABLE IF NOT EXISTS group_bars (
+    group_id VARCHAR(64) NOT NULL,
+    user_id  VARCHAR(64) NOT NULL COMMENT '* bars every user: an invite-only group',
+    PRIMARY KEY (group_id, user_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+INSERT IGNORE INTO schema_migrations (version) VALUES (3);

@@ -55,7 +55,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imfast.backends.base import Reservation, StoredMessage, own_run_end, until_fewer_than
+from imfast.backends.base import (
+    EVERYONE,
+    Reservation,
+    StoredMessage,
+    own_run_end,
+    until_fewer_than,
+)
 from imfast.backends.keyfilter import KeyFilters
 from imfast.backends.sqlite_checkpoint import BackgroundCheckpointer
 from imfast.backends.sqlite_keys import KnownKeys
@@ -72,7 +78,7 @@ from imfast.backends.sqlite_log import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _DEDUP_CACHE = 100_000  # recent reservations kept in memory; older ones are read from the log
 _CURSOR_CACHE = 200_000  # (user, device, conv) cursors kept in memory; older ones are re-read
 _SELECT_CURSOR = "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?"
@@ -104,6 +110,7 @@ _T = TypeVar("_T")
 # entries of many conversations then share pages, and a commit writes a few
 # pages instead of one per conversation touched (about 30 % less CPU per entry).
 # Version 3 adds seq_floors: the highest seq that retention deleted per conversation.
+# Version 4 adds group_bars: who may not join a group by itself (GroupStore.bar).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
@@ -139,6 +146,9 @@ CREATE TABLE IF NOT EXISTS read_receipts (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seq_floors (
     conv TEXT PRIMARY KEY, seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_bars (
+    grp TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (grp, user)
 ) WITHOUT ROWID;
 """
 
@@ -883,7 +893,7 @@ class SQLiteStore:
             self._requeue_moved(cursors, receipts)
 
     # GroupStore
-    async def create(self, group: str, owner: str, name: str) -> bool:
+    async def create(self, group: str, owner: str, name: str, open: bool = True) -> bool:
         def write(db: sqlite3.Connection) -> bool:
             try:
                 db.execute("INSERT INTO groups_ VALUES (?,?,?,?)",
@@ -892,6 +902,8 @@ class SQLiteStore:
                 return False
             db.execute("INSERT OR REPLACE INTO group_members VALUES (?,?,?)",
                        (group, owner, "owner"))
+            if not open:
+                db.execute("INSERT OR IGNORE INTO group_bars VALUES (?,?)", (group, EVERYONE))
             return True
 
         return await self._write(write)
@@ -942,6 +954,18 @@ class SQLiteStore:
     async def groups_of(self, user: str) -> list[str]:
         cur = self._db.execute("SELECT grp FROM group_members WHERE user=? ORDER BY grp", (user,))
         return [g for (g,) in cur]
+
+    async def bar(self, group: str, user: str) -> None:
+        await self._write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO group_bars VALUES (?,?)", (group, user)))
+
+    async def unbar(self, group: str, user: str) -> None:
+        await self._write(lambda db: db.execute(
+            "DELETE FROM group_bars WHERE grp=? AND user=?", (group, user)))
+
+    async def barred(self, group: str, user: str) -> bool:
+        return self._db.execute("SELECT 1 FROM group_bars WHERE grp=? AND user IN (?,?)",
+                                (group, user, EVERYONE)).fetchone() is not None
 
     # ReceiptStore
     async def mark_read(self, conv: str, user: str, seq: int) -> bool:

@@ -545,12 +545,16 @@ class Client:
 
     # ------------------------------------------------------------- groups
     async def group_create(self, group: str, members: Iterable[str] = (),
-                           name: str | None = None) -> dict[str, str]:
-        """Create ``group`` (you are its owner) with ``members``; returns user -> role."""
+                           name: str | None = None, open: bool = True) -> dict[str, str]:
+        """Create ``group`` (you are its owner) with ``members``; returns user -> role.
+
+        ``open`` False: invite-only (``group_join`` is refused; invite members)."""
         frame: dict[str, Any] = {"type": "group_create", "group": _check_ids(group)[0],
                                  "members": _check_ids(*members)}
         if name:
             frame["name"] = name
+        if not open:
+            frame["open"] = False
         return dict((await self._request(frame))["members"])
 
     async def group_join(self, group: str) -> dict[str, str]:

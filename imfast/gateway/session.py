@@ -1005,8 +1005,11 @@ class Session(FramedListener):
         ftype = frame["type"]
         group = frame.get("group", "")
         if ftype == "group_create":
-            members = await router.group_create(self.user, self.device, group,
-                                                frame.get("name") or "", frame.get("members") or [])
+            args = [self.user, self.device, group, frame.get("name") or "",
+                    frame.get("members") or []]
+            if frame.get("open") is False:  # only then: a service of the release before
+                args.append(False)          # takes the five arguments (a rolling upgrade)
+            members = await router.group_create(*args)
         elif ftype == "group_join":
             members = await router.group_join(self.user, self.device, group)
         elif ftype == "group_leave":

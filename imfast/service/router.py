@@ -999,14 +999,19 @@ class Router:
         return role
 
     async def group_create(self, user: str, device: str, group: str, name: str,
-                           members: list[str]) -> dict[str, str]:
-        """Create a group owned by ``user`` with initial ``members``."""
+                           members: list[str], open: bool = True) -> dict[str, str]:
+        """Create a group owned by ``user`` with initial ``members``.
+
+        ``open``: anyone who knows the id may join it (``group_join``), but for a
+        member an owner or admin removed; not ``open``: only an invitation gets
+        anyone in.
+        """
         self._check_groups_enabled()
         members = [m for m in dict.fromkeys(members) if m != user]
         if len(members) + 1 > self.settings.max_group_members:
             raise ImfastError(f"a group has at most {self.settings.max_group_members} members",
                               field="members", code="bad_request")
-        if not await self.store.create(group, user, name or group):
+        if not await self.store.create(group, user, name or group, open):
             raise ImfastError("group id already taken", field="group", code="forbidden")
         for m in members:
             await self.store.set_member(group, m, "member")
@@ -1015,12 +1020,16 @@ class Router:
         return await self.group_members(group)
 
     async def group_join(self, user: str, device: str, group: str) -> dict[str, str]:
-        """Join an existing group (open groups: anyone who knows the id may join)."""
+        """Join an existing open group; ``forbidden`` for an invite-only one, or for a
+        user an owner or admin removed (until invited again)."""
         self._check_groups_enabled()
         if await self.store.info(group) is None:
             raise ImfastError("no such group", field="group", code="not_found")
         members = await self.group_members(group)
         if user not in members:
+            if await self.store.barred(group, user):
+                raise ImfastError("joining this group needs an invitation from an owner or "
+                                  "admin", field="group", code="forbidden")
             if len(members) >= self.settings.max_group_members:
                 raise ImfastError("group is full", field="group", code="forbidden")
             await self.store.set_member(group, user, "member")
@@ -1039,6 +1048,7 @@ class Router:
         if len(members) + len(new) > self.settings.max_group_members:
             raise ImfastError("group would be too large", field="users", code="bad_request")
         for u in new:
+            await self.store.unbar(group, u)  # removed earlier: may come and go again
             await self.store.set_member(group, u, "member")
         if new:
             self._members_cache.forget(group)
@@ -1061,6 +1071,8 @@ class Router:
             if _ROLE_RANK[role] >= rank:
                 raise ImfastError(f"cannot remove {u} ({role})", field="users", code="forbidden")
             gone.append(u)
+        for u in gone:  # before they leave: a removed member cannot rejoin by itself
+            await self.store.bar(group, u)
         return await self._remove(user, device, group, gone, "removed")
 
     async def group_leave(self, user: str, device: str, group: str) -> dict[str, str]:

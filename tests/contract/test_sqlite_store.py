@@ -64,7 +64,7 @@ async def test_a_version_1_file_is_upgraded_with_its_messages_and_cursors(tmp_pa
     finally:
         await store.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
 
 
 async def test_a_file_from_a_newer_imfast_is_refused(tmp_path: Path) -> None:
@@ -329,7 +329,27 @@ async def test_a_version_2_file_gains_the_floors_table_and_keeps_its_entries(
         assert await store.latest_seq("p:alice:bob") == 2
     finally:
         await store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_version_3_file_gains_the_group_bars_table_and_keeps_its_groups(
+        tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    store = SQLiteStore(str(path))
+    assert await store.create("team", "alice", "Team")
+    await store.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE group_bars; PRAGMA user_version=3;")
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert await store.members("team") == {"alice": "owner"}
+        assert not await store.barred("team", "bob")
+        await store.bar("team", "bob")
+        assert await store.barred("team", "bob")
+    finally:
+        await store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 async def test_retention_runs_off_the_loop_while_appends_go_on(tmp_path: Path) -> None:

@@ -127,6 +127,26 @@ async def test_groups(store: Any) -> None:
     assert await store.groups_of("bob") == []
 
 
+async def test_group_bars_keep_removed_users_and_everyone_out_of_invite_only_groups(
+        store: Any) -> None:
+    assert await store.create("open1", "owner", "Open")
+    assert not await store.barred("open1", "bob")
+    await store.bar("open1", "bob")
+    await store.bar("open1", "bob")  # twice: still one bar
+    assert await store.barred("open1", "bob") and not await store.barred("open1", "carol")
+    assert not await store.barred("other", "bob")  # per group
+    await store.unbar("open1", "bob")
+    await store.unbar("open1", "bob")  # none left: nothing happens
+    assert not await store.barred("open1", "bob")
+    assert await store.create("closed1", "owner", "Closed", False)
+    assert await store.barred("closed1", "bob") and await store.barred("closed1", "carol")
+    await store.unbar("closed1", "bob")  # lifts bob's own bar only: everyone stays barred
+    assert await store.barred("closed1", "bob")
+    # A create that fails (id taken) bars nobody.
+    assert not await store.create("open1", "x", "again", False)
+    assert not await store.barred("open1", "carol")
+
+
 async def test_receipts_only_move_forward(store: Any) -> None:
     assert await store.mark_read("p:a:b", "a", 3)
     assert not await store.mark_read("p:a:b", "a", 2)

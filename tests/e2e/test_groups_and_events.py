@@ -52,6 +52,52 @@ def test_group_lifecycle_membership_checked_on_send_and_fanout(node: NodeThread)
     assert carol.recv()["code"] == "forbidden"
 
 
+def test_a_removed_member_cannot_rejoin_an_open_group_until_invited_again(
+        node: NodeThread) -> None:
+    owner, carol, dave = connect(node, "owner"), connect(node, "carol"), connect(node, "dave")
+    owner.send(type="group_create", group="lobby", id=1)  # open: anyone may join
+    owner.recv_until("group", id=1)
+    for user, c in (("carol", carol), ("dave", dave)):
+        c.send(type="group_join", group="lobby", id=2)
+        assert set(c.recv_until("group", id=2)[-1]["members"]) >= {"owner", user}
+    owner.send(type="group_remove", group="lobby", users=["carol"], id=3)
+    owner.recv_until("group", id=3)
+    carol.send(type="group_join", group="lobby", id=4)
+    error = carol.recv_until("error")[-1]
+    assert (error["code"], error["field"], error["id"]) == ("forbidden", "group", 4)
+    carol.send(type="history", conv="g:lobby", id=5)
+    assert carol.recv_until("error")[-1]["code"] == "forbidden"  # nor read it
+    # Leaving by oneself bars nothing: dave comes back.
+    dave.send(type="group_leave", group="lobby", id=6)
+    dave.recv_until("group", id=6)
+    dave.send(type="group_join", group="lobby", id=7)
+    assert "dave" in dave.recv_until("group", id=7)[-1]["members"]
+    # An invitation lifts carol's bar: she may leave and join again afterwards.
+    owner.send(type="group_invite", group="lobby", users=["carol"], id=8)
+    owner.recv_until("group", id=8)
+    carol.send(type="group_leave", group="lobby", id=9)
+    carol.recv_until("group", id=9)
+    carol.send(type="group_join", group="lobby", id=10)
+    assert "carol" in carol.recv_until("group", id=10)[-1]["members"]
+
+
+def test_an_invite_only_group_takes_members_by_invitation_alone(node: NodeThread) -> None:
+    owner, bob, eve = connect(node, "owner"), connect(node, "bob"), connect(node, "eve")
+    owner.send(type="group_create", group="board", open=False, members=["bob"], id=1)
+    assert owner.recv_until("group", id=1)[-1]["members"] == {"owner": "owner", "bob": "member"}
+    eve.send(type="group_join", group="board", id=2)
+    assert eve.recv_until("error")[-1]["code"] == "forbidden"
+    bob.send(type="group_leave", group="board", id=3)
+    bob.recv_until("group", id=3)
+    bob.send(type="group_join", group="board", id=4)  # left: only an invitation again
+    assert bob.recv_until("error")[-1]["code"] == "forbidden"
+    owner.send(type="group_invite", group="board", users=["bob", "eve"], id=5)
+    assert set(owner.recv_until("group", id=5)[-1]["members"]) == {"owner", "bob", "eve"}
+    owner.send(type="group_create", group="board2", open="no", id=6)
+    error = owner.recv_until("error")[-1]
+    assert (error["code"], error["field"]) == ("bad_request", "open")
+
+
 def test_group_roles(node: NodeThread) -> None:
     owner, admin, member = connect(node, "o"), connect(node, "a"), connect(node, "m")
     owner.send(type="group_create", group="g1", members=["a", "m"], id=1)

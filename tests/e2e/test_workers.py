@@ -117,6 +117,11 @@ def test_chat_and_groups_across_worker_processes(served: Served) -> None:
     for u in users:
         if u != "w3":
             assert clients[u].recv_until("msg", kind="msg")[-1]["body"] == "to everyone"
+    # An invite-only group made through a worker (the flag crosses the link).
+    clients["w1"].send(type="group_create", group="closed", open=False, id=2)
+    clients["w1"].recv_until("group", id=2)
+    clients["w2"].send(type="group_join", group="closed", id=3)
+    assert clients["w2"].recv_until("error")[-1]["code"] == "forbidden"
 
 
 def test_acks_reads_and_typing_with_no_id_are_casts_answered_only_when_they_fail(

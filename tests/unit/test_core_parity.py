@@ -93,6 +93,7 @@ def value_for(kind: str) -> st.SearchStrategy[Any]:
         "ids": st.one_of(st.lists(ids, max_size=5), st.just(["a"] * 1001),
                          st.just(["a"] * 1000)),
         "role": st.sampled_from(["admin", "member", "owner", "Admin", ""]),
+        "bool": st.sampled_from([True, False, 0, 1, None, "true", 1.0]),
     }[kind]
 
 
