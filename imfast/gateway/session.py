@@ -42,6 +42,33 @@ __all__ = ["EchoSession", "Session"]
 
 #: Largest frame that is decoded before the rate limit looks at it (an ``ack`` is ~60 bytes).
 _FREE_ACK_MAX_BYTES = 256
+_MAX_ID = (1 << 53) - 1
+
+
+def _cmid_of(frame: dict[str, Any]) -> str | None:
+    """A send's ``cmid``, echoed in its answers (None for other frames)."""
+    cmid = frame.get("cmid") if frame.get("type") == "send" else None
+    return cmid if isinstance(cmid, str) else None
+
+
+def _ids_of_refused(payload: bytes) -> dict[str, Any] | None:
+    """``type``, ``id`` and ``cmid`` of a JSON object the codec refused, where they are
+    themselves valid: its error then answers the request the client waits on (which
+    of several pending sends was refused).  None if there is nothing to echo."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    asked: dict[str, Any] = {"type": obj.get("type")}
+    rid = obj.get("id")
+    if (type(rid) is str and len(rid) <= 64) or (type(rid) is int and 0 <= rid <= _MAX_ID):
+        asked["id"] = rid
+    cmid = obj.get("cmid")
+    if type(cmid) is str and 1 <= len(cmid) <= 64 and cmid.isprintable():
+        asked["cmid"] = cmid
+    return asked
 #: Frames sent to im-service as casts when they carry no id (see Session._cast_now).
 _CASTABLE = frozenset(("read", "typing"))
 
@@ -531,7 +558,8 @@ class Session(FramedListener):
         try:
             frame = decode_client_frame(payload, gw.settings.max_body_bytes)
         except ProtocolError as exc:
-            if len(payload) <= _FREE_ACK_MAX_BYTES and not self._rate_ok():
+            asked = _ids_of_refused(payload) if exc.code != "bad_json" else None
+            if len(payload) <= _FREE_ACK_MAX_BYTES and not self._rate_ok(asked):
                 return
             if is_text and not validated and exc.code == "bad_json":
                 try:
@@ -539,10 +567,10 @@ class Session(FramedListener):
                 except UnicodeDecodeError:
                     self.close(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
                     return
-            self._protocol_error(exc, None)
+            self._protocol_error(exc, asked)
             return
         if len(payload) <= _FREE_ACK_MAX_BYTES and not self._acks_a_push(frame) \
-                and not self._rate_ok():
+                and not self._rate_ok(frame):
             return
         if self.inbox is None:
             # Nothing queued before it: a send, ack, read or typing the in-process
@@ -589,7 +617,9 @@ class Session(FramedListener):
         claims[conv] = seq
         return True
 
-    def _rate_ok(self) -> bool:
+    def _rate_ok(self, frame: dict[str, Any] | None = None) -> bool:
+        """Take a token for a frame; False (answered ``rate_limited``, echoing the
+        frame's ``id`` and a send's ``cmid`` when it was decoded) if none is left."""
         settings = self.gw.settings
         now = self.gw.now
         tokens = min(float(settings.rate_burst),
@@ -601,14 +631,17 @@ class Session(FramedListener):
         self.tokens = tokens - 1.0
         if self.tokens < -float(settings.rate_burst):
             self.close(CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
-        else:
+        elif frame is None:
             self.send_error("rate_limited", "too many frames; slow down")
+        else:
+            self.send_error("rate_limited", "too many frames; slow down", None,
+                            frame.get("id"), _cmid_of(frame))
         return False
 
     def _protocol_error(self, exc: ImfastError, frame: dict[str, Any] | None) -> None:
         self.errors += 1
         rid = frame.get("id") if frame is not None else None
-        cmid = frame.get("cmid") if frame is not None and frame.get("type") == "send" else None
+        cmid = _cmid_of(frame) if frame is not None else None
         self.send_error(exc.code, exc.message, exc.field, rid, cmid)
         if self.errors >= self.gw.settings.max_errors:
             self.close(CloseCode.TOO_MANY_ERRORS, "too many bad frames")

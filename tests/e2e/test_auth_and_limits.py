@@ -96,6 +96,39 @@ def test_bad_frames_get_an_error_naming_the_field_and_the_connection_stays(
     assert c.recv() == {"type": "pong", "id": "still-open"}
 
 
+@pytest.mark.parametrize("frame,echoed", [
+    ({"type": "send", "id": "m6", "cmid": "big1", "to": "bob", "body": "b" * 20000},
+     {"id": "m6", "cmid": "big1"}),
+    ({"type": "send", "id": 7, "cmid": "c7", "to": "bob", "group": "g", "body": "b"},
+     {"id": 7, "cmid": "c7"}),
+    ({"type": "send", "id": 8, "cmid": "c8", "body": "b"}, {"id": 8, "cmid": "c8"}),
+    ({"type": "sync", "id": "s1", "conv": "p:alice:bob", "limit": -5}, {"id": "s1"}),
+    ({"type": "teleport", "id": "t1", "cmid": "x"}, {"id": "t1"}),  # a cmid is a send's
+    ({"type": "send", "id": {"no": 1}, "cmid": "c9", "to": "bob"}, {"cmid": "c9"}),  # bad id
+    ({"type": "send", "id": 9, "cmid": "", "to": "bob", "body": "b"}, {"id": 9}),
+])
+def test_a_refused_frame_s_error_echoes_its_id_and_a_send_s_cmid(
+        node: NodeThread, frame: dict, echoed: dict) -> None:
+    """The client can tell which of its pending requests was refused."""
+    c = Client(node.url, node.token("alice"))
+    c.welcome()
+    c.ws.send(json.dumps(frame))
+    err = c.recv()
+    assert err["type"] == "error"
+    assert {k: err[k] for k in ("id", "cmid") if k in err} == echoed
+
+
+def test_rate_limited_frames_echo_their_id(make_node) -> None:
+    node = make_node(rate_msgs_per_sec=1.0, rate_burst=2)
+    c = Client(node.url, node.token("alice"))
+    c.welcome()
+    for i in range(4):
+        c.send(type="send", id=i, cmid=f"r{i}", to="bob", body="x")
+    limited = [f for f in c.recv_until("error", code="rate_limited")
+               if f.get("code") == "rate_limited"]
+    assert (limited[0]["id"], limited[0]["cmid"]) == (2, "r2")
+
+
 def test_too_many_bad_frames_close_the_connection(make_node) -> None:
     node = make_node(max_errors=3)
     c = Client(node.url, node.token("alice"))
