@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from imfast import __version__
-from imfast.config import ConfigError, Settings, load_settings
+from imfast.config import (
+    ConfigError,
+    Settings,
+    _port,
+    _positive_float,
+    _positive_int,
+    load_settings,
+)
 
 __all__ = ["main"]
 
@@ -27,6 +35,26 @@ Quick start:
 
 Every setting is an environment variable; `imfast config` lists them.
 """
+
+
+def _checked(check: Any, what: str) -> Any:
+    """An argparse type running one of the settings' own checks: a flag is held to
+    what its environment variable is (``--port 99999`` is refused, not wrapped)."""
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as exc:
+            why = str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) \
+                else f"must be {what}"
+            raise argparse.ArgumentTypeError(f"{text!r} {why}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+_PORT = _checked(_port, "a port number 0-65535")
+_COUNT = _checked(_positive_int, "a positive whole number")
+_SECONDS = _checked(_positive_float, "a positive number")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -47,13 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
                     "HTTP /health /stats /metrics on one port, messages in a SQLite file "
                     "under --data-dir.")
     serve.add_argument("--host", help="listen address (HOST, default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="WebSocket + HTTP port (HTTP_PORT, default 8080)")
+    serve.add_argument("--port", type=_PORT, help="WebSocket + HTTP port (HTTP_PORT, default 8080)")
     serve.add_argument("--data-dir", help="where the SQLite file lives (DATA_DIR, default ./data;"
                                           " ':memory:' keeps nothing)")
     serve.add_argument("--insecure-dev-auth", action="store_true",
                        help="DEMO ONLY: also accept ws://HOST/ws?user=NAME without a token")
     serve.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
-    serve.add_argument("--workers", type=int,
+    serve.add_argument("--workers", type=_COUNT,
                        help="gateway worker processes sharing the port (GATEWAY_WORKERS, "
                             "default 1 = all in one process); each holds at most "
                             "MAX_CONNECTIONS/N sockets")
@@ -64,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "dev secret in --data-dir, so it works against `imfast serve` as is.")
     token.add_argument("user", help="user id (1-64 of A-Z a-z 0-9 _ . @ -)")
     token.add_argument("--device", default="default", help="device id (default: default)")
-    token.add_argument("--ttl", type=float, default=24 * 3600, help="seconds (default 86400)")
+    token.add_argument("--ttl", type=_SECONDS, default=24 * 3600, help="seconds (default 86400)")
     token.add_argument("--data-dir", help="data dir of the node (DATA_DIR, default ./data)")
     token.add_argument("--url", action="store_true",
                        help="print a ready ws:// URL with the token instead of the bare token")
@@ -80,10 +108,10 @@ def _build_parser() -> argparse.ArgumentParser:
         role = sub.add_parser(name, help=helptext, description=helptext + ". Every setting is "
                               "an environment variable (`imfast config` lists them).")
         role.add_argument("--host", help="listen address (HOST)")
-        role.add_argument("--port", type=int, help="HTTP port (HTTP_PORT, default 8080)")
+        role.add_argument("--port", type=_PORT, help="HTTP port (HTTP_PORT, default 8080)")
         role.add_argument("--log-format", choices=("json", "text"), help="LOG_FORMAT")
         if name == "gateway":
-            role.add_argument("--workers", type=int,
+            role.add_argument("--workers", type=_COUNT,
                               help="gateway processes sharing HTTP_PORT (GATEWAY_WORKERS); "
                                    "worker i pushes on PUSH_PORT+i")
 
@@ -207,6 +235,11 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from imfast.auth import mint_token
 
     settings = _apply(settings, data_dir=args.data_dir)
+    if not settings.jwt_secret and not os.path.isdir(settings.data_dir):
+        # A mistyped path must not mint with a fresh secret the node never saw.
+        print(f"imfast token: no data dir {settings.data_dir!r}: pass the node's --data-dir "
+              f"(start `imfast serve` first), or set JWT_SECRET", file=sys.stderr)
+        return 2
     try:
         token = mint_token(settings, args.user, args.device, args.ttl)
     except ValueError as exc:
@@ -222,8 +255,12 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_config() -> int:
     rows = Settings.describe()
     width = max(len(r[0]) for r in rows)
-    for env, default, doc in rows:
-        print(f"{env:<{width}}  {doc}  [default: {default or '-'}]")
+    try:
+        for env, default, doc in rows:
+            print(f"{env:<{width}}  {doc}  [default: {default or '-'}]")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `imfast config | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
