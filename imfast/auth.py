@@ -114,7 +114,8 @@ class TokenVerifier:
     def dev_identity(self, user: str, device: str | None) -> Identity:
         """INSECURE_DEV_AUTH only: trust a user name given in the URL."""
         if not self.insecure_dev_auth:
-            raise AuthError("a token is required")
+            raise AuthError("?user= sign-in is off on this server (INSECURE_DEV_AUTH); "
+                            "authenticate with a token (?token= or an auth frame)")
         device = device or DEFAULT_DEVICE
         if not is_valid_id(user) or not is_valid_id(device):
             raise AuthError("invalid user or device id")

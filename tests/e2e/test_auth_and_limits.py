@@ -343,8 +343,10 @@ def test_same_device_connecting_again_replaces_the_old_connection(node: NodeThre
 def test_insecure_dev_auth_only_when_switched_on(make_node) -> None:
     strict = make_node()
     c = Client(f"{strict.url}?user=alice")
-    c.send(type="send", cmid="x", to="bob", body="b")
-    assert c.recv()["code"] == "not_authenticated"
+    start = time.monotonic()
+    code, frames = expect_close(c)  # told why at once, not left to the auth timeout
+    assert code == 4500 and time.monotonic() - start < 2
+    assert frames[-1]["code"] == "auth_failed" and "INSECURE_DEV_AUTH" in frames[-1]["message"]
     demo = make_node(insecure_dev_auth=True)
     d = Client(f"{demo.url}?user=alice&device=tab1")
     w = d.welcome()
