@@ -272,8 +272,9 @@ def decode_client_frame(data, max_body):
     cdef long long mb
     try:
         parsed = _loads(data)
-    except _JSONDecodeError:
-        raise ProtocolError("frame is not valid JSON", code="bad_json") from None
+    except _JSONDecodeError as exc:
+        # orjson says where and why ("depth limit exceeded: line 1 column 1026").
+        raise ProtocolError(f"frame is not valid JSON: {exc}", code="bad_json") from None
     if type(parsed) is not dict:
         raise ProtocolError("frame must be a JSON object", code="bad_json")
     obj = <dict>parsed
