@@ -80,7 +80,10 @@ CREATE TABLE IF NOT EXISTS sequence_snapshots (
 INSERT IGNORE INTO schema_migrations (version) VALUES (1);
 
 -- migration 2: messages_ts index for MESSAGE_RETENTION_DAYS
-ALTER TABLE messages ADD INDEX IF NOT EXISTS messages_ts (ts);
+SET @imfast_ddl = IF((SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'messages' AND index_name = 'messages_ts') = 0, 'ALTER TABLE messages ADD INDEX messages_ts (ts)', 'DO 0');
+PREPARE imfast_ddl FROM @imfast_ddl;
+EXECUTE imfast_ddl;
+DEALLOCATE PREPARE imfast_ddl;
 INSERT IGNORE INTO schema_migrations (version) VALUES (2);
 
 -- migration 3: group_bars: who may not join a group by itself

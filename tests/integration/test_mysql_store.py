@@ -99,6 +99,26 @@ async def test_migrations_are_idempotent(mariadb_server: MariaDBServer,
     assert sorted(t for (t,) in tables) == sorted([*TABLES, "schema_migrations"])
 
 
+async def test_the_index_migration_adds_a_missing_index_and_leaves_one_that_exists(
+        mariadb_server: MariaDBServer, mariadb_app_dsn: str) -> None:
+    """Migration 2 in statements MySQL 8 takes too (no ADD INDEX IF NOT EXISTS there):
+    run again after a crash that left the index but no record, and on a schema
+    whose index went missing, it ends with exactly the one index."""
+    store = await MySQLStore.open(mariadb_app_dsn, 2)
+    await store.close()
+    index_count = ("SELECT COUNT(*) FROM information_schema.statistics WHERE "
+                   "table_schema='im_chat' AND table_name='messages' AND index_name='messages_ts'")
+    for drop_index in (False, True):
+        if drop_index:
+            sql(mariadb_server, "ALTER TABLE messages DROP INDEX messages_ts")
+            assert sql(mariadb_server, index_count) == [["0"]]
+        sql(mariadb_server, "DELETE FROM schema_migrations WHERE version=2")
+        store = await MySQLStore.open(mariadb_app_dsn, 2)
+        await store.close()
+        assert sql(mariadb_server, index_count) == [["1"]]
+        assert ["2"] in sql(mariadb_server, "SELECT version FROM schema_migrations")
+
+
 def test_schema_file_is_the_migrations_and_applies_by_hand(
         mariadb_server: MariaDBServer) -> None:
     path = Path(__file__).parents[2] / "imfast" / "backends" / "mysql_schema.sql"
