@@ -89,6 +89,7 @@ _Row = tuple[Any, ...]
 
 _TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
 
+
 def _add_index_if_missing(table: str, index: str, columns: str) -> tuple[str, ...]:
     """``ALTER TABLE ... ADD INDEX`` only if ``index`` is not there yet, in statements
     both MariaDB and MySQL 8 take (MySQL has no ``ADD INDEX IF NOT EXISTS``); the
