@@ -69,7 +69,7 @@ from imfast.client.events import (
     parse_entry,
 )
 from imfast.client.store import CursorStore, MemoryCursorStore
-from imfast.protocol.codes import is_reconnect_code
+from imfast.protocol.codes import CloseCode, is_reconnect_code
 from imfast.protocol.ids import group_conv, is_valid_id, parse_conv, private_conv
 
 __all__ = ["Client", "EventCallback", "TokenProvider"]
@@ -539,7 +539,7 @@ class Client:
 
     async def presence(self, users: Iterable[str]) -> dict[str, Presence]:
         """Who of ``users`` is online now."""
-        reply = await self._request({"type": "presence", "users": _check_ids(*users)})
+        reply = await self._request({"type": "presence", "users": _check_id_list("users", users)})
         return {u: Presence(u, bool(p.get("online")), p.get("last_seen"))
                 for u, p in reply["users"].items()}
 
@@ -550,7 +550,7 @@ class Client:
 
         ``open`` False: invite-only (``group_join`` is refused; invite members)."""
         frame: dict[str, Any] = {"type": "group_create", "group": _check_ids(group)[0],
-                                 "members": _check_ids(*members)}
+                                 "members": _check_id_list("members", members)}
         if name:
             frame["name"] = name
         if not open:
@@ -567,12 +567,14 @@ class Client:
 
     async def group_invite(self, group: str, users: Iterable[str]) -> dict[str, str]:
         """Add ``users`` (owner/admin only)."""
-        frame = {"type": "group_invite", "group": group, "users": _check_ids(group, *users)[1:]}
+        frame = {"type": "group_invite", "group": _check_ids(group)[0],
+                 "users": _check_id_list("users", users)}
         return dict((await self._request(frame))["members"])
 
     async def group_remove(self, group: str, users: Iterable[str]) -> dict[str, str]:
         """Remove ``users`` (owner/admin only)."""
-        frame = {"type": "group_remove", "group": group, "users": _check_ids(group, *users)[1:]}
+        frame = {"type": "group_remove", "group": _check_ids(group)[0],
+                 "users": _check_id_list("users", users)}
         return dict((await self._request(frame))["members"])
 
     async def group_role(self, group: str, user: str, role: str) -> dict[str, str]:
@@ -782,6 +784,10 @@ class Client:
     def _should_reconnect(self, code: int) -> bool:
         if code == 4006 and self._token_provider is None:
             return False  # the same token would expire again: give up, say why
+        if code == CloseCode.REPLACED:
+            # Another client of this user and device connected: taking the session back
+            # would close that one with 4005, which would take it back in turn, for ever.
+            return False
         return is_reconnect_code(code)
 
     def _on_disconnected(self, conn: _Connection) -> None:
@@ -903,6 +909,14 @@ def _check_ids(*ids: str) -> list[str]:
         if not is_valid_id(value):
             raise ValueError(f"{value!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . @ -)")
     return list(ids)
+
+
+def _check_id_list(name: str, ids: Iterable[str]) -> list[str]:
+    """``ids`` checked; a lone string is refused (iterating it would name its letters)."""
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be a list of ids, not the string {ids!r} "  # noqa: TRY004 - docs/client.md: bad arguments raise ValueError
+                         f"(for one user: [{ids!r}])")
+    return _check_ids(*ids)
 
 
 def _check_seq(**seqs: int | None) -> None:

@@ -65,7 +65,9 @@ CLOSE_CODES: dict[CloseCode, tuple[str, str]] = {
     CloseCode.SLOW_CONSUMER: ("reconnect", "client read too slowly; pending messages kept"),
     CloseCode.HEARTBEAT_TIMEOUT: ("reconnect", "no traffic within HEARTBEAT_TIMEOUT"),
     CloseCode.OVER_CAPACITY: ("reconnect", "gateway full: retry elsewhere/later"),
-    CloseCode.REPLACED: ("reconnect", "same user+device connected again elsewhere"),
+    CloseCode.REPLACED: ("reconnect", ("same user+device connected again elsewhere; reconnecting "
+                                       "takes the session back (and closes the other with "
+                                       "4005): the SDK and the browser page stop instead")),
     CloseCode.TOKEN_EXPIRED: ("reconnect", "token expired: reconnect with a fresh token"),
     CloseCode.AUTH_FAILED: ("terminal", "token missing, malformed, forged or wrong aud/iss"),
     CloseCode.AUTH_TIMEOUT: ("terminal", "no auth frame within AUTH_TIMEOUT"),

@@ -285,6 +285,36 @@ async def test_terminal_close_code_stops_reconnecting(node: NodeThread) -> None:
     await alice.close()
 
 
+async def test_a_second_copy_with_the_same_device_wins_and_the_first_stops(
+        node: NodeThread) -> None:
+    """Two programs with one token (one user, one device): the newer connection takes
+    the session (4005 for the older), and the older does not take it back - which
+    used to go back and forth several times a second, for ever."""
+    first, first_in = await online(node.url, node.token("bob"))
+    second, second_in = await online(node.url, node.token("bob"))
+    await first_in.until(lambda: first_in.error is not None)
+    assert first_in.error.code == 4005
+    await asyncio.sleep(1.0)  # several of the old backoffs (0.05-0.5 s)
+    assert second_in.of(Disconnected) == []
+    [session] = node.node.gateway.table.sessions_of("bob")
+    assert not session.closed
+    await second.close()
+    await first.close()
+
+
+async def test_a_lone_string_where_a_list_of_users_goes_is_refused(node: NodeThread) -> None:
+    alice, _ = await online(node.url, node.token("alice"))
+    await alice.group_create("strings")
+    for call in (alice.group_invite("strings", "carol"),
+                 alice.group_remove("strings", "carol"),
+                 alice.presence("carol"),
+                 alice.group_create("strings2", "carol")):
+        with pytest.raises(ValueError, match=r"\['carol'\]"):
+            await call
+    assert await alice.group_members("strings") == {"alice": "owner"}
+    await alice.close()
+
+
 async def test_bad_token_and_unreachable_server_fail_connect_clearly(node: NodeThread) -> None:
     forged = mint_token(Settings(jwt_secret="another-secret-0123456789abcdef0123"), "eve")
     with pytest.raises(ConnectionClosed) as closed:
