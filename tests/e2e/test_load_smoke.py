@@ -229,3 +229,24 @@ def test_the_protocol_floor_server_of_bench_peers_speaks_what_the_generator_expe
     finally:
         relay.terminate()
         relay.wait(10)
+
+
+def test_the_locust_scenarios_run_against_a_node_without_failures(
+        node: NodeThread, tmp_path: Path) -> None:
+    """load_test/locustfile.py as its docstring runs it (headless, a few users): every
+    kind of request it reports is made, and none failed."""
+    prefix = tmp_path / "locust"
+    host = node.url.removesuffix("/ws")
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "load_test" / "locustfile.py"),
+         "--headless", "-u", "10", "-r", "10", "-t", "8s", "--host", host,
+         "--jwt-secret", node.settings.jwt_secret, "--csv", str(prefix), "--only-summary"],
+        capture_output=True, text=True, timeout=120, check=False)
+    stats = (tmp_path / "locust_stats.csv").read_text().splitlines() \
+        if (tmp_path / "locust_stats.csv").exists() else []
+    assert proc.returncode == 0 and stats, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    rows = {r.split(",")[1]: r.split(",") for r in stats[1:]}
+    for name in ("connect", "send->sent", "deliver private", "deliver group"):
+        assert int(rows[name][2]) > 0, (name, stats)  # requests made
+        assert int(rows[name][3]) == 0, (name, stats)  # none failed
+    assert int(rows["Aggregated"][3]) == 0
