@@ -92,12 +92,19 @@ class SLO:
 
     @classmethod
     def from_env(cls) -> SLO:
+        """The defaults, overridden by SLO_* variables; ValueError naming a bad one."""
         s = cls()
         for name, env in (("p99_ms", "SLO_P99_MS"), ("warn_p99_ms", "SLO_WARN_P99_MS"),
                           ("max_error_rate", "SLO_MAX_ERROR_RATE"),
                           ("min_delivery_success", "SLO_MIN_DELIVERY_SUCCESS")):
             if os.environ.get(env):
-                setattr(s, name, float(os.environ[env]))
+                try:
+                    value = float(os.environ[env])
+                except ValueError:
+                    raise ValueError(f"{env}={os.environ[env]!r} is not a number") from None
+                if not value >= 0:
+                    raise ValueError(f"{env}={os.environ[env]!r} must be >= 0")
+                setattr(s, name, value)
         return s
 
 
@@ -1455,9 +1462,10 @@ def evaluate_slo(result: dict[str, Any], slo: SLO | None = None) -> list[dict[st
     scenario = result["config"]["scenario"]
     if lat.get("count"):
         p99 = lat["p99"]
-        lines.append({"name": "delivery P99", "ok": p99 < slo.p99_ms,
-                      "level": "ok" if p99 < slo.p99_ms else "fail",
-                      "text": f"delivery P99 {p99:.1f} ms < {slo.p99_ms:g} ms"})
+        ok = p99 < slo.p99_ms
+        lines.append({"name": "delivery P99", "ok": ok, "level": "ok" if ok else "fail",
+                      "text": f"delivery P99 {p99:.1f} ms {'<' if ok else '>='} "
+                              f"{slo.p99_ms:g} ms"})
         warn = p99 > slo.warn_p99_ms
         lines.append({"name": "scale-up line", "ok": True, "level": "warn" if warn else "ok",
                       "text": f"delivery P99 {p99:.1f} ms "
@@ -1467,15 +1475,15 @@ def evaluate_slo(result: dict[str, Any], slo: SLO | None = None) -> list[dict[st
         lines.append({"name": "delivery P99", "ok": False, "level": "fail",
                       "text": "no message was delivered: no latency to judge"})
     er = d["error_rate"]
-    lines.append({"name": "error rate", "ok": er < slo.max_error_rate,
-                  "level": "ok" if er < slo.max_error_rate else "fail",
-                  "text": f"error rate {100 * er:.3f} % < {100 * slo.max_error_rate:g} % "
-                          f"({d['errors_counted']} errors)"})
+    ok = er < slo.max_error_rate
+    lines.append({"name": "error rate", "ok": ok, "level": "ok" if ok else "fail",
+                  "text": f"error rate {100 * er:.3f} % {'<' if ok else '>='} "
+                          f"{100 * slo.max_error_rate:g} % ({d['errors_counted']} errors)"})
     if d["delivery_success"] is not None:
         ds = d["delivery_success"]
-        lines.append({"name": "delivery success", "ok": ds > slo.min_delivery_success,
-                      "level": "ok" if ds > slo.min_delivery_success else "fail",
-                      "text": f"delivery success {100 * ds:.3f} % > "
+        ok = ds > slo.min_delivery_success
+        lines.append({"name": "delivery success", "ok": ok, "level": "ok" if ok else "fail",
+                      "text": f"delivery success {100 * ds:.3f} % {'>' if ok else '<='} "
                               f"{100 * slo.min_delivery_success:g} % "
                               f"(lost {result['totals'].get('lost', 0)}, unacknowledged "
                               f"{result['totals'].get('unacknowledged', 0)})"})

@@ -243,19 +243,55 @@ def soak_lines(result: dict[str, Any]) -> list[dict[str, Any]]:
                      f"{100 * growth:+.1f} %"}]
 
 
+def _number(kind: type, low: float, strict: bool) -> Any:
+    """An argparse type: a ``kind`` above ``low`` (or at least ``low``), else a usage error."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (strict and value == low) or value != value:  # NaN too
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be {'>' if strict else '>='} {low:g}")
+        return value
+
+    return parse
+
+
+def check_target(target: str) -> str | None:
+    """Why ``target`` (a ws:// URL) cannot be a load-test target, or None."""
+    parts = urlsplit(target)
+    if parts.scheme not in ("ws", "wss"):
+        return f"{target!r} is not a ws:// (or http://) URL"
+    if not parts.hostname:
+        return f"{target!r} names no host"
+    try:
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError as exc:
+        return f"{target!r}: {exc}"
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=3):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {target}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="run-load-tests.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES))
     p.add_argument("--target", help="ws://HOST:PORT/ws of a running node (default: start one)")
-    p.add_argument("--duration", type=float, help="seconds of load (stress: per step)")
-    p.add_argument("--connections", type=int)
-    p.add_argument("--rate", type=float, help="offered msgs/s (stress: the first step)")
-    p.add_argument("--processes", type=int, default=0, help="generator processes")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--duration", type=_number(float, 0, True),
+                   help="seconds of load (stress: per step)")
+    p.add_argument("--connections", type=_number(int, 0, True))
+    p.add_argument("--rate", type=_number(float, 0, False),
+                   help="offered msgs/s (stress: the first step)")
+    p.add_argument("--processes", type=_number(int, 0, False), default=0,
+                   help="generator processes")
+    p.add_argument("--workers", type=_number(int, 0, False), default=0,
                    help="embedded node: gateway processes (default: 1, capacity: enough "
                         f"for {WORKER_CONNECTIONS} sockets each)")
-    p.add_argument("--distributed", type=int, default=0, metavar="GATEWAYS",
+    p.add_argument("--distributed", type=_number(int, 0, False), default=0, metavar="GATEWAYS",
                    help="start a local distributed deployment instead of the embedded node: "
                         "real Redis, MariaDB, etcd and Kafka-compatible servers on free ports, "
                         "im-service, offline worker and GATEWAYS gateways; connections are "
@@ -266,18 +302,48 @@ def main(argv: list[str] | None = None) -> int:
                    help="--target runs INSECURE_DEV_AUTH: connect with ?user=")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --target that is not on 127.0.0.0/8")
-    p.add_argument("--storm-jitter", type=float, default=0.05,
+    p.add_argument("--storm-jitter", type=_number(float, 0, False), default=0.05,
                    help="reconnect-storm: clients reconnect within this many seconds "
                         "(default 0.05: all at once; real clients back off with jitter)")
     p.add_argument("--report-dir", default=os.path.join(HERE, "reports"))
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
+    try:
+        slo = gen.SLO.from_env()  # a bad SLO_* variable stops us before the run, not after
+    except ValueError as exc:
+        log(str(exc))
+        return 2
+    try:
+        return _run(args, slo)
+    except KeyboardInterrupt:  # the node and its temp dir were stopped on the way out
+        log("interrupted")
+        return 130
 
+
+def _run(args: argparse.Namespace, slo: gen.SLO) -> int:
     mode = MODES[args.mode]
     scenario = mode["scenario"]
-    connections = args.connections or mode["connections"]
+    connections = args.connections if args.connections is not None else mode["connections"]
     rate = args.rate if args.rate is not None else mode["rate"]
-    duration = args.duration or mode["duration"]
+    duration = args.duration if args.duration is not None else mode["duration"]
+    target = None
+    if args.target and not args.distributed:
+        target = args.target
+        if target.startswith("http"):
+            target = "ws" + target[4:]
+        if "://" in target and urlsplit(target).path in ("", "/"):
+            target = target.rstrip("/") + "/ws"
+        if "://" not in target:
+            why: str | None = f"{target!r} is not a ws:// (or http://) URL"
+        elif not args.allow_remote and not gen.is_loopback_url(target):
+            why = f"refusing {target}: not a loopback address (pass --allow-remote)"
+        else:
+            why = check_target(target)
+        if why is None and not (args.dev_auth or args.jwt_secret):
+            why = "--target needs the node's JWT_SECRET (env or --jwt-secret), or --dev-auth"
+        if why is not None:
+            log(why)
+            return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report_dir = os.path.join(args.report_dir, f"{args.mode}-{stamp}")
     os.makedirs(report_dir, exist_ok=True)
@@ -315,23 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.server_pid = cluster.gateway_pids[0]
             log(cluster.describe())
             log(f"gateways {cfg.url}; server CPU/RSS figures are the first gateway's")
-        elif args.target:
-            target = args.target
-            if target.startswith("http"):
-                target = "ws" + target[4:]
-            if urlsplit(target).path in ("", "/"):
-                target = target.rstrip("/") + "/ws"
+        elif target is not None:
             cfg.url = target
-            if not args.allow_remote and not gen.is_loopback_url(target):
-                log(f"refusing {target}: not a loopback address (pass --allow-remote)")
-                return 2
             if args.dev_auth:
                 cfg.auth = "dev"
-            elif args.jwt_secret:
-                cfg.jwt_secret = args.jwt_secret
             else:
-                log("--target needs the node's JWT_SECRET (env or --jwt-secret), or --dev-auth")
-                return 2
+                cfg.jwt_secret = args.jwt_secret
             log(f"target {target} (rate limits there must allow the offered load: "
                 f"RATE_MSGS_PER_SEC / RATE_BURST)")
         else:
@@ -362,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 cluster.stop()
 
-    slo = gen.SLO.from_env()
+    if not result["totals"].get("connect_ok"):
+        failures = {k: v for k, v in result.get("errors", {}).items() if k.startswith("connect")}
+        log(f"no connection to {cfg.url} succeeded ({failures or 'no answer'}): "
+            f"nothing was measured")
+        shutil.rmtree(report_dir, ignore_errors=True)
+        return 2
     if args.mode == "stress":
         verdict = stress_verdict(result, slo)
     else:
