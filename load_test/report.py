@@ -285,11 +285,14 @@ def write_report(result: dict[str, Any], verdict: list[dict[str, Any]], path: st
         conn_series = [("connections", [(r["t"], r["ready"]) for r in tl])]
         parts.append(line_chart(conn_series, title="Connections ready", y_label="connections"))
         if any("server_rss_mb" in r for r in tl):
+            # Two charts: MB and % share no axis.
             parts.append(line_chart(
-                [("server RSS MB", [(r["t"], r.get("server_rss_mb", 0)) for r in tl]),
-                 ("server CPU %", [(r["t"], r.get("server_cpu_pct", 0)) for r in tl]),
+                [("server CPU %", [(r["t"], r.get("server_cpu_pct", 0)) for r in tl]),
                  ("generator CPU %", [(r["t"], r.get("gen_cpu_pct", 0)) for r in tl])],
-                title="Server memory and CPU (CPU: % of one core)", y_label="MB / %"))
+                title="CPU (% of one core)", y_label="% of one core"))
+            parts.append(line_chart(
+                [("server RSS", [(r["t"], r.get("server_rss_mb", 0)) for r in tl])],
+                title="Server memory (RSS)", y_label="MB"))
     h = Histogram.from_dict(result.get("latency_hist", {}))
     if h.n:
         parts.append(histogram_chart(

@@ -37,7 +37,11 @@ def test_a_short_quick_run_passes_and_writes_its_report(tmp_path: Path) -> None:
     result = json.loads((run_dir / "result.json").read_text())
     assert result["totals"]["sent"] > 0 and result["totals"]["lost"] == 0
     assert all(line["ok"] for line in result["verdict"])
-    assert "<svg" in (run_dir / "report.html").read_text()
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<svg") >= 5
+    for title in ("Delivery latency over time", "Delivery latency histogram", "CPU (% of one core)",
+                  "Server memory (RSS)"):
+        assert title in html, title
 
 
 @pytest.mark.parametrize("args,message", [
