@@ -313,16 +313,22 @@ async def test_a_reopened_store_keeps_the_seq_of_a_conversation_retention_emptie
         await again.close()
 
 
+def _as_older_version(path: Path, script: str) -> SQLiteStore:
+    """The closed store at ``path`` taken back to an older schema by ``script``, then
+    opened again by this release (which upgrades it)."""
+    db = sqlite3.connect(path)
+    db.executescript(script)
+    db.close()
+    return SQLiteStore(str(path))
+
+
 async def test_a_version_2_file_gains_the_floors_table_and_keeps_its_entries(
         tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     store = SQLiteStore(str(path))
     await store.append([_aged("p:alice:bob", s, 40) for s in (1, 2)])
     await store.close()
-    db = sqlite3.connect(path)
-    db.executescript("DROP TABLE seq_floors; PRAGMA user_version=2;")
-    db.close()
-    store = SQLiteStore(str(path))
+    store = _as_older_version(path, "DROP TABLE seq_floors; PRAGMA user_version=2;")
     try:
         assert [m.seq for m in await store.fetch("p:alice:bob", 0, 10)] == [1, 2]
         assert await store.purge_messages(30 * 24 * 3600) == 2
@@ -338,10 +344,7 @@ async def test_a_version_3_file_gains_the_group_bars_table_and_keeps_its_groups(
     store = SQLiteStore(str(path))
     assert await store.create("team", "alice", "Team")
     await store.close()
-    db = sqlite3.connect(path)
-    db.executescript("DROP TABLE group_bars; PRAGMA user_version=3;")
-    db.close()
-    store = SQLiteStore(str(path))
+    store = _as_older_version(path, "DROP TABLE group_bars; PRAGMA user_version=3;")
     try:
         assert await store.members("team") == {"alice": "owner"}
         assert not await store.barred("team", "bob")
