@@ -86,7 +86,8 @@ DEFAULT_ACK_INTERVAL = 0.25
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_HEARTBEAT = 90.0  # until the server's welcome says otherwise
-SEND_RETRY_CODES = ("unavailable", "internal")  # "retry the same frame later"
+#: "Retry the same frame later" (``rate_limited``: a server may name the send it dropped).
+SEND_RETRY_CODES = ("unavailable", "internal", "rate_limited")
 
 _END = object()  # ends the event queue
 
@@ -555,7 +556,11 @@ class Client:
             frame["name"] = name
         if not open:
             frame["open"] = False
-        return dict((await self._request(frame))["members"])
+        reply = await self._request(frame)
+        if not open and reply.get("open") is not False:
+            raise ServerError("unsupported", "the server ignored open=False (it predates "
+                              "invite-only groups): the group was created open", "open")
+        return dict(reply["members"])
 
     async def group_join(self, group: str) -> dict[str, str]:
         """Join an existing group; returns user -> role."""

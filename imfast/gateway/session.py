@@ -559,7 +559,7 @@ class Session(FramedListener):
             frame = decode_client_frame(payload, gw.settings.max_body_bytes)
         except ProtocolError as exc:
             asked = _ids_of_refused(payload) if exc.code != "bad_json" else None
-            if len(payload) <= _FREE_ACK_MAX_BYTES and not self._rate_ok(asked):
+            if len(payload) <= _FREE_ACK_MAX_BYTES and not self._rate_ok():
                 return
             if is_text and not validated and exc.code == "bad_json":
                 try:
@@ -570,7 +570,7 @@ class Session(FramedListener):
             self._protocol_error(exc, asked)
             return
         if len(payload) <= _FREE_ACK_MAX_BYTES and not self._acks_a_push(frame) \
-                and not self._rate_ok(frame):
+                and not self._rate_ok():
             return
         if self.inbox is None:
             # Nothing queued before it: a send, ack, read or typing the in-process
@@ -617,9 +617,13 @@ class Session(FramedListener):
         claims[conv] = seq
         return True
 
-    def _rate_ok(self, frame: dict[str, Any] | None = None) -> bool:
-        """Take a token for a frame; False (answered ``rate_limited``, echoing the
-        frame's ``id`` and a send's ``cmid`` when it was decoded) if none is left."""
+    def _rate_ok(self) -> bool:
+        """Take a token for a frame; False (answered ``rate_limited``) if none is left.
+
+        The error names no frame (no ``id``, no ``cmid``): clients resend whatever is
+        still unanswered, and SDKs released before 2026-11-28 fail a send whose
+        ``cmid`` an error names, where they retry on a ``rate_limited`` naming none.
+        """
         settings = self.gw.settings
         now = self.gw.now
         tokens = min(float(settings.rate_burst),
@@ -631,11 +635,8 @@ class Session(FramedListener):
         self.tokens = tokens - 1.0
         if self.tokens < -float(settings.rate_burst):
             self.close(CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
-        elif frame is None:
-            self.send_error("rate_limited", "too many frames; slow down")
         else:
-            self.send_error("rate_limited", "too many frames; slow down", None,
-                            frame.get("id"), _cmid_of(frame))
+            self.send_error("rate_limited", "too many frames; slow down")
         return False
 
     def _protocol_error(self, exc: ImfastError, frame: dict[str, Any] | None) -> None:
@@ -1064,6 +1065,8 @@ class Session(FramedListener):
             self.send_frame(reply)
             return
         reply = {"type": "group", "group": group, "members": members}
+        if ftype == "group_create" and frame.get("open") is False:
+            reply["open"] = False  # taken: a server that predates it would not say so
         if rid is not None:
             reply["id"] = rid
         self.send_frame(reply)

@@ -13,27 +13,34 @@ class MembersCache(dict[str, dict[str, str]]):
 
     A plain dict for lookups (the per-message path calls ``get``); insert with
     :meth:`put` and remove with :meth:`forget`, which keep the member count.
-    :meth:`reading` / :meth:`put` make a read that raced a membership change
-    cache nothing: the change's :meth:`forget` ran before the read's answer
-    arrived, so that answer may predate the change.
+    A store read is bracketed by :meth:`reading` and :meth:`put` (or
+    :meth:`read_failed`): if the group's membership changed (:meth:`forget`)
+    while a read of it was under way, that read's answer may predate the change
+    and is not cached.  Only reads of the changed group are affected, and the
+    bookkeeping lasts only while reads are under way.
     """
 
-    __slots__ = ("_changes", "limit", "size")
+    __slots__ = ("_reads", "limit", "size")
 
     def __init__(self, limit: int = MEMBERS_CACHED_MAX) -> None:
         super().__init__()
         self.limit = limit
         self.size = 0  # members in all cached groups
-        self._changes = 0  # forget() calls so far
+        #: group -> [reads under way, changed since the oldest of them started]
+        self._reads: dict[str, list[int]] = {}
 
-    def reading(self) -> int:
-        """A token to hand to :meth:`put` with what a store read started now returns."""
-        return self._changes
+    def reading(self, group: str) -> None:
+        """A store read of ``group``'s members starts now."""
+        reads = self._reads.get(group)
+        if reads is None:
+            self._reads[group] = [1, 0]
+        else:
+            reads[0] += 1
 
-    def put(self, group: str, members: dict[str, str], token: int) -> None:
-        """Cache ``members`` of ``group``, read since :meth:`reading` gave ``token``;
-        not cached if any group changed meanwhile."""
-        if token != self._changes:
+    def put(self, group: str, members: dict[str, str]) -> None:
+        """A read started by :meth:`reading` answered ``members``: cache them, unless
+        the group changed while a read of it was under way."""
+        if self._read_done(group):
             return
         self.forget_quietly(group)
         self[group] = members
@@ -42,12 +49,29 @@ class MembersCache(dict[str, dict[str, str]]):
             oldest = next(iter(self))
             self.size -= len(dict.pop(self, oldest))
 
+    def read_failed(self, group: str) -> None:
+        """A read started by :meth:`reading` raised."""
+        self._read_done(group)
+
     def forget(self, group: str) -> None:
-        """``group``'s membership changed: drop it, and any read under way."""
-        self._changes += 1
+        """``group``'s membership changed: drop it, and any read of it under way."""
+        reads = self._reads.get(group)
+        if reads is not None:
+            reads[1] = 1
         self.forget_quietly(group)
 
     def forget_quietly(self, group: str) -> None:
         members = dict.pop(self, group, None)
         if members is not None:
             self.size -= len(members)
+
+    def _read_done(self, group: str) -> bool:
+        """One read of ``group`` ended; True if the group changed while reads were on."""
+        reads = self._reads.get(group)
+        if reads is None:  # pragma: no cover - a put without reading(): cache it
+            return False
+        reads[0] -= 1
+        changed = bool(reads[1])
+        if reads[0] <= 0:
+            del self._reads[group]
+        return changed

@@ -22,6 +22,7 @@ process, the distributed gateway over the internal link.  Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -397,9 +398,13 @@ class Router:
         cache = self._members_cache
         members = cache.get(group)
         if members is None:
-            token = cache.reading()
-            members = await self.store.members(group)
-            cache.put(group, members, token)
+            cache.reading(group)
+            try:
+                members = await self.store.members(group)
+            except BaseException:
+                cache.read_failed(group)
+                raise
+            cache.put(group, members)
         return members
 
     async def conversation_users(self, user: str, conv: str) -> list[str]:
@@ -1073,7 +1078,15 @@ class Router:
             gone.append(u)
         for u in gone:  # before they leave: a removed member cannot rejoin by itself
             await self.store.bar(group, u)
-        return await self._remove(user, device, group, gone, "removed")
+        try:
+            return await self._remove(user, device, group, gone, "removed")
+        except Exception:
+            # Not removed (the store failed): members must not be left barred, or one
+            # who later leaves by itself could never come back.  The caller retries.
+            for u in gone:
+                with contextlib.suppress(Exception):
+                    await self.store.unbar(group, u)
+            raise
 
     async def group_leave(self, user: str, device: str, group: str) -> dict[str, str]:
         self._check_groups_enabled()

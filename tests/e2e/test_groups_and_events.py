@@ -84,7 +84,9 @@ def test_a_removed_member_cannot_rejoin_an_open_group_until_invited_again(
 def test_an_invite_only_group_takes_members_by_invitation_alone(node: NodeThread) -> None:
     owner, bob, eve = connect(node, "owner"), connect(node, "bob"), connect(node, "eve")
     owner.send(type="group_create", group="board", open=False, members=["bob"], id=1)
-    assert owner.recv_until("group", id=1)[-1]["members"] == {"owner": "owner", "bob": "member"}
+    created = owner.recv_until("group", id=1)[-1]
+    assert created["members"] == {"owner": "owner", "bob": "member"}
+    assert created["open"] is False  # said back: a client can tell an older server ignored it
     eve.send(type="group_join", group="board", id=2)
     assert eve.recv_until("error")[-1]["code"] == "forbidden"
     bob.send(type="group_leave", group="board", id=3)

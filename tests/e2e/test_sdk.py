@@ -315,6 +315,28 @@ async def test_a_lone_string_where_a_list_of_users_goes_is_refused(node: NodeThr
     await alice.close()
 
 
+async def test_sends_over_the_rate_limit_are_retried_and_all_stored_once(make_node) -> None:
+    node = make_node(rate_msgs_per_sec=5.0, rate_burst=3)
+    alice, _ = await online(node.url, node.token("alice"))
+    sent = await asyncio.wait_for(
+        asyncio.gather(*(alice.send(to="bob", body=f"m{i}") for i in range(4))), 30)
+    assert sorted(s.seq for s in sent) == [1, 2, 3, 4]
+    assert not any(s.duplicate for s in sent)
+    await alice.close()
+
+
+async def test_an_invite_only_group_made_with_the_sdk_refuses_joins(node: NodeThread) -> None:
+    alice, _ = await online(node.url, node.token("alice"))
+    eve, _ = await online(node.url, node.token("eve"))
+    assert await alice.group_create("closed", ["bob"], open=False) == {
+        "alice": "owner", "bob": "member"}
+    with pytest.raises(ServerError) as refused:
+        await eve.group_join("closed")
+    assert refused.value.code == "forbidden"
+    await alice.close()
+    await eve.close()
+
+
 async def test_bad_token_and_unreachable_server_fail_connect_clearly(node: NodeThread) -> None:
     forged = mint_token(Settings(jwt_secret="another-secret-0123456789abcdef0123"), "eve")
     with pytest.raises(ConnectionClosed) as closed:
