@@ -26,6 +26,8 @@ __all__ = [
     "CLIENT_TYPES",
     "decode_client_frame",
     "encode",
+    "is_cmid",
+    "is_request_id",
     "ws_frames",
     "ws_text_frame",
 ]
@@ -70,6 +72,17 @@ CLIENT_TYPES: dict[str, dict[str, tuple[str, bool]]] = {
 _ROLES = ("admin", "member")
 
 
+def is_request_id(value: Any) -> bool:
+    """A valid ``id``: a string of at most 64 characters or an integer 0..2^53-1."""
+    return (type(value) is str and len(value) <= 64) or \
+        (type(value) is int and 0 <= value <= _MAX_SEQ)
+
+
+def is_cmid(value: Any) -> bool:
+    """A valid ``cmid``: a printable string of 1-64 characters."""
+    return isinstance(value, str) and 1 <= len(value) <= _MAX_CMID and value.isprintable()
+
+
 def _check(kind: str, name: str, value: Any, max_body: int) -> None:
     if kind == "id":
         if not isinstance(value, str) or _ID.fullmatch(value) is None:
@@ -91,7 +104,7 @@ def _check(kind: str, name: str, value: Any, max_body: int) -> None:
         if type(value) is not int or value < 1 or value > _MAX_SEQ:
             raise ProtocolError(f"`{name}` must be a whole number >= 1", field=name)
     elif kind == "cmid":
-        if not isinstance(value, str) or not 1 <= len(value) <= _MAX_CMID or not value.isprintable():
+        if not is_cmid(value):
             raise ProtocolError(f"`{name}` must be a printable string of 1-{_MAX_CMID} characters",
                                 field=name)
     elif kind == "token":
@@ -140,9 +153,7 @@ def decode_client_frame(data: bytes | str, max_body: int) -> dict[str, Any]:
         raise ProtocolError(f"unknown frame type {ftype[:32]!r}", field="type",
                             code="unknown_type")
     rid = obj.get("id")
-    if rid is not None and not (
-        (type(rid) is str and len(rid) <= 64) or (type(rid) is int and 0 <= rid <= _MAX_SEQ)
-    ):
+    if rid is not None and not is_request_id(rid):
         obj.pop("id")
         raise ProtocolError("`id` must be a string of at most 64 characters or an integer",
                             field="id")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from imfast._core import decode_client_frame
+from imfast._core.codec_py import is_cmid, is_request_id
 from imfast.auth import AuthError, Identity
 from imfast.backends.errors import BackendUnavailable
 from imfast.gateway.frames import FramedListener
@@ -42,7 +43,6 @@ __all__ = ["EchoSession", "Session"]
 
 #: Largest frame that is decoded before the rate limit looks at it (an ``ack`` is ~60 bytes).
 _FREE_ACK_MAX_BYTES = 256
-_MAX_ID = (1 << 53) - 1
 
 
 def _cmid_of(frame: dict[str, Any]) -> str | None:
@@ -62,11 +62,10 @@ def _ids_of_refused(payload: bytes) -> dict[str, Any] | None:
     if type(obj) is not dict:
         return None
     asked: dict[str, Any] = {"type": obj.get("type")}
-    rid = obj.get("id")
-    if (type(rid) is str and len(rid) <= 64) or (type(rid) is int and 0 <= rid <= _MAX_ID):
+    rid, cmid = obj.get("id"), obj.get("cmid")
+    if is_request_id(rid):  # the codec's own rules: what it would have taken
         asked["id"] = rid
-    cmid = obj.get("cmid")
-    if type(cmid) is str and 1 <= len(cmid) <= 64 and cmid.isprintable():
+    if is_cmid(cmid):
         asked["cmid"] = cmid
     return asked
 #: Frames sent to im-service as casts when they carry no id (see Session._cast_now).

@@ -42,7 +42,7 @@ class MembersCache(dict[str, dict[str, str]]):
         the group changed while a read of it was under way."""
         if self._read_done(group):
             return
-        self.forget_quietly(group)
+        self._drop(group)
         self[group] = members
         self.size += len(members)
         while self.size > self.limit and len(self) > 1:
@@ -58,9 +58,9 @@ class MembersCache(dict[str, dict[str, str]]):
         reads = self._reads.get(group)
         if reads is not None:
             reads[1] = 1
-        self.forget_quietly(group)
+        self._drop(group)
 
-    def forget_quietly(self, group: str) -> None:
+    def _drop(self, group: str) -> None:
         members = dict.pop(self, group, None)
         if members is not None:
             self.size -= len(members)
