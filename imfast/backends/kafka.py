@@ -77,6 +77,13 @@ Batch = list[tuple[bytes, bytes]]
 Handler = Callable[[Batch], Awaitable[None]]
 
 
+def _membership(coordinator: Any) -> tuple[int, str, int] | None:
+    """(coordinator node, member id, generation) of a consumer in a group, if any."""
+    if coordinator is None or coordinator.coordinator_id is None or not coordinator.member_id:
+        return None
+    return coordinator.coordinator_id, coordinator.member_id, coordinator.generation
+
+
 def _unavailable(exc: BaseException) -> bool:
     """True for errors that mean "the broker cannot be reached/served us in time"."""
     if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError,
@@ -251,28 +258,38 @@ class KafkaBus:
         rejoin a rebalance would first wait for the whole rebalance.  tansu
         numbers the first generation 0.  So LeaveGroup is sent here whenever
         aiokafka has not sent it: for generation 0, and for a stop still
-        pending after ``stop_timeout`` seconds (which the LeaveGroup lets
-        finish; after another ``stop_timeout`` it is cut short).  Without it,
-        the group would wait for the member (on tansu indefinitely, when it
+        pending after ``stop_timeout`` seconds.  Kafka then answers the pending
+        join at once; tansu answers it only when the rebalance completes, with
+        the member still in it, and aiokafka then syncs and leaves on its own -
+        so the stop is given the consumer's rebalance timeout (its session
+        timeout) to finish that, and before it is cut short, LeaveGroup is sent
+        once more for whatever membership the consumer holds by then.  Without
+        it, the group would wait for the member (on tansu indefinitely, when it
         vanished mid-rebalance) before the next member could join.
         """
         coordinator = getattr(consumer, "_coordinator", None)
-        member = (
-            (coordinator.coordinator_id, coordinator.member_id, coordinator.generation)
-            if coordinator is not None else None
-        )
+        member = _membership(coordinator)
         stop = asyncio.ensure_future(consumer.stop())
         done, _ = await asyncio.wait({stop}, timeout=stop_timeout)
-        if member is not None and member[1] and member[0] is not None and (
-                not done or member[2] <= 0):
+        if member is not None and (not done or member[2] <= 0):
             if not done:
                 log.warning("kafka consumer of group %s still in a rebalance after %.0fs; "
                             "leaving the group", group, stop_timeout)
             await self._leave_group(group, member[0], member[1])
-        try:
-            await asyncio.wait_for(stop, stop_timeout)
-        except TimeoutError:
+        if not done:
+            rebalance_timeout = getattr(consumer, "_rebalance_timeout_ms", 10000) / 1000
+            done, _ = await asyncio.wait({stop}, timeout=rebalance_timeout + stop_timeout)
+        if not done:
+            now = _membership(coordinator)
+            if now is not None:
+                await self._leave_group(group, now[0], now[1])
+            stop.cancel()
             log.warning("kafka consumer of group %s did not stop; abandoned", group)
+        try:
+            await stop
+        except asyncio.CancelledError:
+            if not stop.cancelled():
+                raise
         except Exception:
             log.debug("kafka consumer stop failed", exc_info=True)
 
@@ -286,8 +303,8 @@ class KafkaBus:
                                      group=ConnectionGroup.COORDINATION),
                 2.0,
             )
-        except Exception:
-            log.debug("kafka LeaveGroup failed group=%s", group, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; the broker may expire it
+            log.warning("kafka LeaveGroup failed group=%s: %r", group, exc)
 
     async def _consume_loop(
         self,
