@@ -85,6 +85,9 @@ _SELECT_CURSOR = "SELECT seq FROM cursors WHERE user=? AND device=? AND conv=?"
 _CACHE_KIB = 16 * 1024  # SQLite page cache of the writer connection
 _PAIR_CACHE = 200_000  # private conversations known to be recorded for both users
 _RECEIPT_CACHE = 200_000  # (conv, user) read receipts kept in memory; older ones are re-read
+# Conversations whose latest seq is kept in memory; the longest-known of the rest
+# are forgotten and re-read (one indexed read) when next used.
+_LATEST_CACHE = 1_000_000
 # Moved cursors and receipts are written this long after the first move.  Their rows are
 # spread over the table (one page per key, each page a WAL frame at commit): written with
 # every append, they cost a page per acknowledgement; half a second lets a page take the
@@ -231,9 +234,12 @@ class SQLiteStore:
         if path != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
             self._checkpointer = BackgroundCheckpointer(path)
+        # conv -> the last seq reserved, while it is ahead of what the log holds (a
+        # reservation not stored yet, or a floor); otherwise _stored_latest says it.
         self._counters: dict[str, int] = {}
         self._recent: OrderedDict[str, Reservation] = OrderedDict()
         # This object is the log's only writer, so what it stored is what the log holds.
+        # Bounded (_LATEST_CACHE): see _forget_latest.
         self._stored_latest: dict[str, int] = {}
         self._pairs: OrderedDict[str, None] = OrderedDict()  # private convs with both rows
         self._cursor_cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
@@ -320,7 +326,9 @@ class SQLiteStore:
                 return Reservation(int(row[0]), str(row[1]), True)
         current = self._counters.get(conv)
         if current is None:
-            current = self._latest(conv)
+            current = self._stored_latest.get(conv)
+            if current is None:
+                current = self._latest(conv)
         seq = max(current, floor) + 1
         self._counters[conv] = seq
         reservation = Reservation(seq, msg_id, False)
@@ -406,10 +414,13 @@ class SQLiteStore:
         known = self._known
         known.dedup.add_all(dedup_keys)
         latest = self._stored_latest
+        counters = self._counters
         for conv, top in tops.items():
             if not latest.get(conv):  # maybe its first entry in the file
                 known.convs.add(conv)
             latest[conv] = top
+            if counters.get(conv) == top:  # nothing reserved beyond it: the log says it
+                del counters[conv]
         current = self._entry_log.current
         if current is not None and len(current.rows) >= _MOVE_MAX_ROWS:
             self._roll()
@@ -533,8 +544,30 @@ class SQLiteStore:
                         del hot_pairs[user]
             while len(pairs) > _PAIR_CACHE:
                 pairs.popitem(last=False)
+        if len(self._stored_latest) > _LATEST_CACHE:
+            self._forget_latest()
         if self._caught_up is not None and len(self._moving) < _MAX_BEHIND:
             self._caught_up.set()
+
+    def _forget_latest(self) -> None:
+        """Bring the latest-seq memory back to 7/8 of :data:`_LATEST_CACHE`, longest-known first.
+
+        Only a conversation the table answers for is forgotten: none of its
+        entries still hot (the table lacks those until their segment moves)
+        and no reservation or floor ahead of the log (``_counters``).  The next
+        use reads it back (``_latest``); the longest-known are forgotten first,
+        so a busy one costs one read per round, not one per message.
+        """
+        latest, hot, counters = self._stored_latest, self._hot, self._counters
+        excess = len(latest) - _LATEST_CACHE * 7 // 8
+        forget = []
+        for conv in latest:
+            if conv not in hot and conv not in counters:
+                forget.append(conv)
+                if len(forget) >= excess:
+                    break
+        for conv in forget:
+            del latest[conv]
 
     async def _wait_for_mover(self) -> None:
         log.warning("entry log: %d segments wait for the mover thread (the disk is slower "

@@ -21,6 +21,7 @@ from imfast.backends import sqlite as sqlite_module
 from imfast.backends.base import StoredMessage
 from imfast.backends.sqlite import SQLiteStore
 from imfast.backends.sqlite_log import LogMover, encode, read_segment
+from tests.contract.test_sqlite_store import _reads
 
 
 def _msg(conv: str, seq: int, sender: str = "alice") -> StoredMessage:
@@ -283,3 +284,52 @@ async def test_cursors_moved_before_any_append_reach_the_file_and_moves_go_on(
     await asyncio.wait_for(store.settle(), 30)  # the mover thread is still alive and moving
     assert _table(path) == [("p:alice:bob", 1)]
     await store.close()
+
+
+async def _store_one_each(store: SQLiteStore, convs: list[str], seq: int) -> None:
+    for conv in convs:
+        reservation = await store.reserve(conv, f"alice:{conv}:{seq}", "m", 0)
+        assert (reservation.seq, reservation.duplicate) == (seq, False)
+        await store.append([_msg(conv, seq)._replace(cmid=f"{conv}:{seq}")])
+
+
+async def test_the_latest_seq_memory_is_bounded_and_forgotten_conversations_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embedded node used to keep two entries per conversation it ever saw."""
+    monkeypatch.setattr(sqlite_module, "_LATEST_CACHE", 16)
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    try:
+        convs = [f"p:alice:u{i:03d}" for i in range(64)]
+        await _store_one_each(store, convs, 1)
+        await _store_one_each(store, convs, 2)
+        assert store._counters == {}  # every seq reserved is stored: the log says the rest
+        held = "p:alice:held"
+        assert (await store.reserve(held, "alice:held:1", "m", 0)).seq == 1  # not stored
+        await store.settle()
+        assert len(store._stored_latest) <= 16
+        assert store._counters == {held: 1}  # what the log cannot say is never forgotten
+        reads = _reads(store)
+        await _store_one_each(store, convs, 3)  # the forgotten ones go on after 2
+        assert reads  # read back from the table
+        assert (await store.reserve(held, "alice:held:2", "m", 0)).seq == 2
+        assert [await store.latest_seq(c) for c in convs] == [3] * 64
+    finally:
+        await store.close()
+
+
+async def test_a_conversation_with_entries_not_yet_in_the_table_is_not_forgotten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table cannot answer for hot entries: forgetting one would hand its seq out again."""
+    monkeypatch.setattr(sqlite_module, "_LATEST_CACHE", 4)
+    store = SQLiteStore(str(tmp_path / "h.db"))
+    try:
+        convs = [f"p:alice:u{i:03d}" for i in range(32)]
+        await _store_one_each(store, convs, 1)
+        assert set(store._hot) == set(convs)  # the entry log holds them; the table not yet
+        store._forget_latest()
+        assert set(store._stored_latest) == set(convs)
+        await store.settle()
+        assert len(store._stored_latest) <= 4
+        await _store_one_each(store, convs, 2)
+    finally:
+        await store.close()
