@@ -273,8 +273,9 @@ class KafkaBus:
         done, _ = await asyncio.wait({stop}, timeout=stop_timeout)
         if member is not None and (not done or member[2] <= 0):
             if not done:
-                log.warning("kafka consumer of group %s still in a rebalance after %.0fs; "
-                            "leaving the group", group, stop_timeout)
+                log.warning(
+                    "kafka consumer of group %s still in a rebalance after %.0fs; leaving the group",
+                    group, stop_timeout)
             await self._leave_group(group, member[0], member[1])
         if not done:
             rebalance_timeout = getattr(consumer, "_rebalance_timeout_ms", 10000) / 1000

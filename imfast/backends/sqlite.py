@@ -419,7 +419,8 @@ class SQLiteStore:
             if not latest.get(conv):  # maybe its first entry in the file
                 known.convs.add(conv)
             latest[conv] = top
-            if counters.get(conv) == top:  # nothing reserved beyond it: the log says it
+            reserved = counters.get(conv)
+            if reserved is not None and reserved <= top:  # none beyond it: the log says it
                 del counters[conv]
         current = self._entry_log.current
         if current is not None and len(current.rows) >= _MOVE_MAX_ROWS:
