@@ -12,8 +12,9 @@ no backlog's high-water mark stays in the RSS) and
 prints the RSS it grew by over the second half of them, per conversation: the
 first half fills what is bounded (the latest-seq map, the caches, SQLite's
 page cache, mostly), so with N above twice the bound the second half shows
-what still grows: the key filters (about 2 bytes a key, by design, see
-keyfilter.py) and whatever else does, which this figure is here to catch.
+what still grows: the key filters (about 3 bytes per message and per new
+conversation, see keyfilter.py) and whatever else does, which this figure is
+here to catch.
 ``--baseline DIR`` (another checkout, see
 bench/instructions.py) runs the same in the same run, alternately, and prints
 the ratio.

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 #: Members the router keeps in memory, counted over all cached groups (~100 bytes
-#: each).  A group not cached is read from the store at its next message, so this
-#: bounds memory, not behaviour: beyond it, the groups cached longest ago go first.
+#: each), plus one per group: a group with no members (one that does not exist,
+#: asked about by any client) costs memory too.  A group not cached is read from
+#: the store at its next message, so this bounds memory, not behaviour: beyond
+#: it, the groups cached longest ago go first.
 MEMBERS_CACHED_MAX = 1_000_000
+
+
+def _weight(members: dict[str, str]) -> int:
+    return len(members) + 1
 
 
 class MembersCache(dict[str, dict[str, str]]):
@@ -25,7 +31,7 @@ class MembersCache(dict[str, dict[str, str]]):
     def __init__(self, limit: int = MEMBERS_CACHED_MAX) -> None:
         super().__init__()
         self.limit = limit
-        self.size = 0  # members in all cached groups
+        self.size = 0  # members in all cached groups, plus one per group
         #: group -> [reads under way, changed since the oldest of them started]
         self._reads: dict[str, list[int]] = {}
 
@@ -44,10 +50,10 @@ class MembersCache(dict[str, dict[str, str]]):
             return
         self._drop(group)
         self[group] = members
-        self.size += len(members)
+        self.size += _weight(members)
         while self.size > self.limit and len(self) > 1:
             oldest = next(iter(self))
-            self.size -= len(dict.pop(self, oldest))
+            self.size -= _weight(dict.pop(self, oldest))
 
     def read_failed(self, group: str) -> None:
         """A read started by :meth:`reading` raised."""
@@ -63,7 +69,7 @@ class MembersCache(dict[str, dict[str, str]]):
     def _drop(self, group: str) -> None:
         members = dict.pop(self, group, None)
         if members is not None:
-            self.size -= len(members)
+            self.size -= _weight(members)
 
     def _read_done(self, group: str) -> bool:
         """One read of ``group`` ended; True if the group changed while reads were on."""

@@ -21,16 +21,26 @@ def cached(cache: MembersCache, group: str, members: dict[str, str]) -> None:
 
 
 def test_beyond_the_limit_the_groups_cached_longest_ago_go_first() -> None:
-    cache = MembersCache(limit=4)
+    cache = MembersCache(limit=6)  # counted: members, plus one per group
     cached(cache, "a", {"u1": "owner", "u2": "member"})
     cached(cache, "b", {"u1": "owner", "u3": "member"})
-    assert cache.size == 4 and set(cache) == {"a", "b"}
+    assert cache.size == 6 and set(cache) == {"a", "b"}
     cached(cache, "c", {"u4": "owner"})
-    assert set(cache) == {"b", "c"} and cache.size == 3
+    assert set(cache) == {"b", "c"} and cache.size == 5
     cached(cache, "b", {"u1": "owner"})  # replaced: counted once
-    assert cache.size == 2 and cache.get("b") == {"u1": "owner"}
+    assert cache.size == 4 and cache.get("b") == {"u1": "owner"}
     cache.forget("c")
-    assert set(cache) == {"b"} and cache.size == 1
+    assert set(cache) == {"b"} and cache.size == 2
+
+
+def test_groups_with_no_members_count_against_the_limit() -> None:
+    """Any client can ask about group ids that do not exist; each answer (no
+    members) is cached, and used to count as nothing: the cache grew for ever."""
+    cache = MembersCache(limit=100)
+    for i in range(10_000):
+        cached(cache, f"nosuch{i}", {})
+    assert len(cache) == 100 and cache.size == 100
+    assert "nosuch9999" in cache and "nosuch0" not in cache  # the oldest went
 
 
 def test_one_group_larger_than_the_limit_is_still_cached_alone() -> None:
