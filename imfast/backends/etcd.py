@@ -58,7 +58,11 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    # gRPC also gives each connection attempt at least this long (its minimum
+    # connect timeout): at 100 ms a briefly busy etcd failed start-up (4 in 120
+    # starts with etcd paused 0.25-0.6 s; none at 2 s).  Retries still begin
+    # 100 ms after a refused attempt (initial backoff).
+    "grpc.min_reconnect_backoff_ms": 2_000,
     "grpc.max_reconnect_backoff_ms": 1_000,
 }
 

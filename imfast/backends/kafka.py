@@ -26,11 +26,12 @@ Guarantees:
   after it came back without its data) restarts the consumer: it rejoins the
   group and resumes from the committed offsets - or, on a broker that lost
   them, from the earliest record - so the batch is redelivered, never skipped.
-* A consumer that stops leaves its group at once, even in the middle of a
-  rebalance (a member that vanished while the group waits for it to rejoin
-  would hold every other member's join until the broker gives up on it; on
-  tansu, indefinitely): :meth:`close` returns only after every consumer,
-  including those of cancelled :meth:`consume` calls, has left.
+* A consumer that stops leaves its group, even in the middle of a rebalance
+  (a member that vanished while the group waits for it to rejoin would hold
+  every other member's join until the broker gives up on it; on tansu,
+  indefinitely): :meth:`close` returns only after every consumer, including
+  those of cancelled :meth:`consume` calls, has left - within the consumer's
+  rebalance timeout plus a few seconds.
 """
 
 from __future__ import annotations
@@ -251,41 +252,40 @@ class KafkaBus:
 
     async def _stop_consumer(self, consumer: AIOKafkaConsumer, group: str,
                              stop_timeout: float = 2.0) -> None:
-        """Stop a consumer and make sure its group membership ends now.
+        """Stop a consumer and make sure its group membership ends.
 
         aiokafka sends LeaveGroup only for a generation > 0, and only once its
-        pending group request is answered: a member stopped while it waits to
-        rejoin a rebalance would first wait for the whole rebalance.  tansu
-        numbers the first generation 0.  So LeaveGroup is sent here whenever
-        aiokafka has not sent it: for generation 0, and for a stop still
-        pending after ``stop_timeout`` seconds.  Kafka then answers the pending
-        join at once; tansu answers it only when the rebalance completes, with
-        the member still in it, and aiokafka then syncs and leaves on its own -
-        so the stop is given the consumer's rebalance timeout (its session
-        timeout) to finish that, and before it is cut short, LeaveGroup is sent
-        once more for whatever membership the consumer holds by then.  Without
-        it, the group would wait for the member (on tansu indefinitely, when it
-        vanished mid-rebalance) before the next member could join.
+        pending group request is answered.  tansu numbers the first generation
+        0, so a member stopped at generation 0 is made to leave here.  A stop
+        that waits for a rejoin of a rebalance is given the consumer's
+        rebalance timeout (its session timeout) on top of ``stop_timeout``: the
+        broker answers the rejoin by then, and aiokafka syncs and leaves on its
+        own.  A LeaveGroup of ours meanwhile would race that answer: on tansu,
+        a leave landing just as the join completes left the group stuck in a
+        rebalance for good (seen in CI).  Only a stop still pending after both
+        waits sends LeaveGroup, as whatever member the consumer is by then,
+        and is then cut short.  Without a leave, the group would wait for the
+        member (on tansu indefinitely, when it vanished mid-rebalance) before
+        the next member could join.
         """
         coordinator = getattr(consumer, "_coordinator", None)
         member = _membership(coordinator)
         stop = asyncio.ensure_future(consumer.stop())
         done, _ = await asyncio.wait({stop}, timeout=stop_timeout)
-        if member is not None and (not done or member[2] <= 0):
+        if not done:
+            more = getattr(consumer, "_rebalance_timeout_ms", 10000) / 1000 + stop_timeout
+            log.warning("kafka consumer of group %s in a rebalance after %.0fs; waiting %.0fs more",
+                        group, stop_timeout, more)
+            done, _ = await asyncio.wait({stop}, timeout=more)
             if not done:
-                log.warning(
-                    "kafka consumer of group %s still in a rebalance after %.0fs; leaving the group",
-                    group, stop_timeout)
+                now = _membership(coordinator) or member
+                if now is not None:
+                    await self._leave_group(group, now[0], now[1])
+                stop.cancel()
+                log.warning("kafka consumer of group %s did not stop; left the group, abandoned",
+                            group)
+        elif member is not None and member[2] <= 0:
             await self._leave_group(group, member[0], member[1])
-        if not done:
-            rebalance_timeout = getattr(consumer, "_rebalance_timeout_ms", 10000) / 1000
-            done, _ = await asyncio.wait({stop}, timeout=rebalance_timeout + stop_timeout)
-        if not done:
-            now = _membership(coordinator)
-            if now is not None:
-                await self._leave_group(group, now[0], now[1])
-            stop.cancel()
-            log.warning("kafka consumer of group %s did not stop; abandoned", group)
         try:
             await stop
         except asyncio.CancelledError:
@@ -302,7 +302,7 @@ class KafkaBus:
             await asyncio.wait_for(
                 producer.client.send(coordinator_id, LeaveGroupRequest(group, member_id),
                                      group=ConnectionGroup.COORDINATION),
-                2.0,
+                self.request_timeout_ms / 1000,  # a leave cut short keeps the member in
             )
         except Exception as exc:  # noqa: BLE001 - the stop goes on; the broker may expire it
             log.warning("kafka LeaveGroup failed group=%s: %r", group, exc)

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,18 @@ async def test_a_file_from_a_newer_imfast_is_refused(tmp_path: Path) -> None:
         SQLiteStore(str(path))
 
 
+async def _rows_once_written(path: str, sql: str) -> list[Any]:
+    """``sql``'s rows once there are any: the batched write is due after
+    _FLUSH_DELAY; a loaded machine may run it later (10 s: "never" fails)."""
+    await asyncio.sleep(_FLUSH_DELAY)
+    deadline = time.monotonic() + 10
+    while True:
+        rows = sqlite3.connect(path).execute(sql).fetchall()
+        if rows or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.05)
+
+
 async def test_moved_cursors_reach_the_file_within_the_flush_delay(tmp_path: Path) -> None:
     path = str(tmp_path / "c.db")
     store = SQLiteStore(path)
@@ -89,8 +102,7 @@ async def test_moved_cursors_reach_the_file_within_the_flush_delay(tmp_path: Pat
     await store.append([_msg("p:alice:bob", 4)])  # appends stay small: they do not carry it
     on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
     assert on_disk == []
-    await asyncio.sleep(_FLUSH_DELAY * 2)
-    on_disk = sqlite3.connect(path).execute("SELECT seq FROM cursors").fetchall()
+    on_disk = await _rows_once_written(path, "SELECT seq FROM cursors")
     assert on_disk == [(3,)]  # the latest of the moves, once
     await store.close()
 
@@ -104,8 +116,7 @@ async def test_read_receipts_move_forward_only_and_are_batched_like_cursors(
         assert not await store.mark_read("p:alice:bob", "bob", 1)  # never back
         assert await store.read_up_to("p:alice:bob") == {"bob": 2}  # before the write, too
         assert sqlite3.connect(path).execute("SELECT seq FROM read_receipts").fetchall() == []
-        await asyncio.sleep(_FLUSH_DELAY * 2)
-        rows = sqlite3.connect(path).execute("SELECT user, seq FROM read_receipts").fetchall()
+        rows = await _rows_once_written(path, "SELECT user, seq FROM read_receipts")
         assert rows == [("bob", 2)]
         assert await store.mark_read("p:alice:bob", "bob", 5)
         assert await store.mark_read("p:alice:bob", "alice", 1)

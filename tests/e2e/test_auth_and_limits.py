@@ -347,7 +347,7 @@ def test_insecure_dev_auth_only_when_switched_on(make_node) -> None:
     c = Client(f"{strict.url}?user=alice")
     start = time.monotonic()
     code, frames = expect_close(c)  # told why at once, not left to the auth timeout
-    assert code == 4500 and time.monotonic() - start < 2
+    assert code == 4500 and time.monotonic() - start < 5  # the auth timeout is 10 s
     assert frames[-1]["code"] == "auth_failed" and "INSECURE_DEV_AUTH" in frames[-1]["message"]
     demo = make_node(insecure_dev_auth=True)
     d = Client(f"{demo.url}?user=alice&device=tab1")

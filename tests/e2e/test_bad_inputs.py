@@ -154,7 +154,7 @@ def test_slowloris_handshake_is_closed_at_the_handshake_timeout(make_node) -> No
             except (BrokenPipeError, ConnectionResetError):
                 closed_after = time.monotonic() - start
                 break
-    assert closed_after is not None and 0.8 <= closed_after < 2.5, closed_after
+    assert closed_after is not None and 0.8 <= closed_after < 4, closed_after  # at 1 s
     by.still_chat()
 
 

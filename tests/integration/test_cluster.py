@@ -25,7 +25,8 @@ def token(user: str, device: str = "default") -> str:
 
 
 def connect(cluster: Cluster, gateway: int, user: str, device: str = "default") -> Client:
-    c = Client(cluster.url(gateway), token(user, device), timeout=15)
+    # A bound on "never": group messages wait for the gateways' Kafka group joins.
+    c = Client(cluster.url(gateway), token(user, device), timeout=60)
     c.welcome()
     return c
 
@@ -222,7 +223,7 @@ def test_offline_user_goes_through_offline_msg_to_mysql_and_gets_it_on_reconnect
         return int(out.split()[-1])
 
     until(lambda: rows() == 1, what="offline_messages row for zed")
-    zed = Client(cluster.url(1), token("zed"), timeout=15)
+    zed = Client(cluster.url(1), token("zed"), timeout=60)
     msgs = [f for f in zed.recv_until("resumed") if f["type"] == "msg"]
     assert [(m["body"], m["seq"]) for m in msgs] == [("while you were away", seq)]
     zed.send(type="ack", conv="p:osender:zed", seq=seq, id=1)
@@ -314,7 +315,7 @@ def test_gateway_with_two_worker_processes(cluster: Cluster) -> None:
     try:
         proc.wait_healthy()
         url = f"ws://127.0.0.1:{proc.http_port}/ws"
-        clients = {u: Client(url, token(u), timeout=15) for u in ("m1", "m2", "m3", "m4")}
+        clients = {u: Client(url, token(u), timeout=60) for u in ("m1", "m2", "m3", "m4")}
         for c in clients.values():
             c.recv_until("resumed")
         for i, u in enumerate(clients):

@@ -314,8 +314,10 @@ async def test_a_busy_pool_fails_fast_instead_of_hanging(
         began = time.monotonic()
         with pytest.raises(BackendUnavailable, match="DB_MAX_OPEN_CONNS=1"):
             await store.latest_seq("p:a:b")
-        assert 0.45 < time.monotonic() - began < 0.95  # one wait, not retried
-        assert "no free connection" in caplog.text and "retrying" not in caplog.text
+        # acquire_timeout (0.5 s), once: not retried (a count, not a clock, says so:
+        # a loaded machine stretches the wait), and nowhere near a hang.
+        assert 0.45 <= time.monotonic() - began < 10
+        assert caplog.text.count("no free connection") == 1 and "retrying" not in caplog.text
         await root.commit()
         assert await blocked
         assert await store.read_up_to("p:a:b") == {"u": 5}
