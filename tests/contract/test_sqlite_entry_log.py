@@ -9,9 +9,11 @@ for the mover's lock on the loop; appends wait once the mover is far behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +288,10 @@ async def test_cursors_moved_before_any_append_reach_the_file_and_moves_go_on(
     await store.close()
 
 
+def _convs(n: int) -> list[str]:
+    return [f"p:alice:u{i:03d}" for i in range(n)]
+
+
 async def _store_one_each(store: SQLiteStore, convs: list[str], seq: int) -> None:
     for conv in convs:
         reservation = await store.reserve(conv, f"alice:{conv}:{seq}", "m", 0)
@@ -293,13 +299,23 @@ async def _store_one_each(store: SQLiteStore, convs: list[str], seq: int) -> Non
         await store.append([_msg(conv, seq)._replace(cmid=f"{conv}:{seq}")])
 
 
+@contextlib.asynccontextmanager
+async def _store_keeping_latest(limit: int, path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SQLiteStore]:
+    """A store whose latest-seq memory keeps ``limit`` conversations."""
+    monkeypatch.setattr(sqlite_module, "_LATEST_CACHE", limit)
+    store = SQLiteStore(str(path))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def test_the_latest_seq_memory_is_bounded_and_forgotten_conversations_go_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An embedded node used to keep two entries per conversation it ever saw."""
-    monkeypatch.setattr(sqlite_module, "_LATEST_CACHE", 16)
-    store = SQLiteStore(str(tmp_path / "b.db"))
-    try:
-        convs = [f"p:alice:u{i:03d}" for i in range(64)]
+    async with _store_keeping_latest(16, tmp_path / "b.db", monkeypatch) as store:
+        convs = _convs(64)
         await _store_one_each(store, convs, 1)
         await _store_one_each(store, convs, 2)
         assert store._counters == {}  # every seq reserved is stored: the log says the rest
@@ -313,17 +329,13 @@ async def test_the_latest_seq_memory_is_bounded_and_forgotten_conversations_go_o
         assert reads  # read back from the table
         assert (await store.reserve(held, "alice:held:2", "m", 0)).seq == 2
         assert [await store.latest_seq(c) for c in convs] == [3] * 64
-    finally:
-        await store.close()
 
 
 async def test_a_conversation_with_entries_not_yet_in_the_table_is_not_forgotten(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The table cannot answer for hot entries: forgetting one would hand its seq out again."""
-    monkeypatch.setattr(sqlite_module, "_LATEST_CACHE", 4)
-    store = SQLiteStore(str(tmp_path / "h.db"))
-    try:
-        convs = [f"p:alice:u{i:03d}" for i in range(32)]
+    async with _store_keeping_latest(4, tmp_path / "h.db", monkeypatch) as store:
+        convs = _convs(32)
         await _store_one_each(store, convs, 1)
         assert set(store._hot) == set(convs)  # the entry log holds them; the table not yet
         store._forget_latest()
@@ -331,5 +343,3 @@ async def test_a_conversation_with_entries_not_yet_in_the_table_is_not_forgotten
         await store.settle()
         assert len(store._stored_latest) <= 4
         await _store_one_each(store, convs, 2)
-    finally:
-        await store.close()
