@@ -83,7 +83,7 @@ async def test_unanswered_calls_expire_and_are_forgotten() -> None:
         waited = asyncio.get_running_loop().time() - started
         assert all(isinstance(r, ImfastError) and r.code == "unavailable" for r in results)
         assert f"127.0.0.1:{port} did not answer cursors within 0.3 s" in str(results[0])
-        assert 0.3 <= waited < 2.0
+        assert 0.3 <= waited < 5  # the 0.3 s timeout, not the default 10 s
         proto = await client.connection()
         assert proto._pending == {}  # expired calls hold nothing
         release.set()  # their late answers arrive and are dropped

@@ -154,7 +154,7 @@ async def test_publish_raises_backend_unavailable_when_the_broker_is_down(
             await bus.publish(TOPIC_GROUP, b"k", b"after")
         took = time.monotonic() - t0
         assert info.value.backend == "kafka"
-        assert 0.5 < took < 3.0, took
+        assert 0.5 < took < 10, took  # request_timeout_ms (1 s), not aiokafka's 40 s
     finally:
         await bus.close()
 

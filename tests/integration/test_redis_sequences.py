@@ -163,7 +163,8 @@ async def test_backend_unavailable_when_redis_is_down_then_recovers_safely() -> 
             t0 = time.monotonic()
             with pytest.raises(BackendUnavailable, match="redis unavailable") as info:
                 await store.reserve("p:a:b", "a:3", "m3", 0)
-            assert info.value.backend == "redis" and time.monotonic() - t0 < 2.0
+            # socket_timeout (1 s) bounds it, not a hang: 8 s of room for a loaded machine
+            assert info.value.backend == "redis" and time.monotonic() - t0 < 8
             with pytest.raises(BackendUnavailable):
                 await store.repair("p:a:b", 2)
             with pytest.raises(BackendUnavailable):
