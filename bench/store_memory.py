@@ -10,7 +10,7 @@ each of N new private conversations (reserve + append, as a send does; the
 entry log is let move into the table every 20,000, as at a node's pace, so
 no backlog's high-water mark stays in the RSS) and
 prints the RSS it grew by over the second half of them, per conversation: the
-first half fills what is bounded (the latest-seq map, the caches, SQLite's
+first half fills what is bounded (the per-conversation seq maps, the caches, SQLite's
 page cache, mostly), so with N above twice the bound the second half shows
 what still grows: the key filters (about 3 bytes per message and per new
 conversation, see keyfilter.py) and whatever else does, which this figure is

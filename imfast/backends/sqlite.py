@@ -234,8 +234,7 @@ class SQLiteStore:
         if path != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
             self._checkpointer = BackgroundCheckpointer(path)
-        # conv -> the last seq reserved, while it is ahead of what the log holds (a
-        # reservation not stored yet, or a floor); otherwise _stored_latest says it.
+        # conv -> the last seq reserved.  Bounded with _stored_latest (_forget_latest).
         self._counters: dict[str, int] = {}
         self._recent: OrderedDict[str, Reservation] = OrderedDict()
         # This object is the log's only writer, so what it stored is what the log holds.
@@ -326,9 +325,7 @@ class SQLiteStore:
                 return Reservation(int(row[0]), str(row[1]), True)
         current = self._counters.get(conv)
         if current is None:
-            current = self._stored_latest.get(conv)
-            if current is None:
-                current = self._latest(conv)
+            current = self._latest(conv)
         seq = max(current, floor) + 1
         self._counters[conv] = seq
         reservation = Reservation(seq, msg_id, False)
@@ -414,14 +411,10 @@ class SQLiteStore:
         known = self._known
         known.dedup.add_all(dedup_keys)
         latest = self._stored_latest
-        counters = self._counters
         for conv, top in tops.items():
             if not latest.get(conv):  # maybe its first entry in the file
                 known.convs.add(conv)
             latest[conv] = top
-            reserved = counters.get(conv)
-            if reserved is not None and reserved <= top:  # none beyond it: the log says it
-                del counters[conv]
         current = self._entry_log.current
         if current is not None and len(current.rows) >= _MOVE_MAX_ROWS:
             self._roll()
@@ -551,24 +544,27 @@ class SQLiteStore:
             self._caught_up.set()
 
     def _forget_latest(self) -> None:
-        """Bring the latest-seq memory back to 7/8 of :data:`_LATEST_CACHE`, longest-known first.
+        """Bring the per-conversation seq memory (``_stored_latest`` and ``_counters``)
+        back to 7/8 of :data:`_LATEST_CACHE`, longest-known conversations first.
 
-        Only a conversation the table answers for is forgotten: none of its
-        entries still hot (the table lacks those until their segment moves)
-        and no reservation or floor ahead of the log (``_counters``).  The next
-        use reads it back (``_latest``); the longest-known are forgotten first,
-        so a busy one costs one read per round, not one per message.
+        Done here, when a moved segment is dropped, not per message: the hot path
+        keeps both maps as they were.  Only a conversation the table answers for
+        is forgotten: none of its entries still hot (the table lacks those until
+        their segment moves) and no reservation or floor ahead of what is stored
+        (its counter above its latest).  The next use reads it back (``_latest``);
+        the longest-known go first, so a busy one costs one read per round.
         """
         latest, hot, counters = self._stored_latest, self._hot, self._counters
         excess = len(latest) - _LATEST_CACHE * 7 // 8
         forget = []
-        for conv in latest:
-            if conv not in hot and conv not in counters:
+        for conv, top in latest.items():
+            if conv not in hot and counters.get(conv, top) <= top:
                 forget.append(conv)
                 if len(forget) >= excess:
                     break
         for conv in forget:
             del latest[conv]
+            counters.pop(conv, None)
 
     async def _wait_for_mover(self) -> None:
         log.warning("entry log: %d segments wait for the mover thread (the disk is slower "
