@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -55,14 +54,7 @@ def _checked(check: Any, what: str) -> Any:
 
 _PORT = _checked(_port, "a port number 0-65535")
 _COUNT = _checked(_positive_int, "a positive whole number")
-def _finite_seconds(text: str) -> float:
-    value = _positive_float(text)
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number of seconds")
-    return value
-
-
-_SECONDS = _checked(_finite_seconds, "a positive number")
+_SECONDS = _checked(_positive_float, "a positive number")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -112,7 +112,7 @@ def _port(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
+    if not 0 < value < float("inf"):  # NaN too: every comparison with it is False
         raise ValueError("must be a positive number")
     return value
 

@@ -20,7 +20,8 @@ from imfast.cli import main
     (["gateway", "--workers", "-1"], "'-1' must be a positive whole number"),
     (["service", "--port", "65536"], "'65536' must be a port number 0-65535"),
     (["token", "bob", "--ttl", "-5"], "'-5' must be a positive number"),
-    (["token", "bob", "--ttl", "inf"], "'inf' must be a finite number of seconds"),
+    (["token", "bob", "--ttl", "inf"], "'inf' must be a positive number"),
+    (["token", "bob", "--ttl", "nan"], "'nan' must be a positive number"),
 ])
 def test_bad_flags_are_refused_with_the_reason(argv: list[str], message: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:

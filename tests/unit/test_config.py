@@ -40,6 +40,9 @@ def test_environment_parsing() -> None:
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"GATEWAY_WORKER_NICE": "20"}, "GATEWAY_WORKER_NICE='20'.*0 to 19"),
     ({"GATEWAY_WORKER_NICE": "-5"}, "GATEWAY_WORKER_NICE"),
+    # NaN compares False with everything: a NaN timeout never fires
+    ({"AUTH_TIMEOUT": "nan"}, "AUTH_TIMEOUT='nan'.*positive"),
+    ({"ACK_TIMEOUT": "inf"}, "ACK_TIMEOUT='inf'.*positive"),
 ])
 def test_bad_values_are_refused_naming_the_variable(env: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
