@@ -510,7 +510,8 @@ class Session(FramedListener):
     async def _resume(self) -> None:
         """After auth: push everything this device has not acknowledged."""
         router = self.gw.router
-        self.resuming = set()
+        if self.resuming is None:
+            self.resuming = set()  # (set by _bind, before the table could find us)
         try:
             await self.gw.before_resume(self)
             plan = await router.resume_plan(self.user, self.device)
@@ -802,6 +803,10 @@ class Session(FramedListener):
             return
         self.identity = identity
         self.expires_at = self._deadline(identity.expires_at)
+        # Resuming from the moment the table can find us: an entry routed before the
+        # resume task's first step (its callback already queued) waits for the resume,
+        # instead of going out ahead of the older entries the resume brings.
+        self.resuming = set()
         replaced = gw.table.bind(self, identity.user, identity.device)
         if replaced is not None:
             replaced.close(CloseCode.REPLACED, "this device connected again")

@@ -426,3 +426,31 @@ def test_a_resync_naming_many_users_reads_the_store_for_a_few_sessions_at_a_time
     for user, client in clients.items():
         assert client.recv_until("msg")[-1]["body"] == f"for {user}"
     assert most[0] == 2
+
+
+def test_an_entry_routed_as_the_device_binds_waits_for_its_resume(node: NodeThread) -> None:
+    """An entry committed in the moment between a device's authentication and the
+    start of its resume (its route already queued on the loop) is not pushed ahead
+    of the entries the resume brings: the device never sees a gap it would take as
+    "everything before is a repeat"."""
+    alice = connect(node, "alice")
+    for i in range(3):
+        alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}")
+    alice.recv_until("sent", cmid="a2")
+    assert node.node is not None and node.node.gateway is not None
+    gateway = node.node.gateway
+    [latest] = node.call(node.node.router.fetch("bob", "p:alice:bob", 2, 1))
+    assert latest.seq == 3
+    bound = gateway.on_session_bound
+
+    def route_as_bob_binds(session: Any) -> None:
+        bound(session)
+        if session.user == "bob":  # queued before the resume's first step, as a commit's is
+            gateway.loop.call_soon(gateway.deliver, ["bob"], latest, None)
+
+    gateway.on_session_bound = route_as_bob_binds  # type: ignore[method-assign]
+    bob = Client(node.url, node.token("bob"))
+    frames = bob.recv_until("resumed")
+    assert [f["seq"] for f in frames if f["type"] == "msg"] == [1, 2, 3]
+    bob.send(type="ping", id="p")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled

@@ -64,7 +64,8 @@ class Inbox:
     async def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         end = time.monotonic() + timeout
         while not predicate():
-            assert time.monotonic() < end, f"timed out; last events: {self.events[-8:]}"
+            assert time.monotonic() < end, (
+                f"timed out; entries: {self.entries()}; last events: {self.events[-8:]}")
             await asyncio.sleep(0.02)
 
 
