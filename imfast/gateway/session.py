@@ -91,6 +91,7 @@ class Session(FramedListener):
         "acked",
         "behind",
         "bound",
+        "catching",
         "catchup",
         "dev_device",
         "dev_user",
@@ -143,6 +144,7 @@ class Session(FramedListener):
         self.own_acks: dict[str, int] | None = None  # cursor moves for our own messages
         self.ack_claims: dict[str, int] | None = None  # conv -> highest seq an ack frame named
         self.behind: set[str] | None = None  # convs to catch up from the store
+        self.catching: str | None = None  # the conv the catch-up is reading now
         self.resuming: set[str] | None = None  # convs offered while resuming
         self.inbox: list[dict[str, Any]] | None = None
         self.worker: asyncio.Task[None] | None = None
@@ -328,6 +330,13 @@ class Session(FramedListener):
         if self.resuming is not None:
             self.resuming.add(conv)
             return False
+        behind = self.behind
+        if (behind and conv in behind) or conv == self.catching:
+            # Waiting for, or under, a catch-up from the store: it brings this entry in
+            # order.  ``pushed`` may not know the device's cursor here (a retransmit
+            # forgot it), so nothing is assumed from it.
+            self._fall_behind(conv)
+            return False
         pushed = self.pushed
         if pushed is None:
             pushed = self.pushed = {}
@@ -343,8 +352,7 @@ class Session(FramedListener):
             last = seq - 1
         if seq <= last:
             return False
-        behind = self.behind
-        if seq > last + 1 or (behind and conv in behind) or (
+        if seq > last + 1 or (
             not silent and self.raw.get_write_buffer_size() > self.gw.settings.write_buffer_high
         ):
             pushed[conv] = last
@@ -438,6 +446,7 @@ class Session(FramedListener):
         try:
             while self.behind and not self.closed:
                 conv = self.behind.pop()
+                self.catching = conv  # entries routed meanwhile wait for this pass
                 pushed = self.pushed if self.pushed is not None else {}
                 self.pushed = pushed
                 after = pushed.get(conv)
@@ -460,6 +469,7 @@ class Session(FramedListener):
                     pushed[conv] = after
                     if len(page) < page_max:
                         break
+                self.catching = None
             if not self.behind:
                 self.behind = None
             if self.catchup is asyncio.current_task() and self.resuming is None:

@@ -342,15 +342,21 @@ def test_a_devices_own_message_moves_its_cursor_only_when_it_had_everything_befo
 
 
 def _sent_with_its_push_lost(node: NodeThread, alice: Client) -> Any:
-    """alice sends bob "never pushed" (seq 1), stored but not pushed to anyone, as
+    """alice sends bob "never pushed" (the next seq), stored but its push lost, as
     when a peer dropped the push; returns the node's gateway."""
     assert node.node is not None and node.node.gateway is not None
     gateway = node.node.gateway
     delivered = gateway.deliver
-    gateway.deliver = lambda users, message, skip: None  # type: ignore[method-assign]
+    lost = []
+
+    def lose_one(users: Any, message: Any, skip: Any) -> None:
+        lost.append(message.seq)
+        gateway.deliver = delivered  # type: ignore[method-assign]
+
+    gateway.deliver = lose_one  # type: ignore[method-assign]
     alice.send(type="send", cmid="lost", to="bob", body="never pushed")
-    assert alice.recv_until("sent")[-1]["seq"] == 1
-    gateway.deliver = delivered  # type: ignore[method-assign]
+    alice.recv_until("sent", cmid="lost")
+    wait_for(lambda: lost)
     return gateway
 
 
@@ -452,5 +458,61 @@ def test_an_entry_routed_as_the_device_binds_waits_for_its_resume(node: NodeThre
     bob = Client(node.url, node.token("bob"))
     frames = bob.recv_until("resumed")
     assert [f["seq"] for f in frames if f["type"] == "msg"] == [1, 2, 3]
+    bob.send(type="ping", id="p")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+
+
+def _bob_with_one_unacknowledged_and_one_unpushed(node: NodeThread) -> tuple[Client, Any, Any]:
+    """bob was pushed seq 1 and has not acknowledged it; seq 2 is stored, its push held
+    back.  Returns (bob, the node's gateway, seq 2's stored entry)."""
+    alice, bob = connect(node, "alice"), connect(node, "bob")
+    alice.send(type="send", cmid="a1", to="bob", body="m1")
+    assert bob.recv_until("msg")[-1]["seq"] == 1
+    gateway = _sent_with_its_push_lost(node, alice)
+    assert node.node is not None
+    [second] = node.call(node.node.router.fetch("bob", "p:alice:bob", 1, 1))
+    assert second.seq == 2
+    return bob, gateway, second
+
+
+def test_an_entry_routed_while_a_retransmit_waits_does_not_skip_it(node: NodeThread) -> None:
+    """A retransmit reads the device's stored cursor again; an entry routed before it
+    starts is not taken as "the next after what was pushed": seq 1 comes again, then 2."""
+    bob, gateway, second = _bob_with_one_unacknowledged_and_one_unpushed(node)
+    [session] = gateway.table.sessions_of("bob")
+
+    async def retransmit_then_route() -> None:
+        session._retransmit()  # what ACK_TIMEOUT does; its catch-up has not started yet
+        gateway.deliver(["bob"], second, None)
+
+    node.call(retransmit_then_route())
+    got = [bob.recv_until("msg")[-1] for _ in range(2)]
+    assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
+    bob.send(type="ping", id="p")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+
+
+def test_an_entry_routed_while_a_catch_up_reads_the_cursor_waits_for_it(
+        node: NodeThread) -> None:
+    """An entry routed while a catch-up is reading the device's cursor goes out after
+    the entries that catch-up brings, not ahead of them."""
+    bob, gateway, second = _bob_with_one_unacknowledged_and_one_unpushed(node)
+    [session] = gateway.table.sessions_of("bob")
+    router = gateway.router
+    read_cursor = router.cursor
+
+    async def cursor_while_routed(*args: Any) -> int:
+        cursor = await read_cursor(*args)
+        router.cursor = read_cursor
+        gateway.deliver(["bob"], second, None)  # committed while the read was in flight
+        return int(cursor)
+
+    async def retransmit() -> None:
+        router.cursor = cursor_while_routed
+        session._retransmit()
+
+    node.call(retransmit())
+    got = [bob.recv_until("msg")[-1] for _ in range(2)]
+    assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
     bob.send(type="ping", id="p")
     assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
