@@ -101,6 +101,9 @@ _MOVE_MAX_ROWS = 50_000
 _MAX_BEHIND = 8  # segments waiting for the mover before append waits for it (memory bound)
 _BUSY_MS = 5000  # how long other writes wait for the mover's transaction (one chunk)
 _PURGE_PAUSE = 0.2  # at least this between two retention batches (see _purge_on_thread)
+# The dedup filter is rebuilt from the table once retention deleted half as many entries
+# as it holds keys (and at least this many): its memory then follows the table's size.
+_DEDUP_REBUILD_MIN = 1 << 16
 
 
 def _seq_of(m: StoredMessage) -> int:
@@ -264,7 +267,8 @@ class SQLiteStore:
         self._caught_up: asyncio.Event | None = None
         self._closed = False
         self._synchronous = synchronous
-        self._purging: asyncio.Future[int] | None = None  # a retention round's thread
+        self._purging: asyncio.Future[int] | None = None  # a retention round (and rebuild)
+        self._purged_since_rebuild = 0  # entries retention deleted since the dedup rebuild
         checkpointer = self._checkpointer
         self._mover = LogMover(None if path == ":memory:" else path,
                                self._on_moved,
@@ -409,7 +413,7 @@ class SQLiteStore:
             else:
                 convs.add(conv)
         known = self._known
-        known.dedup.add_all(dedup_keys)
+        known.add_dedup(dedup_keys)
         latest = self._stored_latest
         for conv, top in tops.items():
             if not latest.get(conv):  # maybe its first entry in the file
@@ -658,8 +662,7 @@ class SQLiteStore:
             total = await until_fewer_than(batch, lambda: self._write(
                 partial(_purge_batch, cutoff_ms=cutoff_ms, batch=batch)))
         else:
-            self._purging = asyncio.ensure_future(
-                asyncio.to_thread(self._purge_on_thread, cutoff_ms, batch))
+            self._purging = asyncio.ensure_future(self._purge_and_rebuild(cutoff_ms, batch))
             try:
                 total = await asyncio.shield(self._purging)
             finally:
@@ -668,6 +671,22 @@ class SQLiteStore:
         if total:
             log.info("messages purged rows=%s older_than_seconds=%s", total,
                      older_than_seconds)
+        return total
+
+    async def _purge_and_rebuild(self, cutoff_ms: int, batch: int) -> int:
+        """The batches on a thread, then the dedup filter rebuilt if they deleted enough
+        (:data:`_DEDUP_REBUILD_MIN`); returns how many entries were deleted."""
+        total = await asyncio.to_thread(self._purge_on_thread, cutoff_ms, batch)
+        self._purged_since_rebuild += total
+        known = self._known
+        if self._purged_since_rebuild >= max(_DEDUP_REBUILD_MIN, known.dedup.count // 2) \
+                and not self._closed:
+            before = known.dedup.nbytes
+            kept = await known.rebuild_dedup(self.path, list(self._hot_dedup))
+            if kept is not None:
+                self._purged_since_rebuild = 0
+                log.info("dedup filter rebuilt after retention keys=%s bytes_before=%s "
+                         "bytes_after=%s", kept, before, known.dedup.nbytes)
         return total
 
     def _purge_on_thread(self, cutoff_ms: int, batch: int) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from imfast.backends import sqlite as sqlite_module
 from imfast.backends.base import StoredMessage
 from imfast.backends.sqlite import _FLUSH_DELAY, SCHEMA_VERSION, SQLiteStore
 
@@ -396,5 +397,52 @@ async def test_a_store_in_memory_purges_on_its_own_connection() -> None:
         assert await store.purge_messages(30 * 24 * 3600, batch=2) == 3
         assert [m.seq for m in await store.fetch("g:old", 0, 10)] == [4]
         assert (await store.reserve("g:old", "alice:next", "m5", 0)).seq == 5
+    finally:
+        await store.close()
+
+
+async def test_retention_shrinks_the_dedup_filter_and_keeps_every_key_it_must(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once retention deleted half as many entries as the dedup filter holds keys, the
+    filter is rebuilt from the table: the deleted entries' keys go, while those kept,
+    those not moved into the table yet and those appended during the rebuild stay
+    (a resend of any of them is still found to be a duplicate)."""
+    monkeypatch.setattr(sqlite_module, "_DEDUP_REBUILD_MIN", 100)
+    store = SQLiteStore(str(tmp_path / "keys.db"))
+    try:
+        await store.append([_aged("p:alice:bob", s, 40) for s in range(1, 3001)])
+        await store.append([_aged("p:alice:carol", s, 0) for s in range(1, 11)])
+        await store.settle()
+        await store.append([_aged("p:alice:dave", 1, 0)])  # in the entry log, not the table
+        assert "alice:cp:alice:dave1" in store._hot_dedup
+        assert store._known.dedup.count == 3011
+        purge = asyncio.ensure_future(store.purge_messages(30 * 24 * 3600, batch=1000))
+        during = []
+        while not purge.done():
+            during.append(_aged("p:alice:erin", len(during) + 1, 0))
+            await store.append([during[-1]])
+            await asyncio.sleep(0.005)
+        assert await purge == 3000
+        assert store._known.dedup.count < 11 + len(during) + 10
+        kept = ([_aged("p:alice:carol", s, 0) for s in range(1, 11)]
+                + [_aged("p:alice:dave", 1, 0)] + during)
+        await store.settle()
+        for m in kept:
+            key = f"{m.sender}:{m.cmid}"
+            assert key in store._known.dedup
+            found = await store.reserve(m.conv, key, "again", 0)
+            assert found.duplicate and found.seq == m.seq
+    finally:
+        await store.close()
+
+
+async def test_without_enough_deleted_the_dedup_filter_is_not_rebuilt(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "few.db"))
+    try:
+        await store.append([_aged("p:alice:bob", s, 40) for s in range(1, 101)])
+        await store.settle()
+        before = store._known.dedup
+        assert await store.purge_messages(30 * 24 * 3600) == 100
+        assert store._known.dedup is before and before.count == 100
     finally:
         await store.close()
