@@ -18,6 +18,12 @@ Guarantees:
   appears once per transaction); the coroutine returns once its batch is
   written.  ``unregister`` is a compare-and-delete: the entry is removed only
   while it still points at the given gateway.
+* Calls on one key that are still queued, not yet taken into a transaction,
+  make one operation: the newest call decides what it is (a register puts;
+  an unregister is the compare-and-delete alone, which leaves alone a
+  registration another gateway wrote meanwhile, where a put-then-delete
+  would have erased it).  So while etcd is down the queue holds at most one
+  unwritten operation per key, however often devices connect and leave.
 * ``lookup`` answers from a local cache kept by a watch on
   ``/registry/users/`` (initial range read, then watch from the next
   revision: no event is missed).  A write of this process is in its own cache
@@ -94,6 +100,7 @@ class _Op:
     key: str
     gateway: str
     future: asyncio.Future[None] = field(repr=False)
+    taken: bool = False  # in the transaction being written: its kind must not change
 
 
 class EtcdRegistry:
@@ -142,6 +149,9 @@ class EtcdRegistry:
         # What this process registered: key -> (gateway, revision written or 0).
         self._mine: dict[str, tuple[str, int]] = {}
         self._queue: deque[_Op] = deque()
+        self._unsent: dict[str, _Op] = {}  # key -> its queued op no transaction took yet
+        #: Register/unregister calls folded into an op of the same key still queued.
+        self.ops_folded = 0
         self._wakeup = asyncio.Event()
         self._lease_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,6 +201,7 @@ class EtcdRegistry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._unsent.clear()
         while self._queue:
             op = self._queue.popleft()
             if not op.future.done():
@@ -263,9 +274,14 @@ class EtcdRegistry:
     async def _submit(self, kind: str, key: str, gateway: str) -> None:
         if not self._started or self._closing:
             raise RuntimeError("EtcdRegistry is not running (call start())")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(kind, key, gateway, fut))
-        self._wakeup.set()
+        unsent = self._unsent.get(key)
+        if unsent is not None and unsent.gateway == gateway:
+            unsent.kind = kind  # the newest call decides (module docstring); both wait for it
+            self.ops_folded += 1
+            fut = unsent.future
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._enqueue(_Op(kind, key, gateway, fut))
         done, _ = await asyncio.wait({fut}, timeout=self.write_timeout)
         if fut in done:
             fut.result()
@@ -274,14 +290,33 @@ class EtcdRegistry:
                         "(etcd unreachable? retrying in background)",
                         self.write_timeout, self.owner, key)
 
+    def _enqueue(self, op: _Op) -> None:
+        self._queue.append(op)
+        self._unsent[op.key] = op
+        self._wakeup.set()
+
+    def _release(self, batch: list[_Op]) -> None:
+        """A transaction failed: its ops, queued still, may be folded into again until
+        the next one takes them (whether or not etcd applied them, the newest call
+        decides what their keys end as)."""
+        unsent = self._unsent
+        for op in batch:
+            op.taken = False
+            if op.key not in unsent:  # else a newer op of the key was queued meanwhile
+                unsent[op.key] = op
+
     def _take_batch(self) -> list[_Op]:
         batch: list[_Op] = []
         keys: set[str] = set()
+        unsent = self._unsent
         for op in self._queue:
             if len(batch) >= self.max_batch or op.key in keys:
                 break  # etcd refuses a key twice in one txn: the rest goes next
             batch.append(op)
             keys.add(op.key)
+            op.taken = True  # its kind is fixed now: _write reads the answer by it
+            if unsent.get(op.key) is op:
+                del unsent[op.key]
         return batch
 
     def _build_ops(self, batch: list[_Op], lease: int) -> list[Any]:
@@ -314,6 +349,7 @@ class EtcdRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - classify below
+                self._release(batch)
                 if "lease not found" in str(exc):
                     log.warning("etcd lease lost owner=%s: granting a new one", self.owner)
                     await self._regrant_quietly()
@@ -330,6 +366,8 @@ class EtcdRegistry:
                           self.owner, len(batch), exc)
                 for op in batch:
                     self._queue.remove(op)
+                    if self._unsent.get(op.key) is op:
+                        del self._unsent[op.key]
                     if not op.future.done():
                         op.future.set_exception(exc)
                         op.future.exception()  # the caller may have stopped waiting
@@ -402,7 +440,7 @@ class EtcdRegistry:
         loop = asyncio.get_running_loop()
         for key, (gateway, _rev) in list(self._mine.items()):
             if key not in queued:
-                self._queue.append(_Op(_REPUT, key, gateway, loop.create_future()))
+                self._enqueue(_Op(_REPUT, key, gateway, loop.create_future()))
         log.info("etcd re-registering owner=%s entries=%d", self.owner, len(self._mine))
         self._wakeup.set()
 

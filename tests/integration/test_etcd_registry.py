@@ -229,3 +229,34 @@ async def test_refresh_reads_a_registration_the_watch_has_not_delivered(
     service._apply(f"/registry/users/{user}/phone", None, 10**12)
     await service.refresh(user)
     assert service.cached_lookup(user) == {}
+
+
+async def test_a_device_that_came_and_went_during_an_outage_leaves_the_new_owner_alone(
+        ) -> None:
+    """During an outage, a device connects to gateway a and leaves again, many times,
+    while its registration in etcd names gateway b: a's queue holds one op for it (the
+    newest call's, a compare-and-delete), so b's registration survives the recovery
+    - a put then a delete would have erased it - and a's queue does not grow."""
+    with EtcdServer() as server:
+        a = EtcdRegistry([server.url], owner="a", write_timeout=0.05)
+        b = EtcdRegistry([server.url], owner="b")
+        await a.start()
+        await b.start()
+        try:
+            await b.register("dave", "phone", "gw-b")
+            await _eventually(lambda: a.cached_lookup("dave") == {"phone": "gw-b"})
+            server.kill()
+            await _eventually(lambda: not a.watch_live)
+            for _ in range(20):
+                await a.register("dave", "phone", "gw-a")
+                await a.unregister("dave", "phone", "gw-a")
+            assert a.pending == 1 and a.ops_folded == 39
+            server.restart()
+            await _eventually(lambda: a.watch_live and a.pending == 0, timeout=20)
+            async with _raw(server.url) as raw:
+                got = await raw.get(b"/registry/users/dave/phone")
+            assert got is not None and got.value == b"gw-b"
+            assert a.cached_lookup("dave") == {"phone": "gw-b"}
+        finally:
+            await a.close()
+            await b.close()

@@ -1,0 +1,83 @@
+"""EtcdRegistry's write queue while etcd does not answer: one unwritten op per key.
+
+No etcd here: the registry is marked started without its tasks, so nothing is
+ever written and every call returns after ``write_timeout`` with its op still
+queued - as during an outage.  The real server is in
+tests/integration/test_etcd_registry.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from imfast.backends import etcd as etcd_module
+from imfast.backends.etcd import EtcdRegistry
+
+
+@pytest.fixture
+def registry(caplog: pytest.LogCaptureFixture) -> EtcdRegistry:
+    caplog.set_level(logging.ERROR, logger="imfast")  # the "still queued" warnings
+    reg = EtcdRegistry(["http://127.0.0.1:1"], write_timeout=0.001)
+    reg._started = True  # no writer task: an outage that never ends
+    return reg
+
+
+def _kinds(reg: EtcdRegistry) -> list[tuple[str, str, str]]:
+    return [(op.kind, op.key, op.gateway) for op in reg._queue]
+
+
+async def test_a_device_coming_and_going_during_an_outage_keeps_one_op(
+        registry: EtcdRegistry) -> None:
+    for _ in range(100):
+        await registry.register("alice", "phone", "gw-a")
+        await registry.unregister("alice", "phone", "gw-a")
+    await registry.register("bob", "web", "gw-a")
+    key_a = etcd_module.registry_key("alice", "phone")
+    key_b = etcd_module.registry_key("bob", "web")
+    # The newest call decides: alice's last was an unregister (compare-and-delete).
+    assert _kinds(registry) == [(etcd_module._DELETE_IF, key_a, "gw-a"),
+                                (etcd_module._PUT, key_b, "gw-a")]
+    assert registry.pending == 2 and registry.ops_folded == 199
+    await registry.register("alice", "phone", "gw-a")
+    assert _kinds(registry)[0] == (etcd_module._PUT, key_a, "gw-a")
+
+
+async def test_an_op_in_a_transaction_is_never_changed_and_a_failed_one_is_again(
+        registry: EtcdRegistry) -> None:
+    await registry.register("alice", "phone", "gw-a")
+    [taken] = registry._take_batch()  # in flight: _write reads its answer by its kind
+    await registry.unregister("alice", "phone", "gw-a")
+    key = etcd_module.registry_key("alice", "phone")
+    assert taken.kind == etcd_module._PUT
+    assert _kinds(registry) == [(etcd_module._PUT, key, "gw-a"),
+                                (etcd_module._DELETE_IF, key, "gw-a")]
+    # Its transaction failed: it is retried first, the op queued after it comes next.
+    registry._release([taken])
+    assert registry._take_batch() == [taken]
+    registry._release([taken])
+    await registry.register("alice", "phone", "gw-a")  # folds into the newest op only
+    assert _kinds(registry) == [(etcd_module._PUT, key, "gw-a"),
+                                (etcd_module._PUT, key, "gw-a")]
+    assert registry.ops_folded == 1
+
+
+async def test_a_failed_op_with_nothing_after_it_takes_the_newest_call(
+        registry: EtcdRegistry) -> None:
+    await registry.register("alice", "phone", "gw-a")
+    batch = registry._take_batch()
+    registry._release(batch)  # e.g. etcd went away while it was being written
+    await registry.unregister("alice", "phone", "gw-a")
+    key = etcd_module.registry_key("alice", "phone")
+    assert _kinds(registry) == [(etcd_module._DELETE_IF, key, "gw-a")]
+    assert registry.ops_folded == 1
+
+
+async def test_ops_naming_another_gateway_are_not_folded(registry: EtcdRegistry) -> None:
+    await registry.register("alice", "phone", "gw-a")
+    await registry.unregister("alice", "phone", "gw-b")  # a stale gateway's delete
+    key = etcd_module.registry_key("alice", "phone")
+    assert _kinds(registry) == [(etcd_module._PUT, key, "gw-a"),
+                                (etcd_module._DELETE_IF, key, "gw-b")]
+    assert registry.ops_folded == 0
