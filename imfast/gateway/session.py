@@ -75,6 +75,10 @@ log = logging.getLogger("imfast.gateway")
 
 PROTOCOL_VERSION = 1
 
+#: Conversations with per-connection state before the idle ones are forgotten
+#: (Session._forget_idle_convs): a few hundred KB per connection at most.
+_CONV_STATE_TRIM = 1024
+
 
 #: Log lines of a failed resume/catch-up, spelled out whole (the runbooks grep for them).
 _SYNC_BUSY = {"resume": "resume failed user_id=%s device=%s: %s",
@@ -112,6 +116,7 @@ class Session(FramedListener):
         "timer_at",
         "tokens",
         "tokens_ts",
+        "trim_at",
         "unacked_since",
         "user",
         "waiting",
@@ -144,6 +149,7 @@ class Session(FramedListener):
         self.own_acks: dict[str, int] | None = None  # cursor moves for our own messages
         self.ack_claims: dict[str, int] | None = None  # conv -> highest seq an ack frame named
         self.behind: set[str] | None = None  # convs to catch up from the store
+        self.trim_at = _CONV_STATE_TRIM  # len(pushed) at which idle convs are forgotten
         self.catching: str | None = None  # the conv the catch-up is reading now
         self.resuming: set[str] | None = None  # convs offered while resuming
         self.inbox: list[dict[str, Any]] | None = None
@@ -343,6 +349,8 @@ class Session(FramedListener):
         last = pushed.get(conv)
         caught_up = last is None  # nothing pushed here since the resume: cursor == seq - 1
         if last is None:
+            if len(pushed) >= self.trim_at:
+                self._forget_idle_convs()
             if not silent and self.push_epoch != self.gw.push_epoch:
                 # Pushes to this gateway were dropped since we connected: this entry
                 # may not follow the device's cursor.  Catch up from the store (it
@@ -374,6 +382,35 @@ class Session(FramedListener):
         self._note_pushed(conv, last)
         self.gw.coalescer.push(self, payload)
         return True
+
+    def _forget_idle_convs(self) -> None:
+        """Drop the per-conversation state of conversations with nothing unacknowledged.
+
+        A long-lived connection (a support bot, a token refreshed for weeks) would
+        otherwise keep ``pushed``/``acked``/``ack_claims`` entries for every
+        conversation it was ever pushed in.  A conversation is forgotten only where
+        the device acknowledged what was pushed (or was pushed only its own
+        entries) and no catch-up wants it: it is then in the state of one untouched
+        since the resume - the device holds every entry offered here - so its next
+        entry is pushed as the one after its cursor, as before.  Runs when a new
+        conversation would pass ``trim_at``; that then doubles past what is left,
+        so a connection whose conversations are all busy does not scan each time.
+        """
+        pushed = self.pushed
+        assert pushed is not None
+        acked = self.acked if self.acked is not None else {}
+        claims = self.ack_claims if self.ack_claims is not None else {}
+        busy = self.behind or ()
+        catching = self.catching
+        idle = [c for c, seq in pushed.items()
+                if acked.get(c, seq) == seq and c not in busy and c != catching]
+        for conv in idle:
+            del pushed[conv]
+            acked.pop(conv, None)
+            claims.pop(conv, None)
+        if self.waiting is not None:
+            self.waiting.difference_update(idle)
+        self.trim_at = max(_CONV_STATE_TRIM, 2 * len(pushed))
 
     def _advance_own(self, conv: str, seq: int) -> None:
         """Move the stored cursor past our own message (batched: at most once a second)."""

@@ -516,3 +516,47 @@ def test_an_entry_routed_while_a_catch_up_reads_the_cursor_waits_for_it(
     assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
     bob.send(type="ping", id="p")
     assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+
+
+def test_a_long_lived_connection_forgets_conversations_it_has_acknowledged(
+        make_node) -> None:
+    """A connection pushed in more conversations than Session keeps state for drops
+    the state of those it acknowledged, keeps that of one it did not, and still gets
+    the next entry of a forgotten conversation - once, in order - and of the kept one
+    after its unacknowledged entry."""
+    from imfast.gateway import session as session_module
+
+    node = make_node(rate_msgs_per_sec=100000.0, rate_burst=5000)
+    assert node.node is not None and node.node.gateway is not None
+    router, gateway = node.node.router, node.node.gateway
+    bob = connect(node, "bob")
+    n = session_module._CONV_STATE_TRIM
+
+    async def each_sends(seq_body: str) -> None:
+        await asyncio.gather(*(router.send(f"u{i:05d}", "d", f"{seq_body}-{i}", "bob", None,
+                                           seq_body) for i in range(n)))
+
+    node.call(each_sends("first"), timeout=60)
+    got = [bob.recv_until("msg")[-1] for _ in range(n)]
+    assert sorted(m["conv"] for m in got) == sorted(f"p:bob:u{i:05d}" for i in range(n))
+    unacked = "p:bob:u00007"
+    for m in got:
+        if m["conv"] != unacked:
+            bob.send(type="ack", conv=m["conv"], seq=m["seq"])
+    bob.send(type="ping", id="p")
+    bob.recv_until("pong")
+    [session] = gateway.table.sessions_of("bob")
+    wait_for(lambda: session.acked is not None and sum(
+        session.acked.get(m["conv"], 0) == 1 for m in got) == n - 1)
+    node.call(router.send("zed", "d", "z-1", "bob", None, "new"))  # one conversation more
+    assert bob.recv_until("msg")[-1]["conv"] == "p:bob:zed"
+    assert session.pushed is not None and session.acked is not None
+    assert sorted(session.pushed) == [unacked, "p:bob:zed"]
+    node.call(router.send("u00000", "d", "second-0", "bob", None, "again"))  # forgotten
+    assert (bob.recv_until("msg")[-1]["body"], bob.frames[-1]["seq"]) == ("again", 2)
+    assert session.acked[unacked] == 0 and session.pushed[unacked] == 1
+    node.call(router.send("u00000", "d", "third-0", "bob", None, "once more"))
+    node.call(router.send("u00007", "d", "second-7", "bob", None, "after the unacked"))
+    frames = bob.recv_until("msg", body="after the unacked")
+    msgs = [(f["conv"], f["seq"]) for f in frames if f["type"] == "msg"]
+    assert msgs == [("p:bob:u00000", 3), (unacked, 2)]
