@@ -110,6 +110,7 @@ class MemoryStore:
             raise ValueError(f"older_than_seconds must be positive, got {older_than_seconds}")
         cutoff_ms = int((time.time() - older_than_seconds) * 1000)
         total = 0
+        emptied = []
         for conv, log in self._logs.items():
             old = 0
             while old < len(log) and log[old].ts < cutoff_ms:
@@ -121,8 +122,14 @@ class MemoryStore:
                 if m.cmid:
                     self._by_dedup.pop(f"{m.sender}:{m.cmid}", None)
                     self._dedup.pop(f"{m.sender}:{m.cmid}", None)
+                else:  # reserved under its msg_id (events, recalls: see Router)
+                    self._dedup.pop(m.msg_id, None)
             del log[:old]
+            if not log:
+                emptied.append(conv)  # its seq lives on in the floor
             total += old
+        for conv in emptied:
+            del self._logs[conv]
         return total
 
     async def find_by_cmid(self, sender: str, cmid: str) -> StoredMessage | None:
