@@ -32,7 +32,7 @@ from imfast.auth import TokenVerifier
 from imfast.backends.metrics import BackendCollector
 from imfast.config import Settings
 from imfast.gateway.server import Gateway
-from imfast.gateway.session import Session
+from imfast.gateway.session import PUSH_EPOCH_UNTIL_RECHECK, Session
 from imfast.link.endpoints import LinkClient, LinkPool, LinkServer
 from imfast.link.replicas import ServiceLinks
 from imfast.protocol.codes import ImfastError
@@ -92,6 +92,11 @@ class ClusterGateway(Gateway):
             except Exception:  # noqa: BLE001 - etcd down: resume anyway, sync heals
                 log.warning("registration not confirmed user_id=%s device=%s",
                             session.user, session.device)
+        if session.push_epoch == self.push_epoch:
+            # Until the recheck, an entry may have been routed by a cache that did not
+            # know us yet (to our old gateway, or offline): none is taken as the next
+            # after the device's cursor without asking the store.
+            session.push_epoch = PUSH_EPOCH_UNTIL_RECHECK
         self.loop.call_later(RECHECK_DELAY, session.recheck)
 
     def presence_of(self, users: list[str]) -> dict[str, dict[str, Any]]:
@@ -170,6 +175,10 @@ class GatewayNode:
         from imfast.workers import WorkerGateway, report_loop
 
         self.gateway = WorkerGateway(s, verifier, RemoteRouter(service), registry, advertise)
+        # Replicas pick up a conversation's entries by a hash that gateways may briefly
+        # disagree on (a rollout), and group entries come through Kafka partitions that
+        # move between gateways: entries of one conversation can overtake each other.
+        self.gateway.verify_first_push = True
         push_server._on_push = self.gateway.on_push
         push_server.on_broken = self.gateway.push_link_broken
         self.gateway.extra_stats = lambda: {

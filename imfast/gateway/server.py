@@ -54,7 +54,7 @@ from imfast.gateway.frames import CONFORMANCE_MAX_MESSAGE, ConnectionLog, frame_
 from imfast.gateway.limits import ConnectLimiter
 from imfast.gateway.metrics import GatewayCollector, GatewayStats
 from imfast.gateway.presence import LastSeen
-from imfast.gateway.session import EchoSession, Session
+from imfast.gateway.session import PUSH_EPOCH_DISTRUSTED, EchoSession, Session
 from imfast.protocol.codes import CloseCode
 from imfast.service.router import Router
 
@@ -112,6 +112,10 @@ class Gateway:
         #: connected before that catches a conversation up from the store at its
         #: first push there, instead of taking that push as the next entry.
         self.push_epoch = 0
+        #: True where a conversation's entries may arrive out of seq order (pushes from
+        #: several im-service replicas and gateways): a session checks the store at
+        #: its first push of each conversation instead of taking it as the next entry.
+        self.verify_first_push = False
         #: Bounds the store reads of sessions told to look for dropped pushes.
         self.recheck_slots = asyncio.Semaphore(RECHECKS_AT_ONCE)
         self.draining = False
@@ -443,7 +447,7 @@ class Gateway:
         sessions = 0
         for user in users:
             for session in self.table.sessions_of(user):
-                session.push_epoch = -1  # never the gateway's: see Session.offer
+                session.push_epoch = PUSH_EPOCH_DISTRUSTED  # see Session.offer
                 session.recheck()
                 sessions += 1
         log.warning("pushes to this gateway were dropped (%s) for %d users; their %d "

@@ -75,6 +75,11 @@ log = logging.getLogger("imfast.gateway")
 
 PROTOCOL_VERSION = 1
 
+#: Session.push_epoch values no gateway epoch has: the first push per conversation is
+#: checked against the store - for the session's life, or until its recheck ends.
+PUSH_EPOCH_DISTRUSTED = -1
+PUSH_EPOCH_UNTIL_RECHECK = -2
+
 #: Conversations with per-connection state before the idle ones are forgotten
 #: (Session._forget_idle_convs): a few hundred KB per connection at most.
 _CONV_STATE_TRIM = 1024
@@ -351,10 +356,12 @@ class Session(FramedListener):
         if last is None:
             if len(pushed) >= self.trim_at:
                 self._forget_idle_convs()
-            if not silent and self.push_epoch != self.gw.push_epoch:
-                # Pushes to this gateway were dropped since we connected: this entry
-                # may not follow the device's cursor.  Catch up from the store (it
-                # pushes this entry too, after any the device missed).
+            if self.push_epoch != self.gw.push_epoch or self.gw.verify_first_push:
+                # Pushes to this gateway were dropped since we connected (or may have
+                # gone elsewhere, or arrive out of order, or we forgot this
+                # conversation): this entry may not follow the device's cursor.  Catch up from the store (it pushes this
+                # entry too, after any the device missed) - our own entry as well:
+                # taking it as the next would hide an entry lost before it.
                 self._fall_behind(conv)
                 return False
             last = seq - 1
@@ -410,6 +417,10 @@ class Session(FramedListener):
             claims.pop(conv, None)
         if self.waiting is not None:
             self.waiting.difference_update(idle)
+        if idle:
+            # What arrives out of order in a forgotten conversation has no ``pushed``
+            # to be found out by: its first entry is checked against the store.
+            self.push_epoch = PUSH_EPOCH_DISTRUSTED
         self.trim_at = max(_CONV_STATE_TRIM, 2 * len(pushed))
 
     def _advance_own(self, conv: str, seq: int) -> None:
@@ -489,6 +500,9 @@ class Session(FramedListener):
                 after = pushed.get(conv)
                 if after is None:
                     after = await router.cursor(self.user, self.device, conv)
+                    holds = after  # the device holds every entry up to here
+                else:
+                    holds = self.acked.get(conv, after) if self.acked is not None else after
                 while not self.closed:
                     await self._wait_writable()
                     try:
@@ -496,6 +510,21 @@ class Session(FramedListener):
                     except ImfastError:
                         break  # no longer a member: nothing to deliver
                     for m in page:
+                        if m.seq > after and m.sender == self.user \
+                                and m.sender_device == self.device:
+                            # Our own entry: never pushed back (the device got `sent`),
+                            # as on offer's silent path; right after all the device
+                            # holds, its cursor steps past it.
+                            if holds == after:
+                                holds = m.seq
+                                if self.acked is not None and conv in self.acked:
+                                    self.acked[conv] = m.seq
+                                if not self.gw.router_moves_own_cursors:
+                                    self._advance_own(conv, m.seq)
+                            elif self.acked is not None and conv in self.acked:
+                                self._wait_for(conv)  # earlier pushes still unacknowledged
+                            after = m.seq
+                            continue
                         if m.seq > after:
                             if self.acked is None or conv not in self.acked:
                                 self._note_pushed(conv, after)
@@ -540,10 +569,15 @@ class Session(FramedListener):
         async with self.gw.recheck_slots:  # a resync may ask thousands of sessions at once
             if self.closed:
                 return
+            epoch = self.gw.push_epoch  # what the plan below covers
             try:
                 plan = await self.gw.router.resume_plan(self.user, self.device)
             except Exception:  # noqa: BLE001 - best effort; the next entry heals too
                 return
+        if self.push_epoch == PUSH_EPOCH_UNTIL_RECHECK:
+            # Every entry stored before the plan was read is in it or acknowledged; later
+            # ones are routed here (unless the gateway's epoch moved on meanwhile).
+            self.push_epoch = epoch
         pushed = self.pushed if self.pushed is not None else {}
         self.pushed = pushed
         behind = self.behind if self.behind is not None else set()

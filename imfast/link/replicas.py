@@ -13,8 +13,10 @@ headless Service, so its name resolves to every ready pod).  The names are
 resolved again every ``refresh`` seconds; the replicas are kept sorted, so
 every gateway that sees the same set picks the same replica for a
 conversation.  While the set changes (a rollout, a scale), two gateways can
-briefly disagree; a misordered entry is then stored but pushed only at the
-device's next entry, sync or resume.
+briefly disagree, and two replicas may push one conversation's entries out of
+order.  A session finds the gap and catches up from the store, in order: the
+gateway checks a session's first push of each conversation against the store
+(``Gateway.verify_first_push``), and later ones against what it pushed.
 
 Calls that create no entry (acks, sync, ...) go to any replica: the first
 connected one from a rotating start.

@@ -379,6 +379,9 @@ class Router:
         self._own_moving: list[dict[tuple[str, str], dict[str, list[int]]]] = []
         self._own_timer: asyncio.TimerHandle | None = None
         self._members_cache = MembersCache()
+        #: conv -> its committed entries waiting to be routed behind a members read, in
+        #: commit order (see _route_late).
+        self._late: dict[str, list[StoredMessage]] = {}
         self.sent_total = 0
         self.duplicates_total = 0
         #: (metric name, help, Histogram) exposed by whoever serves /metrics for this router.
@@ -531,11 +534,18 @@ class Router:
             if pair is not None:
                 users: Iterable[str] = dict.fromkeys(pair)
             else:
+                late = self._late.get(m.conv)
+                if late is not None:
+                    late.append(m)  # behind an earlier entry's members read: in order
+                    continue
                 members = self._members_cache.get(m.conv[2:])
                 if members is None:
-                    # Membership changed while this entry was being stored: look it
-                    # up, then push (gateways reorder by seq, so lateness is safe).
-                    asyncio.get_running_loop().create_task(self._route_late(m))
+                    # Membership changed while this entry was being stored: look it up,
+                    # then push.  Later entries of the conversation wait behind it: a
+                    # session that has pushed nothing there takes its first entry as
+                    # the next after the device's cursor, so no entry may overtake.
+                    self._late[m.conv] = [m]
+                    asyncio.get_running_loop().create_task(self._route_late(m.conv))
                     continue
                 users = list(members)
                 if m.kind == KIND_EVENT:
@@ -547,14 +557,35 @@ class Router:
             except Exception:
                 log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
 
-    async def _route_late(self, m: StoredMessage) -> None:
-        users = list(await self.group_members(m.conv[2:]))
-        if m.kind == KIND_EVENT:
-            users = list(dict.fromkeys([*users, *orjson.loads(m.body).get("users", [])]))
+    async def _route_late(self, conv: str) -> None:
+        """Route ``conv``'s waiting entries in commit order, each with the members as
+        they are when it goes (entries committed meanwhile join the queue).  A members
+        read that fails is tried again (the entries are stored: they must go out, and
+        nothing may overtake them)."""
+        late = self._late[conv]
+        backoff = 0.1
         try:
-            self.pusher.deliver(users, m, (m.sender, m.sender_device))
-        except Exception:
-            log.exception("route failed: push to gateway failed conv=%s seq=%s", m.conv, m.seq)
+            while late:
+                m = late[0]
+                try:
+                    users = list(await self.group_members(conv[2:]))
+                except Exception as exc:  # noqa: BLE001 - the store is unreachable: wait
+                    log.warning("route delayed: group members unreadable conv=%s entries=%d: "
+                                "%s; trying again in %.1fs", conv, len(late), exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if m.kind == KIND_EVENT:
+                    users = list(dict.fromkeys([*users,
+                                                *orjson.loads(m.body).get("users", [])]))
+                late.pop(0)
+                try:
+                    self.pusher.deliver(users, m, (m.sender, m.sender_device))
+                except Exception:
+                    log.exception("route failed: push to gateway failed conv=%s seq=%s",
+                                  conv, m.seq)
+        finally:
+            del self._late[conv]
 
     async def submit_entry(self, conv: str, sender: str, device: str, cmid: str, body: str,
                            kind: str) -> SendResult | asyncio.Future[SendResult]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from imfast.backends.base import Reservation
+from imfast.backends.base import Reservation, StoredMessage
 from imfast.backends.memory import MemoryStore
 from imfast.config import load_settings
 from imfast.service.router import Router
@@ -134,3 +134,38 @@ async def test_a_reservation_whose_reply_was_lost_does_not_block_its_cmid() -> N
     assert not result.duplicate
     stored = await store.fetch("p:alice:bob", 0, 10)
     assert [m.cmid for m in stored] == ["c1"]  # once
+
+
+class _MembersFailOnceStore(MemoryStore):
+    """The first members read fails (the store out of reach), later ones answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.member_reads = 0
+
+    async def members(self, group: str) -> dict[str, str]:
+        self.member_reads += 1
+        if self.member_reads == 1:
+            raise ConnectionError("store unreachable")
+        return await super().members(group)
+
+
+async def test_entries_waiting_for_a_members_read_go_out_in_order_after_a_failed_read(
+        ) -> None:
+    """A group entry committed while its members are not cached waits for a read; the
+    entries after it wait behind it (none overtakes), and a failed read is tried again."""
+    store = _MembersFailOnceStore()
+    await store.create("team", "alice", "Team")
+    pusher = RecordingPusher()
+    router = Router(load_settings({}), store, pusher)
+    entries = [StoredMessage("g:team", seq, f"m{seq}", "alice", "d1", f"c{seq}", "hi", 0)
+               for seq in (1, 2, 3)]
+    router._route_committed(entries[:2])  # nothing cached: a read, which fails once
+    router._route_committed(entries[2:])  # committed meanwhile: behind them
+    assert pusher.order == []
+    for _ in range(100):
+        if len(pusher.order) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert pusher.order == [("g:team", 1), ("g:team", 2), ("g:team", 3)]
+    assert store.member_reads == 2 and router._late == {}
