@@ -41,6 +41,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aetcd
@@ -297,13 +298,18 @@ class EtcdRegistry:
 
     def _release(self, batch: list[_Op]) -> None:
         """A transaction failed: its ops, queued still, may be folded into again until
-        the next one takes them (whether or not etcd applied them, the newest call
-        decides what their keys end as)."""
+        the next one takes them.  One whose key got a newer op meanwhile (while it was
+        in flight) leaves the queue: whether or not etcd applied it, the newest call
+        decides what the key ends as, and the caller of this one waits for that."""
         unsent = self._unsent
         for op in batch:
             op.taken = False
-            if op.key not in unsent:  # else a newer op of the key was queued meanwhile
+            newer = unsent.get(op.key)
+            if newer is None:
                 unsent[op.key] = op
+            elif newer.gateway == op.gateway:
+                self._queue.remove(op)
+                newer.future.add_done_callback(partial(_settle_like, op.future))
 
     def _take_batch(self) -> list[_Op]:
         batch: list[_Op] = []
@@ -600,6 +606,19 @@ class EtcdRegistry:
         await _close_quietly(old)
         log.info("etcd registry switched endpoint owner=%s endpoint=%s:%d",
                  self.owner, *self.endpoints[self._endpoint_index])
+
+
+def _settle_like(follower: asyncio.Future[None], leader: asyncio.Future[None]) -> None:
+    """``follower`` ends as ``leader`` did (an op folded into a newer one)."""
+    if follower.done():
+        return
+    if leader.cancelled():
+        follower.cancel()
+    elif leader.exception() is not None:
+        follower.set_exception(leader.exception())  # type: ignore[arg-type]
+        follower.exception()  # its caller may have stopped waiting
+    else:
+        follower.set_result(None)
 
 
 async def _close_quietly(client: aetcd.Client | None) -> None:

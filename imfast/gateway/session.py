@@ -359,9 +359,10 @@ class Session(FramedListener):
             if self.push_epoch != self.gw.push_epoch or self.gw.verify_first_push:
                 # Pushes to this gateway were dropped since we connected (or may have
                 # gone elsewhere, or arrive out of order, or we forgot this
-                # conversation): this entry may not follow the device's cursor.  Catch up from the store (it pushes this
-                # entry too, after any the device missed) - our own entry as well:
-                # taking it as the next would hide an entry lost before it.
+                # conversation): this entry may not follow the device's cursor.
+                # Catch up from the store (it pushes this entry too, after any the
+                # device missed) - for our own entry as well: taking it as the next
+                # would hide an entry lost before it.
                 self._fall_behind(conv)
                 return False
             last = seq - 1
@@ -397,9 +398,10 @@ class Session(FramedListener):
         otherwise keep ``pushed``/``acked``/``ack_claims`` entries for every
         conversation it was ever pushed in.  A conversation is forgotten only where
         the device acknowledged what was pushed (or was pushed only its own
-        entries) and no catch-up wants it: it is then in the state of one untouched
-        since the resume - the device holds every entry offered here - so its next
-        entry is pushed as the one after its cursor, as before.  Runs when a new
+        entries) and no catch-up wants it.  Its next entry cannot be checked against
+        what was pushed any more, so from then on this session checks each
+        conversation's first push against the store (``push_epoch``): one read per
+        conversation, only for connections this large.  Runs when a new
         conversation would pass ``trim_at``; that then doubles past what is left,
         so a connection whose conversations are all busy does not scan each time.
         """

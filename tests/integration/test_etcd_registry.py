@@ -235,8 +235,9 @@ async def test_a_device_that_came_and_went_during_an_outage_leaves_the_new_owner
         ) -> None:
     """During an outage, a device connects to gateway a and leaves again, many times,
     while its registration in etcd names gateway b: a's queue holds one op for it (the
-    newest call's, a compare-and-delete), so b's registration survives the recovery
-    - a put then a delete would have erased it - and a's queue does not grow."""
+    newest call's, a compare-and-delete; an op that was in flight when etcd went away
+    gives way to it), so b's registration survives the recovery - a put then a delete
+    would have erased it - and a's queue does not grow."""
     with EtcdServer() as server:
         a = EtcdRegistry([server.url], owner="a", write_timeout=0.05)
         b = EtcdRegistry([server.url], owner="b")
@@ -250,7 +251,10 @@ async def test_a_device_that_came_and_went_during_an_outage_leaves_the_new_owner
             for _ in range(20):
                 await a.register("dave", "phone", "gw-a")
                 await a.unregister("dave", "phone", "gw-a")
-            assert a.pending == 1 and a.ops_folded == 39
+            # One op at most in flight (its attempt fails within rpc_timeout, then gives
+            # way to the newer one) and one waiting: then only the newest.
+            assert a.pending <= 2 and a.ops_folded >= 38
+            await _eventually(lambda: a.pending == 1)
             server.restart()
             await _eventually(lambda: a.watch_live and a.pending == 0, timeout=20)
             async with _raw(server.url) as raw:
