@@ -175,10 +175,10 @@ class GatewayNode:
         from imfast.workers import WorkerGateway, report_loop
 
         self.gateway = WorkerGateway(s, verifier, RemoteRouter(service), registry, advertise)
-        # Replicas pick up a conversation's entries by a hash that gateways may briefly
-        # disagree on (a rollout), and group entries come through Kafka partitions that
-        # move between gateways: entries of one conversation can overtake each other.
-        self.gateway.verify_first_push = True
+        # Gateways pick a conversation's replica by a hash they may briefly disagree on
+        # while the replica set changes: its entries can then overtake each other.
+        gateway = self.gateway
+        service.on_change = lambda: gateway.replicas_changed(service.refresh)
         push_server._on_push = self.gateway.on_push
         push_server.on_broken = self.gateway.push_link_broken
         self.gateway.extra_stats = lambda: {

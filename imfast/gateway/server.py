@@ -112,10 +112,6 @@ class Gateway:
         #: connected before that catches a conversation up from the store at its
         #: first push there, instead of taking that push as the next entry.
         self.push_epoch = 0
-        #: True where a conversation's entries may arrive out of seq order (pushes from
-        #: several im-service replicas and gateways): a session checks the store at
-        #: its first push of each conversation instead of taking it as the next entry.
-        self.verify_first_push = False
         #: Bounds the store reads of sessions told to look for dropped pushes.
         self.recheck_slots = asyncio.Semaphore(RECHECKS_AT_ONCE)
         self.draining = False
@@ -428,6 +424,22 @@ class Gateway:
         if pushed:
             self.stats.delivered += pushed
             self.stats.observe_latency(max(0.0, time.time() - message.ts / 1000.0), pushed)
+
+    def replicas_changed(self, settle: float) -> None:
+        """The im-service replica set changed: until every gateway picks the same replica
+        for a conversation again (within ``settle`` s), two replicas may push one
+        conversation's entries out of order.  Every session connected before the end
+        of that window checks its next first push per conversation against the store
+        (``push_epoch`` moves now and again after ``settle``), so a later entry is
+        not taken as the next after the device's cursor."""
+        self.push_epoch += 1
+        log.info("im-service replicas changed: sessions check the store at their next "
+                 "entry per conversation")
+
+        def again() -> None:
+            self.push_epoch += 1
+
+        self.loop.call_later(settle, again)
 
     def pushes_were_lost(self, users: list[str] | None,
                          why: str = "a peer could not reach it") -> None:

@@ -356,9 +356,9 @@ class Session(FramedListener):
         if last is None:
             if len(pushed) >= self.trim_at:
                 self._forget_idle_convs()
-            if self.push_epoch != self.gw.push_epoch or self.gw.verify_first_push:
+            if self.push_epoch != self.gw.push_epoch:
                 # Pushes to this gateway were dropped since we connected (or may have
-                # gone elsewhere, or arrive out of order, or we forgot this
+                # gone elsewhere, or arrived out of order, or we forgot this
                 # conversation): this entry may not follow the device's cursor.
                 # Catch up from the store (it pushes this entry too, after any the
                 # device missed) - for our own entry as well: taking it as the next

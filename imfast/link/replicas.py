@@ -14,9 +14,12 @@ resolved again every ``refresh`` seconds; the replicas are kept sorted, so
 every gateway that sees the same set picks the same replica for a
 conversation.  While the set changes (a rollout, a scale), two gateways can
 briefly disagree, and two replicas may push one conversation's entries out of
-order.  A session finds the gap and catches up from the store, in order: the
-gateway checks a session's first push of each conversation against the store
-(``Gateway.verify_first_push``), and later ones against what it pushed.
+order.  A session that pushed in the conversation finds the gap against what it
+pushed; for the others, ``on_change`` (the gateway's ``replicas_changed``) has
+every session connected until a resolution interval after the change check its
+next first push per conversation against the store.  A change another gateway
+saw first leaves the entries it misordered before this one resolves unchecked
+(up to ``refresh`` seconds: a known limit, docs/reliability.md).
 
 Calls that create no entry (acks, sync, ...) go to any replica: the first
 connected one from a rotating start.
@@ -58,6 +61,9 @@ class ServiceLinks:
                                                for a in self.spec}
         self.order: list[str] = sorted(self.clients)
         self._next = 0
+        #: Called when the replica set changed (not for the first resolution).
+        self.on_change: Any = None
+        self._resolved = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -117,6 +123,7 @@ class ServiceLinks:
                             "known", addr, exc)
                 return
         if not found or sorted(found) == self.order:
+            self._resolved = self._resolved or bool(found)
             return
         for addr in sorted(found - set(self.clients)):
             self.clients[addr] = LinkClient(addr, **self._kwargs)
@@ -124,6 +131,9 @@ class ServiceLinks:
         gone = [a for a in self.clients if a not in found]
         self.order = sorted(found)
         log.info("im-service replicas: %s", ", ".join(self.order))
+        if self._resolved and self.on_change is not None:
+            self.on_change()
+        self._resolved = True
         for addr in gone:
             client = self.clients.pop(addr)
             await client.close()

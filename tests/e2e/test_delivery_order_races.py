@@ -287,15 +287,17 @@ def test_a_forgotten_conversation_still_catches_up_an_entry_that_arrives_out_of_
     assert [(m["seq"], m["body"]) for m in got] == [(2, "m2"), (3, "m3")]
 
 
-def test_where_entries_may_arrive_out_of_order_a_first_push_is_checked_against_the_store(
+def test_after_the_replicas_changed_a_first_push_is_checked_against_the_store(
         node: NodeThread) -> None:
-    """A distributed gateway (``verify_first_push``: pushes come from several replicas
-    and gateways) takes no first push of a conversation as the entry after the
-    device's cursor: seq 2 arriving before seq 1 brings 1 first, then 2, once each."""
+    """While gateways disagree on a conversation's replica (its set changed), two
+    replicas may push its entries out of order: ``replicas_changed`` has the sessions
+    check their next first push per conversation against the store, so seq 2
+    arriving before seq 1 brings 1 first, then 2, once each - for sessions connected
+    before the change and until one resolution interval after it."""
     assert node.node is not None and node.node.gateway is not None
     gateway = node.node.gateway
-    gateway.verify_first_push = True
     alice, bob = connect(node, "alice"), connect(node, "bob")
+    node.call(_replicas_changed(gateway))
     _router, held, release = _routes_held(node)
     for i in (1, 2):
         alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}", id=i)
@@ -312,6 +314,15 @@ def test_where_entries_may_arrive_out_of_order_a_first_push_is_checked_against_t
     got = entries_until_pong(bob, "p")
     assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "m2")]
     assert entries_until_pong(alice, "q") == []  # her own entries never come back
+    carol = connect(node, "carol")  # connected within the interval: checked as well
+    assert carol.welcome  # (resumed)
+    [session] = gateway.table.sessions_of("carol")
+    # The epoch moves once more at the end of the interval: she checks from then on.
+    wait_for(lambda: gateway.push_epoch == session.push_epoch + 1, timeout=10)
+
+
+async def _replicas_changed(gateway: Any) -> None:
+    gateway.replicas_changed(3.0)  # (the resolution interval: 10 s in production)
 
 
 def test_a_catch_up_never_pushes_the_devices_own_entries_back(node: NodeThread) -> None:
@@ -320,15 +331,15 @@ def test_a_catch_up_never_pushes_the_devices_own_entries_back(node: NodeThread) 
     an entry he has not acknowledged is skipped, and his ack of a later entry covers it."""
     assert node.node is not None and node.node.gateway is not None
     gateway = node.node.gateway
-    gateway.verify_first_push = True  # every first push per conversation is a catch-up
     alice, bob = connect(node, "alice"), connect(node, "bob")
+    [session] = gateway.table.sessions_of("bob")
+    session.push_epoch = -1  # every first push per conversation is a catch-up
     bob.send(type="send", cmid="b1", to="alice", body="mine", id=1)
     assert bob.recv_until("sent", id=1)[-1]["seq"] == 1
     assert [m["body"] for m in entries_until_pong(alice, "p")] == ["mine"]
     alice.send(type="send", cmid="a2", to="bob", body="yours", id=2)
     assert alice.recv_until("sent", id=2)[-1]["seq"] == 2
     assert [(m["seq"], m["body"]) for m in entries_until_pong(bob, "q")] == [(2, "yours")]
-    [session] = gateway.table.sessions_of("bob")
 
     def cursor() -> int:
         return int(node.call(node.node.router.cursor("bob", "default", "p:alice:bob")))

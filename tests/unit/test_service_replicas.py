@@ -81,9 +81,13 @@ async def test_a_name_resolving_to_several_addresses_is_several_replicas() -> No
         return resolved[addr]
 
     links = ServiceLinks("im-service:9094", resolve=resolve)
+    changes: list[list[str]] = []
+    links.on_change = lambda: changes.append(list(links.order))
     try:
         await links.resolve_now()
         assert links.order == ["10.0.0.1:9094", "10.0.0.2:9094"]  # sorted: same everywhere
+        await links.resolve_now()
+        assert changes == []  # the first resolution and an unchanged set are no change
         first = links.for_key("p:a:b").addr
         resolved["im-service:9094"] = ["10.0.0.1:9094", "10.0.0.2:9094", "10.0.0.3:9094"]
         await links.resolve_now()  # a scale-up
@@ -92,6 +96,8 @@ async def test_a_name_resolving_to_several_addresses_is_several_replicas() -> No
         resolved["im-service:9094"] = ["10.0.0.2:9094"]
         await links.resolve_now()  # two pods gone: their links are closed
         assert list(links.clients) == ["10.0.0.2:9094"]
+        assert changes == [["10.0.0.1:9094", "10.0.0.2:9094", "10.0.0.3:9094"],
+                           ["10.0.0.2:9094"]]  # the gateway distrusts pushes then
         assert links.for_key("p:a:b").addr == "10.0.0.2:9094"
         assert first in {"10.0.0.1:9094", "10.0.0.2:9094"}
 
