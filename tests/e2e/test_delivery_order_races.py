@@ -46,6 +46,28 @@ def _routes_held(node: NodeThread) -> tuple[Any, list[Any], Any]:
     return router, held, release
 
 
+def _alice_sends_then_pushes_arrive_reversed(node: NodeThread, alice: Client, bob: Client,
+                                             seqs: tuple[int, int]) -> list[dict[str, Any]]:
+    """alice sends bob m<seq> for both ``seqs``; their pushes reach the gateway in the
+    reverse order (as from two im-service replicas); returns what bob then got."""
+    assert node.node is not None and node.node.gateway is not None
+    gateway = node.node.gateway
+    _router, held, release = _routes_held(node)
+    for i in seqs:
+        alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}", id=i)
+        assert alice.recv_until("sent", id=i)[-1]["seq"] == i
+    release()
+    earlier, later = held
+
+    async def pushes_out_of_order() -> None:
+        gateway.deliver(["alice", "bob"], later, ("alice", "default"))
+        gateway.deliver(["alice", "bob"], earlier, ("alice", "default"))
+        await asyncio.sleep(0.05)
+
+    node.call(pushes_out_of_order())
+    return entries_until_pong(bob, "p")
+
+
 def test_a_group_entry_routed_late_is_not_overtaken_by_the_next(node: NodeThread) -> None:
     """Router._route_committed routes a group entry whose members are not cached (the
     membership changed while it was stored) through a task, ``_route_late``, that reads
@@ -270,20 +292,7 @@ def test_a_forgotten_conversation_still_catches_up_an_entry_that_arrives_out_of_
     carol.send(type="send", cmid="c1", to="bob", body="hi", id=1)
     assert [m["conv"] for m in bob.recv_until("msg")] == ["p:bob:carol"]
     assert "p:alice:bob" not in (session.pushed or {})  # forgotten
-    _router, held, release = _routes_held(node)
-    for i in (2, 3):
-        alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}", id=i)
-        assert alice.recv_until("sent", id=i)[-1]["seq"] == i
-    release()
-    second, third = held
-
-    async def pushes_out_of_order() -> None:
-        gateway.deliver(["alice", "bob"], third, ("alice", "default"))
-        gateway.deliver(["alice", "bob"], second, ("alice", "default"))
-        await asyncio.sleep(0.05)
-
-    node.call(pushes_out_of_order())
-    got = entries_until_pong(bob, "p")
+    got = _alice_sends_then_pushes_arrive_reversed(node, alice, bob, (2, 3))
     assert [(m["seq"], m["body"]) for m in got] == [(2, "m2"), (3, "m3")]
 
 
@@ -298,20 +307,7 @@ def test_after_the_replicas_changed_a_first_push_is_checked_against_the_store(
     gateway = node.node.gateway
     alice, bob = connect(node, "alice"), connect(node, "bob")
     node.call(_replicas_changed(gateway))
-    _router, held, release = _routes_held(node)
-    for i in (1, 2):
-        alice.send(type="send", cmid=f"a{i}", to="bob", body=f"m{i}", id=i)
-        assert alice.recv_until("sent", id=i)[-1]["seq"] == i
-    release()
-    first, second = held
-
-    async def pushes_out_of_order() -> None:
-        gateway.deliver(["alice", "bob"], second, ("alice", "default"))
-        gateway.deliver(["alice", "bob"], first, ("alice", "default"))
-        await asyncio.sleep(0.05)
-
-    node.call(pushes_out_of_order())
-    got = entries_until_pong(bob, "p")
+    got = _alice_sends_then_pushes_arrive_reversed(node, alice, bob, (1, 2))
     assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "m2")]
     assert entries_until_pong(alice, "q") == []  # her own entries never come back
     carol = connect(node, "carol")  # connected within the interval: checked as well

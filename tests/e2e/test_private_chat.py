@@ -475,6 +475,13 @@ def _bob_with_one_unacknowledged_and_one_unpushed(node: NodeThread) -> tuple[Cli
     return bob, gateway, second
 
 
+def _gets_seq_1_again_then_2_once(bob: Client) -> None:
+    got = [bob.recv_until("msg")[-1] for _ in range(2)]
+    assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
+    bob.send(type="ping", id="p")
+    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+
+
 def test_an_entry_routed_while_a_retransmit_waits_does_not_skip_it(node: NodeThread) -> None:
     """A retransmit reads the device's stored cursor again; an entry routed before it
     starts is not taken as "the next after what was pushed": seq 1 comes again, then 2."""
@@ -486,10 +493,7 @@ def test_an_entry_routed_while_a_retransmit_waits_does_not_skip_it(node: NodeThr
         gateway.deliver(["bob"], second, None)
 
     node.call(retransmit_then_route())
-    got = [bob.recv_until("msg")[-1] for _ in range(2)]
-    assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
-    bob.send(type="ping", id="p")
-    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+    _gets_seq_1_again_then_2_once(bob)
 
 
 def test_an_entry_routed_while_a_catch_up_reads_the_cursor_waits_for_it(
@@ -512,10 +516,7 @@ def test_an_entry_routed_while_a_catch_up_reads_the_cursor_waits_for_it(
         session._retransmit()
 
     node.call(retransmit())
-    got = [bob.recv_until("msg")[-1] for _ in range(2)]
-    assert [(m["seq"], m["body"]) for m in got] == [(1, "m1"), (2, "never pushed")]
-    bob.send(type="ping", id="p")
-    assert [f["type"] for f in bob.recv_until("pong")] == ["pong"]  # nothing doubled
+    _gets_seq_1_again_then_2_once(bob)
 
 
 def test_a_long_lived_connection_forgets_conversations_it_has_acknowledged(
