@@ -355,14 +355,15 @@ class EtcdRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - classify below
-                self._release(batch)
                 if "lease not found" in str(exc):
                     log.warning("etcd lease lost owner=%s: granting a new one", self.owner)
+                    self._release(batch)
                     await self._regrant_quietly()
                     continue
                 if isinstance(exc, (ClientError, OSError, asyncio.TimeoutError)) and not isinstance(
                     exc, (aetcd.InvalidArgumentError, aetcd.PreconditionFailedError)
                 ):
+                    self._release(batch)
                     log.warning("etcd registry write failed owner=%s ops=%d: %s; retrying in %.2fs",
                                 self.owner, len(batch), exc or type(exc).__name__, delay)
                     await asyncio.sleep(delay)
@@ -370,10 +371,8 @@ class EtcdRegistry:
                     continue
                 log.error("etcd registry write rejected owner=%s ops=%d: %s",
                           self.owner, len(batch), exc)
-                for op in batch:
+                for op in batch:  # taken, so in the queue and in no fold
                     self._queue.remove(op)
-                    if self._unsent.get(op.key) is op:
-                        del self._unsent[op.key]
                     if not op.future.done():
                         op.future.set_exception(exc)
                         op.future.exception()  # the caller may have stopped waiting

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
+import aetcd
 import pytest
 
 from imfast.backends import etcd as etcd_module
@@ -84,3 +86,38 @@ async def test_ops_naming_another_gateway_are_not_folded(registry: EtcdRegistry)
     assert _kinds(registry) == [(etcd_module._PUT, key, "gw-a"),
                                 (etcd_module._DELETE_IF, key, "gw-b")]
     assert registry.ops_folded == 0
+
+
+async def test_a_rejected_transaction_fails_its_callers_and_the_writer_goes_on(
+        registry: EtcdRegistry) -> None:
+    """A transaction etcd refuses (not retried) fails its own call only: a newer op of
+    the same key, queued while it was in flight, is written next by the same writer."""
+    registry.write_timeout = 5.0
+    gate = asyncio.Event()
+    written: list[list[str]] = []
+
+    async def write(batch: list[Any]) -> None:
+        written.append([op.kind for op in batch])
+        if len(written) == 1:
+            await gate.wait()
+            raise aetcd.InvalidArgumentError("refused")
+        for op in batch:
+            registry._queue.popleft()
+            op.future.set_result(None)
+
+    registry._write = write  # type: ignore[method-assign]
+    writer = asyncio.get_running_loop().create_task(registry._writer_loop())
+    try:
+        first = asyncio.ensure_future(registry.register("alice", "phone", "gw-a"))
+        while not written:
+            await asyncio.sleep(0.001)  # its transaction is in flight
+        second = asyncio.ensure_future(registry.unregister("alice", "phone", "gw-a"))
+        await asyncio.sleep(0.001)
+        gate.set()
+        with pytest.raises(aetcd.InvalidArgumentError):
+            await first
+        await asyncio.wait_for(second, 2)
+        assert written == [[etcd_module._PUT], [etcd_module._DELETE_IF]]
+        assert registry.pending == 0 and not writer.done()
+    finally:
+        writer.cancel()
